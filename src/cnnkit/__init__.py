@@ -1,0 +1,51 @@
+"""cnnkit: build, train, explain, compress and analyse convolutional neural networks.
+
+The top-level names are imported lazily, so ``import cnnkit`` (and ``cnnkit --help``)
+does not pay for importing PyTorch until a model or a run is touched.
+
+Example:
+    >>> import cnnkit
+    >>> model = cnnkit.create_model("resnet18", num_classes=10, img_size=32)
+    >>> print(cnnkit.summary(model, (3, 32, 32)))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "create_model": "cnnkit.models",
+    "list_models": "cnnkit.models",
+    "register_model": "cnnkit.models",
+    "list_datasets": "cnnkit.data",
+    "load_data": "cnnkit.data",
+    "train": "cnnkit.train",
+    "Trainer": "cnnkit.train",
+    "TrainConfig": "cnnkit.train",
+    "load_run": "cnnkit.train",
+    "summary": "cnnkit.analysis",
+}
+
+__all__ = ["Trainer", "TrainConfig", "create_model", "list_datasets", "list_models",
+           "load_data", "load_run", "register_model", "summary", "train"]
+
+if TYPE_CHECKING:
+    from cnnkit.analysis import summary
+    from cnnkit.data import list_datasets, load_data
+    from cnnkit.models import create_model, list_models, register_model
+    from cnnkit.train import TrainConfig, Trainer, load_run, train
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cnnkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,1 @@
+"""The ``cnnkit`` command line: a thin layer over the Python API."""

@@ -1,0 +1,141 @@
+"""``cnnkit``: the entry point, the parser, and the error policy.
+
+Nothing heavy is imported here: each subcommand imports PyTorch when it runs, so
+``cnnkit --help`` answers at once. Every expected failure (bad input, a missing
+file, a NaN loss) becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cnnkit import __version__
+
+from . import commands
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where to look for the fix."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _kv(text: str) -> tuple[str, object]:
+    """``key=value`` with the value parsed as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key, value
+
+
+def _size(text: str) -> tuple[int, int, int]:
+    """``3x224x224`` -> (3, 224, 224)."""
+    try:
+        c, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        msg = f"expected CxHxW such as 3x224x224, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return c, h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cnnkit", description="Build, train, evaluate and analyse CNNs.")
+    p.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model (default: the small CNN on digits)",
+                       description="Train a model on a built-in data set or your own folder.")
+    t.add_argument("--model", help="model name (see `cnnkit models`); default convnet")
+    t.add_argument("--data", help="built-in data set (see `cnnkit datasets`) or a folder, "
+                   ".csv or .npz path; default digits")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float, help="peak learning rate (default: scaled to the batch)")
+    t.add_argument("--optimizer", choices=["sgd", "adamw"])
+    t.add_argument("--schedule", choices=["cosine", "onecycle", "constant"])
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--label-smoothing", type=float)
+    t.add_argument("--grad-clip", type=float)
+    t.add_argument("--image-size", type=int, help="resize your images to this size")
+    t.add_argument("--channels", type=int, choices=[1, 3], help="force grey or colour input")
+    t.add_argument("--augment", help="augmentation policy (default: the data set's own)")
+    t.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"])
+    t.add_argument("--channels-last", action="store_true", default=None)
+    t.add_argument("--ema", action="store_true", default=None, help="evaluate an EMA of weights")
+    t.add_argument("--early-stopping", type=int, metavar="PATIENCE")
+    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    t.add_argument("--strict", action="store_true", default=None,
+                   help="fail on unreadable images instead of skipping them")
+    t.add_argument("--model-opt", type=_kv, action="append", metavar="KEY=VALUE",
+                   help="model option, e.g. --model-opt attn=eca (repeatable)")
+    t.add_argument("--data-opt", type=_kv, action="append", metavar="KEY=VALUE",
+                   help="data set option, e.g. --data-opt n=5000 (repeatable)")
+    t.add_argument("--name", help="run name (default <model>-<data>)")
+    t.add_argument("--runs-dir", help="where runs are written (default runs)")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print summary.json at the end")
+    t.set_defaults(func=commands.train)
+
+    e = sub.add_parser("eval", help="evaluate a run on its test split or on other data")
+    e.add_argument("run", metavar="RUN")
+    e.add_argument("--data", help="evaluate on this data instead (all of it)")
+    e.add_argument("--weights", choices=["best", "last"], default="best")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=commands.evaluate)
+
+    pr = sub.add_parser("predict", help="classify image files with a run's model")
+    pr.add_argument("run", metavar="RUN")
+    pr.add_argument("files", metavar="FILES", nargs="+")
+    pr.add_argument("--topk", type=int, default=3)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=commands.predict)
+
+    s = sub.add_parser("summary", help="per-layer shapes, parameters, MACs, memory and "
+                       "receptive fields of a model or run")
+    s.add_argument("target", metavar="MODEL_OR_RUN")
+    s.add_argument("--input", type=_size, metavar="CxHxW",
+                   help="input size (default: the model's or the run's)")
+    s.add_argument("--num-classes", type=int)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=commands.summary)
+
+    m = sub.add_parser("models", help="list the registered models")
+    m.add_argument("pattern", nargs="?", help="shell pattern such as 'resnet*'")
+    m.set_defaults(func=commands.models)
+
+    d = sub.add_parser("datasets", help="list the built-in data sets and the user formats")
+    d.set_defaults(func=commands.datasets)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("cnnkit: interrupted", file=sys.stderr)
+        return 130
+    except commands.EXPECTED_ERRORS as e:
+        print(f"cnnkit {args.command}: error: {commands.one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""The data set registry and :func:`load_data`, the one entry point to all data.
+
+A built-in data set is a function ``name(*, image_size, channels, seed, **options)
+-> ImageData`` decorated with :func:`register_dataset`. Anything that is not a
+registered name is read as a path: a folder with one subfolder per class, a
+``.csv`` of ``path,label`` rows or an ``.npz`` of arrays (see :mod:`cnnkit.data.files`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ._types import ImageData
+
+__all__ = ["register_dataset", "list_datasets", "dataset_info", "load_data"]
+
+_DATASETS: dict[str, Callable[..., ImageData]] = {}
+
+
+def register_dataset(fn: Callable[..., ImageData]) -> Callable[..., ImageData]:
+    """Register a built-in data set under its function name.
+
+    The function is called as ``fn(image_size=..., channels=..., seed=..., **options)``
+    and returns an :class:`ImageData`; its first docstring line is the description.
+
+    Raises:
+        ValueError: if a data set of that name is already registered.
+    """
+    name = fn.__name__
+    if name in _DATASETS:
+        raise ValueError(f"data set {name!r} is registered twice ({fn.__module__} and "
+                         f"{_DATASETS[name].__module__}); rename one of them")
+    _DATASETS[name] = fn
+    return fn
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers the built-in data sets (each module decorates its builder).
+    from cnnkit import data  # noqa: F401
+
+
+def list_datasets() -> list[str]:
+    """Names of the built-in data sets, sorted.
+
+    Example:
+        >>> list_datasets()
+        ['digits', 'shapes']
+    """
+    _ensure_loaded()
+    return sorted(_DATASETS)
+
+
+def dataset_info(name: str) -> str:
+    """One-line description of a built-in data set.
+
+    Example:
+        >>> dataset_info("digits").startswith("Handwritten digits")
+        True
+    """
+    _ensure_loaded()
+    if name not in _DATASETS:
+        raise ValueError(f"unknown data set {name!r}{_suggest(name)}; "
+                         f"built-in data sets: {', '.join(sorted(_DATASETS))}")
+    return (inspect.getdoc(_DATASETS[name]) or "").split("\n")[0]
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, sorted(_DATASETS), n=3, cutoff=0.5)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A bare word ("digts") is a misspelt name; anything with a separator, a suffix or
+    # a home/relative prefix was meant as a path.
+    return (os.sep in spec or "/" in spec or spec.startswith(("~", "."))
+            or Path(spec).suffix != "")
+
+
+def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
+              channels: int | None = None, strict: bool = False, seed: int = 0,
+              **options) -> ImageData:
+    """Load a built-in data set or the user data at a path.
+
+    Args:
+        spec: a built-in name (:func:`list_datasets`), or a path to a folder (one
+            subfolder per class), a ``.csv`` (``path,label`` rows) or an ``.npz``.
+            A built-in name wins over a folder of the same name: write ``./digits``.
+        image_size: output ``H = W`` or ``(H, W)``; the data set's native size when None
+            (for folders and csv files: see :func:`cnnkit.data.files.load_folder`).
+        channels: force 1 (grayscale) or 3 (RGB) channels; native when None.
+        strict: raise on an unreadable image instead of skipping and counting it.
+        seed: seed of procedural data sets.
+        **options: options of the data set (``shapes``: ``n``, ``count`` ...).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: an unknown name, unknown option or malformed data, with the fix.
+
+    Example:
+        >>> d = load_data("digits")
+        >>> d.input_size, d.classes[:3], d.augment
+        ((1, 8, 8), ['0', '1', '2'], 'digits')
+    """
+    _ensure_loaded()
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels={channels} is not supported; give 1 (grayscale) or 3 (RGB)")
+    spec_str = os.fspath(spec)
+    if spec_str in _DATASETS:
+        fn = _DATASETS[spec_str]
+        _check_options(spec_str, fn, options)
+        return fn(image_size=image_size, channels=channels, seed=seed, **options)
+
+    from . import files  # here, not at the top: files imports this package's types only
+
+    path = Path(spec_str).expanduser()
+    if not path.exists():
+        if not _looks_like_path(spec_str):
+            raise ValueError(f"unknown data set {spec_str!r}{_suggest(spec_str)}; built-in data "
+                             f"sets: {', '.join(sorted(_DATASETS))}, or give a folder/.csv/.npz "
+                             "path")
+        raise FileNotFoundError(f"data path {spec_str!r} does not exist; give a built-in data set "
+                                f"({', '.join(sorted(_DATASETS))}) or a folder/.csv/.npz path")
+    if path.is_dir():
+        fn = files.load_folder
+    elif path.suffix.lower() == ".csv":
+        fn = files.load_csv
+    elif path.suffix.lower() == ".npz":
+        fn = files.load_npz
+    else:
+        raise ValueError(f"cannot read data from {spec_str!r}: give a folder (one subfolder per "
+                         "class), a .csv of path,label rows or an .npz of images and labels")
+    _check_options(spec_str, fn, options, skip=1)
+    return fn(path, name=spec_str, image_size=image_size, channels=channels, strict=strict,
+              **options)
+
+
+def _check_options(name: str, fn: Callable, options: dict, skip: int = 0) -> None:
+    fixed = {"name", "image_size", "channels", "seed", "strict"}
+    params = list(inspect.signature(fn).parameters)[skip:]
+    allowed = [p for p in params if p not in fixed]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"data {name!r} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(allowed) or 'none'}")

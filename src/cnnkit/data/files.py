@@ -1,0 +1,258 @@
+"""User data: a folder with one subfolder per class, a ``.csv`` of ``path,label`` rows, an ``.npz``.
+
+Use these through :func:`cnnkit.data.load_data`, which picks the reader by the
+path. Images are decoded once into one uint8 tensor (see :mod:`cnnkit.data._decode`).
+
+Default ``image_size`` for folders and csv files: the most common image size in
+the data when its longer side is at most 64 pixels (an MNIST or CIFAR export keeps
+its resolution), else 64x64. Images of another size are scaled so they cover the
+target and centre cropped. Colour: RGB when any image has colour (any pixel with
+unequal R, G, B), else grayscale; ``channels=`` forces 1 or 3.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._decode import default_size, image_files, read_images
+from ._types import ImageData, convert_channels, resize_images, to_size
+
+__all__ = ["load_folder", "load_csv", "load_npz"]
+
+_PATH_COLUMNS = {"path", "file", "filename", "filepath", "file_path", "image", "image_path",
+                 "img", "images"}
+_LABEL_COLUMNS = {"label", "labels", "class", "class_name", "target", "y", "category"}
+
+
+def load_folder(path: Path, *, name: str | None = None,
+                image_size: int | tuple[int, int] | None = None, channels: int | None = None,
+                strict: bool = False, num_workers: int | None = None,
+                progress: bool | None = None) -> ImageData:
+    """Read ``path/<class>/**/<image>``: one subfolder per class, classes in sorted name order.
+
+    Args:
+        path: the root folder.
+        name: name of the data in messages and in :attr:`ImageData.name` (default: the path).
+        image_size: output size; see the module docstring for the default.
+        channels: force 1 or 3 channels.
+        strict: raise on the first unreadable image instead of skipping it.
+        num_workers: decoding threads (default ``min(4, cpu_count)``).
+        progress: show a progress bar; by default only on a terminal.
+
+    Raises:
+        ValueError: no images, fewer than two class subfolders, or (strict) a corrupt file.
+    """
+    root, name = Path(path), name or str(path)
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    per_class = {d.name: image_files(d) for d in subdirs}
+    classes = [c for c, f in per_class.items() if f]
+    if not classes:
+        loose = len(image_files(root))
+        if loose:
+            raise ValueError(f"folder '{name}' has {loose} images but no class subfolders; "
+                             f"move them into one subfolder per class ({name}/<class>/*.png)")
+        raise ValueError(f"folder '{name}' contains no images; put each class's images in "
+                         f"its own subfolder ({name}/<class>/*.png)")
+    if len(classes) < 2:
+        raise ValueError(f"folder '{name}' has one class subfolder ('{classes[0]}'); a "
+                         "classifier needs at least two class subfolders, one per class")
+    empty = [c for c, f in per_class.items() if not f]
+    if empty:
+        warnings.warn(f"ignored {len(empty)} class folder(s) without images in '{name}': "
+                      f"{', '.join(empty[:5])}", stacklevel=3)
+    paths = [p for c in classes for p in per_class[c]]
+    labels = [k for k, c in enumerate(classes) for _ in per_class[c]]
+    return _from_files(paths, labels, classes, name, image_size, channels, strict, num_workers,
+                       progress)
+
+
+def load_csv(path: Path, *, name: str | None = None,
+             image_size: int | tuple[int, int] | None = None, channels: int | None = None,
+             strict: bool = False, num_workers: int | None = None,
+             progress: bool | None = None) -> ImageData:
+    """Read a csv of ``path,label`` rows; relative paths are resolved against the csv's folder.
+
+    A first row whose columns are named (``path``/``file``/``image``...,
+    ``label``/``class``/``target``...) is a header; then those columns are used,
+    else the first two. Blank lines are ignored. Labels are class names; when every
+    label is an integer the classes are those integers in numeric order (so labels
+    0..K-1 keep their values). Options as in :func:`load_folder`.
+
+    Raises:
+        ValueError: a malformed row or a missing file (naming the line), fewer than
+            two classes, or (strict) a corrupt file.
+    """
+    csv_path, name = Path(path), name or str(path)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = [(i, r) for i, r in enumerate(csv.reader(f), start=1) if any(s.strip() for s in r)]
+    pcol, lcol = 0, 1
+    if rows:
+        head = [s.strip().lower() for s in rows[0][1]]
+        if any(h in _PATH_COLUMNS for h in head) or any(h in _LABEL_COLUMNS for h in head):
+            pcol = next((j for j, h in enumerate(head) if h in _PATH_COLUMNS), 0)
+            lcol = next((j for j, h in enumerate(head) if h in _LABEL_COLUMNS), 1 - pcol)
+            rows = rows[1:]
+    if not rows:
+        raise ValueError(f"csv '{name}' has no data rows; write one 'path,label' row per image")
+    paths, names, missing = [], [], []
+    for line, row in rows:
+        fields = [s.strip() for s in row]
+        if len(fields) <= max(pcol, lcol) or not fields[pcol] or not fields[lcol]:
+            raise ValueError(f"csv '{name}' line {line}: expected 'path,label', got "
+                             f"{','.join(row)!r}; fix or delete the row")
+        p = Path(fields[pcol]).expanduser()
+        p = p if p.is_absolute() else csv_path.parent / p
+        if not p.is_file():
+            missing.append((line, fields[pcol], p))
+        paths.append(p)
+        names.append(fields[lcol])
+    if missing:
+        line, given, p = missing[0]
+        more = f" ({len(missing) - 1} more rows name missing files)" if len(missing) > 1 else ""
+        hint = " (if line 1 is a header, name its columns path,label)" if line == 1 else ""
+        raise ValueError(f"csv '{name}' line {line}: image '{given}' not found at '{p}'{more}; "
+                         f"fix the path (relative paths are read from the csv's folder){hint}")
+    try:
+        classes = [str(v) for v in sorted({int(s) for s in names})]
+        index = {c: k for k, c in enumerate(classes)}
+        labels = [index[str(int(s))] for s in names]
+    except ValueError:  # not all integers: class names in sorted order
+        classes = sorted(set(names))
+        index = {c: k for k, c in enumerate(classes)}
+        labels = [index[s] for s in names]
+    if len(classes) < 2:
+        raise ValueError(f"csv '{name}' has one class ('{classes[0]}'); a classifier needs at "
+                         "least two classes")
+    return _from_files(paths, labels, classes, name, image_size, channels, strict, num_workers,
+                       progress)
+
+
+def _from_files(paths, labels, classes, name, image_size, channels, strict, num_workers,
+                progress) -> ImageData:
+    size = to_size(image_size) if image_size is not None else default_size(paths)
+    images, kept = read_images(paths, size, name=name, strict=strict, num_workers=num_workers,
+                               progress=progress)
+    return ImageData(convert_channels(images, channels), torch.tensor([labels[i] for i in kept]),
+                     list(classes), name, augment="flip_crop", skipped=len(paths) - len(kept),
+                     sources=[str(paths[i]) for i in kept])
+
+
+def load_npz(path: Path, *, name: str | None = None,
+             image_size: int | tuple[int, int] | None = None, channels: int | None = None,
+             strict: bool = False) -> ImageData:
+    """Read images and labels saved with ``np.savez``.
+
+    Arrays: images as ``x`` or ``images`` (``[N, H, W]``, ``[N, H, W, C]`` or
+    ``[N, C, H, W]`` with C in 1, 3, 4; integers 0..255 or floats 0..1; 4 channels
+    are RGBA, composited on white), labels as ``y`` or ``labels`` (integers 0..K-1
+    or strings), optional ``classes`` (strings). A 4-d array is channels-last when
+    its last axis has size 1, 3 or 4, else channels-first. Integer images are kept uint8,
+    float images float32. ``strict`` is accepted for a uniform signature.
+
+    Raises:
+        ValueError: missing arrays (naming the keys found), bad shapes, dtypes or
+            ranges, or a length mismatch between images and labels.
+    """
+    name = name or str(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.files)
+            xk = next((k for k in ("x", "images") if k in keys), None)
+            yk = next((k for k in ("y", "labels") if k in keys), None)
+            if xk is None or yk is None:
+                raise ValueError(f"npz '{name}' has arrays {keys}; expected images as 'x' or "
+                                 "'images' and labels as 'y' or 'labels' (optional 'classes')")
+            x, y = z[xk], z[yk]
+            classes = [str(c) for c in z["classes"].tolist()] if "classes" in keys else None
+    except ValueError as err:
+        if "pickle" in str(err):
+            raise ValueError(f"npz '{name}' holds Python objects; save class names as strings "
+                             "(np.array(names, dtype=str)) and numeric arrays only") from err
+        raise
+    images = _npz_images(x, name)
+    labels, classes = _npz_labels(y, classes, name)
+    if len(labels) != images.shape[0]:
+        raise ValueError(f"npz '{name}': {images.shape[0]} images but {len(labels)} labels; "
+                         "save exactly one label per image")
+    if image_size is not None:
+        images = resize_images(images, image_size)
+    return ImageData(convert_channels(images, channels), labels, classes, name,
+                     augment="flip_crop")
+
+
+def _npz_images(x: np.ndarray, name: str) -> torch.Tensor:
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        # Channels-last (the NumPy/Pillow convention) when the last axis can be channels.
+        if x.shape[-1] in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)
+        elif x.shape[1] not in (1, 3, 4):
+            raise ValueError(f"npz '{name}': images of shape {x.shape} have no channel axis of "
+                             "size 1, 3 or 4; save [N, H, W], [N, H, W, C] or [N, C, H, W]")
+    else:
+        raise ValueError(f"npz '{name}': images must be [N, H, W], [N, H, W, C] or "
+                         f"[N, C, H, W], got shape {x.shape}")
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8) * 255
+    if x.dtype.kind in "iu":
+        lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ValueError(f"npz '{name}': integer images span {lo}..{hi}; save uint8 0..255 "
+                             "(or floats in 0..1)")
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8))
+    elif x.dtype.kind == "f":
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"npz '{name}': float images span {lo:g}..{hi:g}; scale them to "
+                             "[0, 1] (divide 0..255 data by 255) or save uint8")
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).clamp_(0, 1)
+    else:
+        raise ValueError(f"npz '{name}': images of dtype {x.dtype} are not supported; save "
+                         "uint8 0..255 or floats in [0, 1]")
+    if t.shape[1] == 4:  # RGBA: composite on white, as the folder reader does
+        scale = 255.0 if t.dtype == torch.uint8 else 1.0
+        rgb, a = t[:, :3].float(), t[:, 3:].float() / scale
+        out = rgb * a + scale * (1 - a)
+        t = out.round().to(torch.uint8) if t.dtype == torch.uint8 else out
+    return t
+
+
+def _npz_labels(y: np.ndarray, classes: list[str] | None,
+                name: str) -> tuple[torch.Tensor, list[str]]:
+    if y.ndim == 2 and y.shape[1] == 1:  # a column vector from some exporters
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"npz '{name}': labels must be one-dimensional [N], got shape {y.shape}")
+    if y.dtype.kind in "US":
+        names = [str(s) for s in y.tolist()]
+        classes = classes or sorted(set(names))
+        index = {c: k for k, c in enumerate(classes)}
+        unknown = sorted(set(names) - set(index))
+        if unknown:
+            raise ValueError(f"npz '{name}': labels {unknown[:5]} are not in 'classes'; add "
+                             "them to 'classes' or fix the labels")
+        labels = torch.tensor([index[s] for s in names], dtype=torch.long)
+    elif y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
+        labels = torch.from_numpy(y.astype(np.int64))
+        hi = int(labels.max()) if len(labels) else -1
+        if len(labels) and int(labels.min()) < 0:
+            raise ValueError(f"npz '{name}': labels must be class indices 0..K-1, found "
+                             f"{int(labels.min())}; remap them to 0..K-1")
+        if classes is None:
+            classes = [str(k) for k in range(hi + 1)]
+        elif hi >= len(classes):
+            raise ValueError(f"npz '{name}': label {hi} but only {len(classes)} classes; give "
+                             "one class name per label value")
+    else:
+        raise ValueError(f"npz '{name}': labels of dtype {y.dtype} are not supported; save "
+                         "integers 0..K-1 or strings")
+    if len(classes) < 2:
+        raise ValueError(f"npz '{name}' has one class; a classifier needs at least two classes "
+                         "(give 'classes' when a split holds one class only)")
+    return labels, classes

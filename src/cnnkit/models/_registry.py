@@ -1,0 +1,124 @@
+"""The model registry: one decorator to register a builder, one function to create a model.
+
+Builders are small functions ``name(**kwargs) -> nn.Module`` registered with
+:func:`register_model`. :func:`create_model` is the single entry point the rest of
+cnnkit (trainer, CLI, explain, compress) uses, so a model registered here works
+everywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info", "suggest"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Metadata of a registered model.
+
+    Attributes:
+        name: registry name.
+        family: module the builder lives in (``"resnet"``, ``"vgg"`` ...).
+        builder: the registered function.
+        doc: first line of the builder's docstring.
+    """
+
+    name: str
+    family: str
+    builder: Callable[..., nn.Module]
+    doc: str
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a model builder under its function name.
+
+    Raises:
+        ValueError: if a model of that name is already registered.
+    """
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is registered twice ({fn.__module__} and "
+                         f"{_MODELS[name].builder.__module__}); rename one of them")
+    doc = (inspect.getdoc(fn) or "").split("\n")[0]
+    _MODELS[name] = ModelInfo(name, fn.__module__.rsplit(".", 1)[-1], fn, doc)
+    return fn
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every family (each module decorates its builders).
+    from cnnkit import models  # noqa: F401
+
+
+def suggest(name: str, choices: list[str], n: int = 3) -> str:
+    """Return ``"; did you mean: a, b?"`` for the closest names, or ``""``."""
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    return f"; did you mean: {', '.join(close)}?" if close else ""
+
+
+def model_info(name: str) -> ModelInfo:
+    """Metadata of a registered model; raises ValueError naming the nearest names."""
+    _ensure_loaded()
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}{suggest(name, list(_MODELS))} "
+                         "(run `cnnkit models` to list them all)")
+    return _MODELS[name]
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Names of registered models, sorted, optionally filtered by a shell-style pattern.
+
+    Example:
+        >>> "resnet18" in list_models("resnet*")
+        True
+    """
+    _ensure_loaded()
+    names = sorted(_MODELS)
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return names
+
+
+def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None,
+                 **kwargs) -> nn.Module:
+    """Create a registered model.
+
+    Args:
+        name: registry name, see :func:`list_models`.
+        num_classes: classifier outputs; the builder's default (1000 for ImageNet
+            architectures) when None.
+        in_chans: input channels; the builder's default when None.
+        **kwargs: passed to the builder (``img_size``, ``stem``, ``attn``, widths ...).
+
+    Raises:
+        ValueError: unknown name (with the nearest names) or an option the model lacks.
+
+    Example:
+        >>> import torch
+        >>> m = create_model("resnet18", num_classes=10, in_chans=1, img_size=32)
+        >>> m(torch.randn(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    info = model_info(name)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    params = inspect.signature(info.builder).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ValueError(f"model {name!r} has no option {', '.join(unknown)}; "
+                             f"its options: {', '.join(params)}")
+    model = info.builder(**kwargs)
+    model.model_name = name
+    return model

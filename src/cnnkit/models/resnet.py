@@ -1,0 +1,321 @@
+"""ResNet and the ImageNet Wide ResNets, torchvision-compatible.
+
+He, Zhang, Ren and Sun (2016), "Deep Residual Learning for Image Recognition", CVPR.
+Residual blocks ``y = relu(F(x) + shortcut(x))`` with a BasicBlock (two 3x3 convs,
+ResNet-18/34) or a Bottleneck (1x1 reduce, 3x3, 1x1 expand by 4; ResNet-50/101/152).
+This is "ResNet v1.5" as in torchvision: a downsampling Bottleneck puts its stride on
+the 3x3 convolution rather than on the first 1x1 one, which is slightly more accurate.
+
+The Wide ResNets ``wide_resnet50_2`` / ``wide_resnet101_2`` are Zagoruyko and
+Komodakis (2016), "Wide Residual Networks", BMVC, in torchvision's ImageNet form:
+the Bottleneck's inner width is doubled while its output width stays the same.
+(The CIFAR WRN-d-k with pre-activation blocks lives in :mod:`cnnkit.models.wide_resnet`.)
+
+With the default stem, ``attn=None`` and 1000 classes, module names, state_dict keys,
+shapes and initialisation follow torchvision, so its checkpoints load with
+``strict=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.layers.attention import create_attn
+
+from ._base import Classifier, resolve_stem, to_2tuple
+from ._registry import register_model
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition"
+_WRN_PAPER = "Zagoruyko and Komodakis 2016, Wide Residual Networks"
+
+
+def imagenet_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet mean/std for 3 channels; for other counts the channel-averaged values."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+    return (round(mean, 4),) * in_chans, (round(std, 4),) * in_chans
+
+
+def conv3x3(in_chs: int, out_chs: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """3x3 convolution, padding 1, no bias (a BatchNorm follows)."""
+    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution, no bias (a BatchNorm follows)."""
+    return nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut.
+
+    ``attn`` recalibrates the residual branch before the addition, as in SE-ResNet
+    (Hu, Shen and Sun 2018, "Squeeze-and-Excitation Networks").
+    """
+
+    expansion = 1
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
+                 attn: str | None = None) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock supports only groups=1 and width_per_group=64; "
+                             "use the Bottleneck block for ResNeXt / wide variants")
+        self.conv1 = conv3x3(in_chs, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.attn = create_attn(attn, planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        """The BatchNorm closing the residual branch (zeroed by ``zero_init_residual``)."""
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.attn(self.bn2(self.conv2(out)))
+        return self.relu(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride: ResNet v1.5), 1x1 expand by 4.
+
+    The inner width is ``planes * base_width / 64 * groups``: 64 and 1 give ResNet,
+    ``base_width=128`` the Wide ResNet-50-2/101-2 of Zagoruyko and Komodakis (2016).
+    ``attn`` acts on the expanded channels before the addition (SE-ResNet placement).
+    """
+
+    expansion = 4
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
+                 attn: str | None = None) -> None:
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        out_chs = planes * self.expansion
+        self.conv1 = conv1x1(in_chs, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, out_chs)
+        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.attn = create_attn(attn, out_chs)
+        self.downsample = downsample
+        self.stride = stride
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        """The BatchNorm closing the residual branch (zeroed by ``zero_init_residual``)."""
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.attn(self.bn3(self.conv3(out)))
+        return self.relu(out + shortcut)
+
+
+class ResNet(Classifier):
+    """ResNet (He et al. 2016) with torchvision's module names and initialisation.
+
+    Args:
+        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        layers: number of blocks in each of the four stages.
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        img_size: input size, used to resolve ``stem="auto"`` and for ``default_cfg``.
+        stem: ``"imagenet"`` (7x7 stride-2 conv and 3x3 max-pool, total stride 32),
+            ``"small"`` (3x3 stride-1 conv, no pool, total stride 8, for 32x32 or 8x8
+            inputs) or ``"auto"`` (small below 64 pixels).
+        attn: recalibration block name from :func:`cnnkit.layers.attention.list_attn`
+            inserted in every residual block, or None.
+        zero_init_residual: zero the last BatchNorm of each residual branch so every
+            block starts as its shortcut (Goyal et al. 2017, "Accurate, Large
+            Minibatch SGD: Training ImageNet in 1 Hour").
+        groups: convolution groups of the Bottleneck's 3x3 conv.
+        width_per_group: Bottleneck width per group (64 for ResNet, 128 for WRN-x-2).
+        drop_rate: dropout probability before the classifier.
+        paper: citation stored in ``default_cfg``.
+
+    Example:
+        >>> m = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10, img_size=32)
+        >>> m(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],
+                 num_classes: int = 1000, in_chans: int = 3,
+                 img_size: int | tuple[int, int] = 224, stem: str = "auto",
+                 attn: str | None = None, zero_init_residual: bool = False, groups: int = 1,
+                 width_per_group: int = 64, drop_rate: float = 0.0, paper: str = _PAPER) -> None:
+        super().__init__()
+        if len(layers) != 4:
+            raise ValueError(f"layers must give the block count of 4 stages, got {layers}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        self.stem = resolve_stem(stem, img_size)
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        self.groups, self.base_width = groups, width_per_group
+        self.inplanes = 64
+        # Registration order = torchvision's, so state_dict keys come in the same order.
+        small = self.stem == "small"  # keep the resolution: a 32px input leaves 4x4 at layer4
+        self.conv1 = (nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False) if small
+                      else nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False))
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if small else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        stem_reduction = 1 if small else 4
+        self.layer1 = self._make_layer(block, 64, layers[0], 1, attn)
+        self.layer2 = self._make_layer(block, 128, layers[1], 2, attn)
+        self.layer3 = self._make_layer(block, 256, layers[2], 2, attn)
+        self.layer4 = self._make_layer(block, 512, layers[3], 2, attn)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.num_features = 512 * block.expansion
+        self.fc = nn.Linear(self.num_features, num_classes)
+        self._init_weights(zero_init_residual)
+
+        self.feature_info = [
+            dict(num_chs=planes * block.expansion, reduction=stem_reduction * 2 ** i,
+                 module=f"layer{i + 1}")
+            for i, planes in enumerate((64, 128, 256, 512))
+        ]
+        self.cam_layer = "layer4"
+        mean, std = imagenet_stats(in_chans)
+        self.default_cfg = dict(input_size=(in_chans, *to_2tuple(img_size)), mean=mean,
+                                std=std, num_classes=num_classes, paper=paper)
+
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int,
+                    stride: int, attn: str | None) -> nn.Sequential:
+        out_chs = planes * block.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_chs:  # the shortcut must match shape
+            downsample = nn.Sequential(conv1x1(self.inplanes, out_chs, stride),
+                                       nn.BatchNorm2d(out_chs))
+        mods = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
+                      attn)]
+        self.inplanes = out_chs
+        mods += [block(out_chs, planes, groups=self.groups, base_width=self.base_width,
+                       attn=attn) for _ in range(1, blocks)]
+        return nn.Sequential(*mods)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        # torchvision's scheme: He-normal (fan_out) convs, unit BN; fc keeps PyTorch's default.
+        for name, m in self.named_modules():
+            if ".attn" in name:  # recalibration blocks keep their own initialisation
+                continue
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn().weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(x), 1)
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = self.default_cfg["num_classes"] = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+
+def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int,
+            in_chans: int, img_size: int | tuple[int, int], stem: str, attn: str | None,
+            **kwargs) -> ResNet:
+    return ResNet(block, layers, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                  stem=stem, attn=attn, **kwargs)
+
+
+@register_model
+def resnet18(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+             stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
+             drop_rate: float = 0.0) -> ResNet:
+    """ResNet-18 (He et al. 2016): BasicBlocks [2, 2, 2, 2], 11.7M parameters."""
+    return _resnet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, img_size, stem, attn,
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+
+
+@register_model
+def resnet34(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+             stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
+             drop_rate: float = 0.0) -> ResNet:
+    """ResNet-34 (He et al. 2016): BasicBlocks [3, 4, 6, 3], 21.8M parameters."""
+    return _resnet(BasicBlock, [3, 4, 6, 3], num_classes, in_chans, img_size, stem, attn,
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+
+
+@register_model
+def resnet50(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+             stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
+             drop_rate: float = 0.0) -> ResNet:
+    """ResNet-50 v1.5 (He et al. 2016): Bottlenecks [3, 4, 6, 3], 25.6M parameters."""
+    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, img_size, stem, attn,
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+
+
+@register_model
+def resnet101(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+              stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
+              drop_rate: float = 0.0) -> ResNet:
+    """ResNet-101 v1.5 (He et al. 2016): Bottlenecks [3, 4, 23, 3], 44.5M parameters."""
+    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes, in_chans, img_size, stem, attn,
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+
+
+@register_model
+def resnet152(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+              stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
+              drop_rate: float = 0.0) -> ResNet:
+    """ResNet-152 v1.5 (He et al. 2016): Bottlenecks [3, 8, 36, 3], 60.2M parameters."""
+    return _resnet(Bottleneck, [3, 8, 36, 3], num_classes, in_chans, img_size, stem, attn,
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+
+
+@register_model
+def wide_resnet50_2(num_classes: int = 1000, in_chans: int = 3,
+                    img_size: int | tuple[int, int] = 224, stem: str = "auto",
+                    attn: str | None = None, zero_init_residual: bool = False,
+                    drop_rate: float = 0.0) -> ResNet:
+    """Wide ResNet-50-2 (Zagoruyko and Komodakis 2016): ResNet-50, bottleneck width x2."""
+    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, img_size, stem, attn,
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   width_per_group=128, paper=_WRN_PAPER)
+
+
+@register_model
+def wide_resnet101_2(num_classes: int = 1000, in_chans: int = 3,
+                     img_size: int | tuple[int, int] = 224, stem: str = "auto",
+                     attn: str | None = None, zero_init_residual: bool = False,
+                     drop_rate: float = 0.0) -> ResNet:
+    """Wide ResNet-101-2 (Zagoruyko and Komodakis 2016): ResNet-101, bottleneck width x2."""
+    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes, in_chans, img_size, stem, attn,
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   width_per_group=128, paper=_WRN_PAPER)

@@ -1,0 +1,211 @@
+"""VGG.
+
+Simonyan and Zisserman (2015), "Very Deep Convolutional Networks for Large-Scale
+Image Recognition", ICLR. Stacks of 3x3 convolutions (configurations A, B, D, E =
+VGG-11/13/16/19), a 2x2 max-pool after each of five stages, and three dense layers.
+The ``_bn`` variants add batch normalisation after every convolution (Ioffe and
+Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by Reducing
+Internal Covariate Shift").
+
+With the default ImageNet stem the module names, shapes and initialisation follow
+torchvision (``features.N``, ``avgpool``, ``classifier.0/3/6``), so its checkpoints
+load with ``strict=True``.
+
+The ``"small"`` stem is the CIFAR-style variant: the first two max-pools are dropped
+(total stride 8, so 32x32 gives a 4x4 map and 8x8 a 1x1 map) and the 120M-parameter
+dense head, sized for a 7x7 map of ImageNet features, is replaced by a global average
+pool and a single ``Linear(512, num_classes)``, as in most CIFAR VGG recipes.
+
+Example:
+    >>> import torch
+    >>> m = vgg11(num_classes=10, img_size=32)
+    >>> m(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers.attention import create_attn
+from ._base import Classifier, resolve_stem, to_2tuple
+from ._registry import register_model
+
+# Convolution widths per stage; every stage ends with a 2x2 max-pool.
+_STAGES: dict[str, list[list[int]]] = {
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "vgg16": [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3],
+    "vgg19": [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4],
+}
+_PAPER = ("Simonyan and Zisserman 2015, Very Deep Convolutional Networks for "
+          "Large-Scale Image Recognition")
+
+
+class VGG(Classifier):
+    """VGG with torchvision's layout; see the module docstring for the small stem.
+
+    Args:
+        stages: convolution widths per stage.
+        batch_norm: BatchNorm2d after every convolution.
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        img_size: input size, used to resolve ``stem="auto"`` and for ``default_cfg``.
+        stem: ``"imagenet"`` (five pools, total stride 32, 7x7 pool + three dense
+            layers), ``"small"`` (three pools, total stride 8, global pool + one
+            linear layer) or ``"auto"`` (small below 64 pixels).
+        attn: recalibration block (``cnnkit.layers.attention``) inserted after the
+            last convolution (+BN+ReLU) of each stage; None keeps torchvision's indices.
+        drop_rate: dropout of the ImageNet head.
+    """
+
+    def __init__(self, stages: list[list[int]], batch_norm: bool, num_classes: int = 1000,
+                 in_chans: int = 3, img_size: int | tuple[int, int] = 224, stem: str = "auto",
+                 attn: str | None = None, drop_rate: float = 0.5) -> None:
+        super().__init__()
+        self.stem = resolve_stem(stem, img_size)
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        layers: list[nn.Module] = []
+        self.feature_info = []
+        chans, reduction = in_chans, 1
+        for i, widths in enumerate(stages):
+            for width in widths:
+                layers.append(nn.Conv2d(chans, width, 3, padding=1))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.ReLU(inplace=True))
+                chans = width
+            last_relu = len(layers) - 1
+            gate = create_attn(attn, chans)
+            if not isinstance(gate, nn.Identity):  # attn=None keeps torchvision's indices
+                layers.append(gate)
+            if self.stem == "imagenet" or i >= 2:
+                layers.append(nn.MaxPool2d(2, 2))
+                reduction *= 2
+            self.feature_info.append(dict(num_chs=chans, reduction=reduction,
+                                          module=f"features.{len(layers) - 1}"))
+        if min(to_2tuple(img_size)) < reduction:
+            raise ValueError(f"img_size {img_size} is too small for VGG with the {self.stem!r} "
+                             f"stem (total stride {reduction}); use img_size >= {reduction} "
+                             "or stem='small'")
+        self.features = nn.Sequential(*layers)
+        self.cam_layer = f"features.{last_relu}"
+        self.num_features = chans
+        if self.stem == "imagenet":
+            self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+            self.classifier = nn.Sequential(
+                nn.Linear(chans * 7 * 7, 4096), nn.ReLU(inplace=True), nn.Dropout(drop_rate),
+                nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(drop_rate),
+                nn.Linear(4096, num_classes))
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Linear(chans, num_classes)
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if in_chans == 3 else \
+            ((0.5,) * in_chans, (0.5,) * in_chans)
+        self.default_cfg = dict(input_size=(in_chans, *to_2tuple(img_size)), mean=mean, std=std,
+                                num_classes=num_classes, paper=_PAPER)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # torchvision's scheme, so a freshly built model matches its statistics.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(x), 1)
+        if self.stem == "imagenet":
+            x = self.classifier[:-1](x)  # fc6, fc7 with their ReLU and dropout
+        return x if pre_logits else self.get_classifier()(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier[-1] if self.stem == "imagenet" else self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = self.default_cfg["num_classes"] = num_classes
+        fc = nn.Linear(self.get_classifier().in_features, num_classes)
+        nn.init.normal_(fc.weight, 0, 0.01)
+        nn.init.zeros_(fc.bias)
+        if self.stem == "imagenet":
+            self.classifier[-1] = fc
+        else:
+            self.classifier = fc
+
+
+def _vgg(name: str, batch_norm: bool, **kwargs) -> VGG:
+    return VGG(_STAGES[name], batch_norm, **kwargs)
+
+
+@register_model
+def vgg11(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+          stem: str = "auto", attn: str | None = None, drop_rate: float = 0.5) -> VGG:
+    """VGG-11, configuration A (Simonyan and Zisserman 2015, Very Deep Convolutional Networks)."""
+    return _vgg("vgg11", False, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                stem=stem, attn=attn, drop_rate=drop_rate)
+
+
+@register_model
+def vgg11_bn(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+             stem: str = "auto", attn: str | None = None, drop_rate: float = 0.5) -> VGG:
+    """VGG-11 with batch norm (Simonyan and Zisserman 2015; Ioffe and Szegedy 2015)."""
+    return _vgg("vgg11", True, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                stem=stem, attn=attn, drop_rate=drop_rate)
+
+
+@register_model
+def vgg13(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+          stem: str = "auto", attn: str | None = None, drop_rate: float = 0.5) -> VGG:
+    """VGG-13, configuration B (Simonyan and Zisserman 2015, Very Deep Convolutional Networks)."""
+    return _vgg("vgg13", False, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                stem=stem, attn=attn, drop_rate=drop_rate)
+
+
+@register_model
+def vgg13_bn(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+             stem: str = "auto", attn: str | None = None, drop_rate: float = 0.5) -> VGG:
+    """VGG-13 with batch norm (Simonyan and Zisserman 2015; Ioffe and Szegedy 2015)."""
+    return _vgg("vgg13", True, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                stem=stem, attn=attn, drop_rate=drop_rate)
+
+
+@register_model
+def vgg16(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+          stem: str = "auto", attn: str | None = None, drop_rate: float = 0.5) -> VGG:
+    """VGG-16, configuration D (Simonyan and Zisserman 2015, Very Deep Convolutional Networks)."""
+    return _vgg("vgg16", False, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                stem=stem, attn=attn, drop_rate=drop_rate)
+
+
+@register_model
+def vgg16_bn(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+             stem: str = "auto", attn: str | None = None, drop_rate: float = 0.5) -> VGG:
+    """VGG-16 with batch norm (Simonyan and Zisserman 2015; Ioffe and Szegedy 2015)."""
+    return _vgg("vgg16", True, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                stem=stem, attn=attn, drop_rate=drop_rate)
+
+
+@register_model
+def vgg19(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+          stem: str = "auto", attn: str | None = None, drop_rate: float = 0.5) -> VGG:
+    """VGG-19, configuration E (Simonyan and Zisserman 2015, Very Deep Convolutional Networks)."""
+    return _vgg("vgg19", False, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                stem=stem, attn=attn, drop_rate=drop_rate)
+
+
+@register_model
+def vgg19_bn(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
+             stem: str = "auto", attn: str | None = None, drop_rate: float = 0.5) -> VGG:
+    """VGG-19 with batch norm (Simonyan and Zisserman 2015; Ioffe and Szegedy 2015)."""
+    return _vgg("vgg19", True, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                stem=stem, attn=attn, drop_rate=drop_rate)

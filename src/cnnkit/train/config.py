@@ -1,0 +1,140 @@
+"""The training configuration: one typed dataclass, the source of truth.
+
+The CLI is a thin layer that fills a :class:`TrainConfig`; the resolved config is
+written as ``config.yaml`` beside every run and read back by ``--resume`` and
+:func:`cnnkit.load_run` (with ``yaml.safe_load``: no code is executed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TrainConfig", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "convnet"
+
+_CHOICES = {
+    "optimizer": ("sgd", "adamw"),
+    "schedule": ("cosine", "onecycle", "constant"),
+    "amp": ("auto", "off", "bf16", "fp16"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run.
+
+    Attributes:
+        model: registry name (``cnnkit models`` lists them).
+        model_kwargs: extra builder options, e.g. ``{"attn": "eca", "width": 32}``.
+        data: a built-in data set name or a folder / ``.csv`` / ``.npz`` path.
+        data_options: options of the data set (``{"n": 3000}`` for ``shapes``).
+        image_size: resize user images to this size; the data set's own size when None.
+        channels: force 1 or 3 input channels for user images.
+        split: train/val/test fractions of the stratified split.
+        augment: augmentation policy, ``"auto"`` for the data set's default.
+        epochs: passes over the training split.
+        batch_size: samples per optimisation step.
+        optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``.
+        lr: peak learning rate; ``None`` picks 0.1 x batch/256 for SGD and 2e-3 for AdamW.
+        momentum: SGD momentum.
+        weight_decay: applied to weights only, never to norms and biases; ``None``
+            picks 5e-4 for SGD and 0.05 for AdamW.
+        schedule: ``"cosine"`` (linear warm-up then cosine to zero), ``"onecycle"``
+            (Smith and Topin 2019) or ``"constant"`` after warm-up.
+        warmup_epochs: linear warm-up length in epochs (may be fractional).
+        label_smoothing: Szegedy et al. 2016 label smoothing.
+        grad_clip: clip the global gradient norm to this value (None: off).
+        amp: mixed precision: ``"auto"`` (bf16 or fp16 on CUDA, off on CPU), ``"off"``,
+            ``"bf16"`` (autocast on CPUs with AVX-512 BF16 and on CUDA), ``"fp16"`` (CUDA).
+        channels_last: NHWC memory format for model and inputs.
+        early_stopping: stop after this many epochs without a better validation accuracy.
+        ema: keep an exponential moving average of the weights for evaluation.
+        ema_decay: decay of that average per step.
+        device: ``"auto"`` (cuda, then mps, then cpu) or a torch device string.
+        seed: seeds data split, initialisation, shuffling and augmentation.
+        deterministic: deterministic algorithms, so that a resumed run equals an
+            uninterrupted one.
+        name: run name; ``<model>-<data>`` (made unique) when None.
+        runs_dir: where runs are written.
+        strict: fail on unreadable images instead of skipping them.
+    """
+
+    model: str = DEFAULT_MODEL
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    data_options: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None
+    channels: int | None = None
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    augment: str = "auto"
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    schedule: str = "onecycle"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float | None = None
+    amp: str = "auto"
+    channels_last: bool = False
+    early_stopping: int | None = None
+    ema: bool = False
+    ema_decay: float = 0.999
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = True
+    name: str | None = None
+    runs_dir: str = "runs"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        for key, choices in _CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, key)!r}")
+        for key in ("epochs", "batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        split = tuple(float(f) for f in self.split)
+        if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1) > 1e-6:
+            raise ValueError("split must be three positive fractions summing to 1, "
+                             f"got {self.split}")
+        self.split = split  # type: ignore[assignment]
+
+    @property
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.1 * self.batch_size / 256 if self.optimizer == "sgd" else 2e-3
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 5e-4 if self.optimizer == "sgd" else 0.05
+
+    def to_dict(self) -> dict[str, Any]:
+        """A YAML/JSON-safe dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["split"] = list(self.split)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, naming unknown keys instead of ignoring them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(unknown)}; "
+                             f"valid options: {', '.join(sorted(names))}")
+        d = dict(d)
+        if "split" in d:
+            d["split"] = tuple(d["split"])
+        return cls(**d)

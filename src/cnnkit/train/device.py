@@ -1,0 +1,61 @@
+"""Device and mixed-precision resolution."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["resolve_device", "resolve_amp", "autocast"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` picks cuda, then mps, then cpu; anything else is validated."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def _cpu_has_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``, or None for full precision.
+
+    ``auto`` means bf16 on CUDA GPUs that support it, fp16 on older ones, and off on
+    CPU and MPS (small convolutions run slower in bf16 on CPU: see docs/benchmarks.md).
+    """
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if amp == "fp16":
+            return torch.float16
+        if amp == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if amp == "auto":
+        return None
+    if amp == "fp16":
+        raise ValueError("fp16 autocast needs a CUDA GPU; use --amp bf16 or --amp off on CPU")
+    if device.type == "cpu" and not _cpu_has_bf16():
+        raise ValueError("this CPU has no native bf16 (AVX-512 BF16/AMX); use --amp off")
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype``, or a no-op when it is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,180 @@
+"""Run folders: what a training writes, and :func:`load_run` to read it back.
+
+A run folder ``runs/<name>/`` holds:
+
+* ``config.yaml``: the resolved :class:`TrainConfig`;
+* ``model.safetensors``: the best weights (by validation accuracy), with the model's
+  name, options, classes and preprocessing in the safetensors metadata;
+* ``model_last.safetensors``: the weights after the last finished epoch;
+* ``train_state.safetensors``: optimizer, schedule, EMA, RNG and history, for ``--resume``;
+* ``metrics.jsonl``: one JSON line per epoch;
+* ``summary.json``: final test metrics (``test_accuracy``) and ``input_size`` [C, H, W];
+* ``report.html``: curves, confusion matrix and sample predictions, self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .checkpoint import atomic_write, load_weights
+from .config import TrainConfig
+
+__all__ = ["RunPaths", "Preprocess", "Run", "load_run", "resolve_run", "unique_run_dir"]
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of a run folder."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "model_last.safetensors"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "train_state.safetensors"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
+def unique_run_dir(runs_dir: str | os.PathLike, name: str) -> Path:
+    """``runs_dir/name``, or ``name-2``, ``name-3`` ... if taken."""
+    base = Path(runs_dir) / name
+    path, i = base, 2
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
+
+
+def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = "runs") -> Path:
+    """A run folder from a path or a name inside ``runs_dir``; FileNotFoundError otherwise."""
+    for cand in (Path(run), Path(runs_dir) / str(run)):
+        if (cand / "config.yaml").is_file():
+            return cand
+    hint = "it has no config.yaml" if Path(run).is_dir() else "no such folder"
+    raise FileNotFoundError(f"run {str(run)!r} not found ({hint}); give the folder that "
+                            "`cnnkit train` wrote, e.g. runs/<name>")
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    atomic_write(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+@dataclass
+class Preprocess:
+    """How a run's model expects its input: size, channels, normalisation and classes.
+
+    Calling it on an image file, a PIL image or a ``[C, H, W]`` tensor in [0, 1]
+    returns the normalised float tensor ``[C, H, W]`` the model was trained on.
+    """
+
+    input_size: tuple[int, int, int]
+    mean: list[float]
+    std: list[float]
+    classes: list[str] = field(default_factory=list)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from cnnkit.data import load_image
+
+        c, h, w = self.input_size
+        if not isinstance(image, torch.Tensor):
+            image = load_image(image, size=(h, w), channels=c)
+        if image.dtype == torch.uint8:
+            image = image.float() / 255
+        return self.normalize(image)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_size": list(self.input_size), "mean": list(self.mean),
+                "std": list(self.std), "classes": list(self.classes)}
+
+
+@dataclass
+class Run:
+    """A trained run, read back by :func:`load_run`."""
+
+    path: Path
+    model: nn.Module
+    config: TrainConfig
+    preprocess: Preprocess
+    summary: dict[str, Any] | None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.preprocess.classes
+
+
+def build_model(meta: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from the metadata stored in its safetensors file."""
+    from cnnkit.models import create_model
+
+    c, h, w = meta["input_size"]
+    return create_model(meta["model"], num_classes=len(meta["classes"]), in_chans=c,
+                        img_size=(h, w), **meta.get("model_kwargs", {}))
+
+
+def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu") -> Run:
+    """Load a run folder: its model (in eval mode), config and preprocessing.
+
+    Only YAML, JSON and safetensors are read, so loading never executes code.
+
+    Args:
+        path: the run folder (or its name inside ``runs/``).
+        weights: ``"best"`` (by validation accuracy) or ``"last"``.
+        device: where to put the model.
+
+    Example:
+        >>> run = load_run("runs/convnet-digits")  # doctest: +SKIP
+        >>> run.model(run.preprocess("digit.png")[None]).argmax()  # doctest: +SKIP
+    """
+    root = resolve_run(path)
+    paths = RunPaths(root)
+    if weights not in ("best", "last"):
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    config = TrainConfig.from_dict(yaml.safe_load(paths.config.read_text()))
+    state, meta = load_weights(paths.weights if weights == "best" else paths.last)
+    if not meta:
+        raise ValueError(f"{paths.weights} carries no cnnkit metadata; "
+                         "it was not written by cnnkit")
+    model = build_model(meta)
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    prep = Preprocess(tuple(meta["input_size"]), meta["mean"], meta["std"], meta["classes"])
+    summary = json.loads(paths.summary.read_text()) if paths.summary.is_file() else None
+    return Run(root, model, config, prep, summary)
