@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (default: the small CNN on digits)",
                        description="Train a model on a built-in data set or your own folder.")
-    t.add_argument("--model", help="model name (see `cnnkit models`); default convnet")
+    t.add_argument("--model", help="model name (see `cnnkit models`); default tinyvgg_wide")
     t.add_argument("--data", help="built-in data set (see `cnnkit datasets`) or a folder, "
                    ".csv or .npz path; default digits")
     t.add_argument("--epochs", type=int)

@@ -69,3 +69,10 @@ def tinyvgg(num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int,
             width: int = 10) -> TinyVGG:
     """Tiny VGG of CNN Explainer (Wang et al. 2020): 2 x (conv-conv-pool), 10 filters."""
     return TinyVGG(num_classes, in_chans, img_size, width)
+
+
+@register_model
+def tinyvgg_wide(num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 64,
+                 width: int = 64) -> TinyVGG:
+    """Tiny VGG with 64 filters per convolution: the small default CNN of `cnnkit train`."""
+    return TinyVGG(num_classes, in_chans, img_size, width)

@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["TrainConfig", "DEFAULT_MODEL"]
 
-DEFAULT_MODEL = "convnet"
+DEFAULT_MODEL = "tinyvgg_wide"
 
 _CHOICES = {
     "optimizer": ("sgd", "adamw"),

@@ -160,7 +160,7 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
         device: where to put the model.
 
     Example:
-        >>> run = load_run("runs/convnet-digits")  # doctest: +SKIP
+        >>> run = load_run("runs/tinyvgg_wide-digits")  # doctest: +SKIP
         >>> run.model(run.preprocess("digit.png")[None]).argmax()  # doctest: +SKIP
     """
     root = resolve_run(path)

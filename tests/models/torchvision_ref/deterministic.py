@@ -76,7 +76,11 @@ def deterministic_tensor(key: str, shape: Iterable[int],
 
 def fill_state_dict(spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
                     ) -> dict[str, torch.Tensor]:
-    """A state_dict ``{key: deterministic_tensor(key, shape, dtype)}`` from ``{key: (shape, dtype)}``."""
+    """The state_dict ``{key: deterministic_tensor(key, shape, dtype)}`` of a layout.
+
+    Args:
+        spec: ``{key: (shape, dtype)}``, e.g. read from reference.json.
+    """
     return {key: deterministic_tensor(key, shape, dtype) for key, (shape, dtype) in spec.items()}
 
 
