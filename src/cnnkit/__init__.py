@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "train":  # the subpackage, which is callable: cnnkit.train(...) trains
+        return importlib.import_module("cnnkit.train")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

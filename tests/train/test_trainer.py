@@ -128,3 +128,13 @@ def test_default_run_reaches_98_percent_on_digits(tmp_path):
     """The README's first command: the default model on digits, >= 98% test accuracy."""
     summary = train(runs_dir=str(tmp_path), progress=False)
     assert summary["data"] == "digits" and summary["test_accuracy"] >= 0.98
+
+
+def test_cnnkit_train_is_callable_whatever_was_imported_first(tmp_path):
+    import cnnkit
+    import cnnkit.train as package
+
+    assert cnnkit.train is package and callable(cnnkit.train)
+    assert cnnkit.train.Trainer is Trainer
+    with pytest.raises(ValueError, match="unknown training option"):
+        cnnkit.train(epoch=1)
