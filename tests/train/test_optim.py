@@ -63,3 +63,13 @@ def test_config_validation_names_the_choices():
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="split"):
         TrainConfig(split=(0.5, 0.5, 0.5))
+
+
+def test_amp_resolution():
+    from cnnkit.train.device import _cpu_has_bf16, resolve_amp
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("auto", cpu) == (torch.bfloat16 if _cpu_has_bf16() else None)
+    with pytest.raises(ValueError, match="fp16 autocast needs a CUDA GPU"):
+        resolve_amp("fp16", cpu)

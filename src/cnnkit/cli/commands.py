@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from pathlib import Path
 
 # Errors that mean "bad input or a stopped run", shown as one line with exit code 2.
 # NonFiniteLossError is a FloatingPointError; missing files are OSErrors.
@@ -38,18 +40,47 @@ def _config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(given)
 
 
+# Options a resumed run may be given: everything else comes from its saved config.yaml.
+_RESUME_OPTIONS = {"resume", "epochs", "runs_dir", "no_progress", "json", "command", "func"}
+
+
+def _resume_args(args: argparse.Namespace):
+    """The run folder and the config override (``epochs`` only) for ``--resume``."""
+    from cnnkit.train import TrainConfig
+    from cnnkit.train.run import resolve_run
+
+    fixed = sorted(f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                   if k not in _RESUME_OPTIONS and v not in (None, False))
+    if fixed:
+        raise ValueError(f"--resume continues a run with its saved settings, so {', '.join(fixed)} "
+                         "cannot be given with it; drop them (only --epochs may change, to train "
+                         "longer), or start a new run without --resume")
+    root = resolve_run(args.resume, args.runs_dir or "runs")
+    # No --epochs: no override, so the run ends where it was meant to (not at the default).
+    return root, TrainConfig(epochs=args.epochs) if args.epochs else None
+
+
 def train(args: argparse.Namespace) -> int:
     from cnnkit.models import model_info
     from cnnkit.train import Trainer
 
-    config = _config_from_args(args)
-    if args.resume is None:
+    if args.resume is not None:
+        resume, config = _resume_args(args)
+    else:
+        resume, config = None, _config_from_args(args)
         model_info(config.model)  # fail on a bad name before any data is loaded
-    trainer = Trainer(config, resume=args.resume, progress=False if args.no_progress else None)
+        runs_dir = Path(config.runs_dir)
+        if runs_dir.exists() and not runs_dir.is_dir():
+            raise ValueError(f"--runs-dir {str(runs_dir)!r} is a file, not a folder; give a "
+                             "folder (it is created if missing)")
+    trainer = Trainer(config, resume=resume, progress=False if args.no_progress else None)
     print(f"run {trainer.paths.root}: {trainer.config.model} on {trainer.config.data} "
           f"({trainer.train_loader.num_samples} train images, {trainer.device})", file=sys.stderr)
     try:
-        summary = trainer.fit()
+        # Per-epoch lines are progress, not results: stdout keeps only the final line or
+        # the JSON, so `cnnkit train --json | jq` works.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = trainer.fit()
     except KeyboardInterrupt:
         print(f"cnnkit train: interrupted; continue with `cnnkit train --resume "
               f"{trainer.paths.root}`", file=sys.stderr)
@@ -78,6 +109,12 @@ def evaluate(args: argparse.Namespace) -> int:
 def predict(args: argparse.Namespace) -> int:
     from cnnkit.train.evaluation import predict_files
 
+    for f in args.files:
+        if Path(f).is_dir():
+            raise ValueError(f"{f!r} is a folder; give image files (e.g. {f.rstrip('/')}/*.png)")
+        if not Path(f).exists():
+            raise FileNotFoundError(f"image file {f!r} does not exist; check the path "
+                                    "(give one or more image files)")
     results = predict_files(args.run, args.files, topk=args.topk)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -88,9 +125,11 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _size_text(size) -> str:
+    return "x".join(str(v) for v in size)
 
+
+def summary(args: argparse.Namespace) -> int:
     from cnnkit.analysis import summary as model_summary
 
     target = args.target
@@ -98,7 +137,12 @@ def summary(args: argparse.Namespace) -> int:
         from cnnkit.train import load_run
 
         run = load_run(target)
-        model, size = run.model, args.input or run.preprocess.input_size
+        native = run.preprocess.input_size
+        if args.input and args.input[0] != native[0]:
+            raise ValueError(f"run {target!r} takes {native[0]}-channel images, got --input "
+                             f"{_size_text(args.input)}; give --input {native[0]}xHxW or omit it "
+                             f"for {_size_text(native)}")
+        model, size = run.model, args.input or native
     else:
         from cnnkit.models import create_model, model_info
 
@@ -110,7 +154,15 @@ def summary(args: argparse.Namespace) -> int:
             kwargs.update(in_chans=args.input[0], img_size=args.input[1:])
         model = create_model(target, **kwargs)
         size = args.input or model.default_cfg["input_size"]
-    result = model_summary(model, tuple(size))
+    try:
+        result = model_summary(model, tuple(size))
+    except RuntimeError as e:
+        # The pass on zeros fails only on shapes: an input too small for the downsampling,
+        # or (for a run) a size its classifier was not built for.
+        reason = str(e).strip().split("\n")[0]
+        raise ValueError(f"{target} cannot take input {_size_text(size)} ({reason}); give "
+                         "another --input (larger, or the size it was built for) or omit it"
+                         ) from e
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0
 

@@ -8,7 +8,9 @@ file, a NaN loss) becomes one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 from collections.abc import Sequence
 
 from cnnkit import __version__
@@ -48,6 +50,36 @@ def _size(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
+def _number(text: str, kind: type, low: float, low_ok: bool, high: float = math.inf):
+    """Parse ``text`` as ``kind`` within ``low..high`` (``low`` itself allowed when ``low_ok``)."""
+    what = "an integer" if kind is int else "a finite number"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (math.isfinite(value) and (value >= low if low_ok else value > low) and value < high):
+        bound = f"{'at least' if low_ok else 'above'} {low:g}"
+        bound += f" and below {high:g}" if math.isfinite(high) else ""
+        raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, 1, True)
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, float, 0, False)
+
+
+def _nonnegative_float(text: str) -> float:
+    return _number(text, float, 0, True)
+
+
+def _fraction(text: str) -> float:
+    return _number(text, float, 0, True, 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cnnkit", description="Build, train, evaluate and analyse CNNs.")
     p.add_argument("--version", action="version", version=f"cnnkit {__version__}")
@@ -58,21 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="model name (see `cnnkit models`); default tinyvgg_wide")
     t.add_argument("--data", help="built-in data set (see `cnnkit datasets`) or a folder, "
                    ".csv or .npz path; default digits")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float, help="peak learning rate (default: scaled to the batch)")
+    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--lr", type=_positive_float,
+                   help="peak learning rate (default: scaled to the batch)")
     t.add_argument("--optimizer", choices=["sgd", "adamw"])
     t.add_argument("--schedule", choices=["cosine", "onecycle", "constant"])
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--label-smoothing", type=float)
-    t.add_argument("--grad-clip", type=float)
-    t.add_argument("--image-size", type=int, help="resize your images to this size")
+    t.add_argument("--weight-decay", type=_nonnegative_float)
+    t.add_argument("--label-smoothing", type=_fraction)
+    t.add_argument("--grad-clip", type=_positive_float,
+                   help="clip the global gradient norm to this value")
+    t.add_argument("--image-size", type=_positive_int, help="resize your images to this size")
     t.add_argument("--channels", type=int, choices=[1, 3], help="force grey or colour input")
     t.add_argument("--augment", help="augmentation policy (default: the data set's own)")
     t.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"])
     t.add_argument("--channels-last", action="store_true", default=None)
     t.add_argument("--ema", action="store_true", default=None, help="evaluate an EMA of weights")
-    t.add_argument("--early-stopping", type=int, metavar="PATIENCE")
+    t.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     t.add_argument("--strict", action="store_true", default=None,
                    help="fail on unreadable images instead of skipping them")
@@ -82,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data set option, e.g. --data-opt n=5000 (repeatable)")
     t.add_argument("--name", help="run name (default <model>-<data>)")
     t.add_argument("--runs-dir", help="where runs are written (default runs)")
-    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved "
+                   "settings (only --epochs may change, to train longer)")
     t.add_argument("--seed", type=int)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print summary.json at the end")
@@ -98,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify image files with a run's model")
     pr.add_argument("run", metavar="RUN")
     pr.add_argument("files", metavar="FILES", nargs="+")
-    pr.add_argument("--topk", type=int, default=3)
+    pr.add_argument("--topk", type=_positive_int, default=3)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=commands.predict)
 
@@ -107,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", metavar="MODEL_OR_RUN")
     s.add_argument("--input", type=_size, metavar="CxHxW",
                    help="input size (default: the model's or the run's)")
-    s.add_argument("--num-classes", type=int)
+    s.add_argument("--num-classes", type=_positive_int)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=commands.summary)
 
@@ -120,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A warning is news for the user (skipped files, ignored folders), not for a developer:
+    # one line without the source location that Python's default format adds.
+    print(f"cnnkit: warning: {commands.one_line(message)}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
@@ -128,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args) or 0
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)
         return 130

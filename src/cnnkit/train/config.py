@@ -47,7 +47,8 @@ class TrainConfig:
         warmup_epochs: linear warm-up length in epochs (may be fractional).
         label_smoothing: Szegedy et al. 2016 label smoothing.
         grad_clip: clip the global gradient norm to this value (None: off).
-        amp: mixed precision: ``"auto"`` (bf16 or fp16 on CUDA, off on CPU), ``"off"``,
+        amp: mixed precision: ``"auto"`` (bf16 or fp16 on CUDA, bf16 on CPUs with native
+            bf16, else off), ``"off"``,
             ``"bf16"`` (autocast on CPUs with AVX-512 BF16 and on CUDA), ``"fp16"`` (CUDA).
         channels_last: NHWC memory format for model and inputs.
         early_stopping: stop after this many epochs without a better validation accuracy.

@@ -34,8 +34,9 @@ def _cpu_has_bf16() -> bool:
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device``, or None for full precision.
 
-    ``auto`` means bf16 on CUDA GPUs that support it, fp16 on older ones, and off on
-    CPU and MPS (small convolutions run slower in bf16 on CPU: see docs/benchmarks.md).
+    ``auto`` means bf16 on CUDA GPUs that support it, fp16 on older ones, bf16 on CPUs
+    with native bf16 (AVX-512 BF16 or AMX: training steps run 1.5-2x faster there, see
+    ``bench/amp_cpu.py`` and docs/benchmarks.md), and off on other CPUs and on MPS.
     """
     if amp == "off":
         return None
@@ -46,7 +47,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return torch.float16
     if amp == "auto":
-        return None
+        return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
     if amp == "fp16":
         raise ValueError("fp16 autocast needs a CUDA GPU; use --amp bf16 or --amp off on CPU")
     if device.type == "cpu" and not _cpu_has_bf16():

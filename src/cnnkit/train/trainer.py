@@ -301,7 +301,8 @@ class Trainer:
 
         best, _ = load_weights(self.paths.weights)
         self.model.load_state_dict(best)
-        test = evaluate(self.model, self.test_loader, self.device, self.amp)
+        # The reference number is full precision, as `cnnkit eval` and users compute it.
+        test = evaluate(self.model, self.test_loader, self.device)
         c, h, w = self.preprocess.input_size
         summary = {
             "model": self.config.model, "data": self.config.data,
