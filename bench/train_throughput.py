@@ -33,7 +33,7 @@ skipped.
 Usage::
 
     python bench/train_throughput.py                 # three configurations, a few minutes
-    python bench/train_throughput.py --quick         # smoke run, well under 30 s
+    python bench/train_throughput.py --quick         # smoke run, about 10 s
     python bench/train_throughput.py --write-docs    # also update docs/benchmarks.md
 """
 
@@ -85,7 +85,7 @@ CASES = [
     # The smallest steps (about 3 ms): the Trainer's per-step overhead shows most here.
     Case("tinyvgg / digits 8x8", "tinyvgg", "digits", epochs=30, quick=True),
     # What `cnnkit train` runs with no options.
-    Case("tinyvgg_wide / digits 8x8", "tinyvgg_wide", "digits", epochs=20, quick=True),
+    Case("tinyvgg_wide / digits 8x8", "tinyvgg_wide", "digits", epochs=20),
     # A real network (small stem at 32x32): compute-bound, per-step overhead vanishes.
     Case("resnet18 / shapes 32x32", "resnet18", "shapes", epochs=6, image_size=32,
          data_options={"n": 320}),
@@ -245,9 +245,9 @@ def table(results: list[Result]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         plain, loop, fit = (r.median_sps(t) for t in (r.plain_s, r.loop_s, r.fit_s))
-        q = statistics.quantiles(r.paired_ratios(r.loop_s), n=4)
+        q1, _, q3 = statistics.quantiles(r.paired_ratios(r.loop_s), n=4)
         rows.append(f"| {r.case.name} | {len(r.plain_s)} x {r.steps} x {r.samples // r.steps} "
-                    f"| {plain:,.0f} | {loop:,.0f} | **{loop / plain:.3f}** ({q[0]:.2f}-{q[2]:.2f}) "
+                    f"| {plain:,.0f} | {loop:,.0f} | **{loop / plain:.3f}** ({q1:.2f}-{q3:.2f}) "
                     f"| {fit:,.0f} | {fit / plain:.3f} "
                     f"| {r.plain_loss:.3f} / {r.trainer_loss:.3f} |")
     return "\n".join(rows)
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: the two digits configurations, 1 + 4 epochs")
+                        help="smoke run: tinyvgg on digits only, 1 + 4 epochs")
     parser.add_argument("--threads", type=int, default=cores,
                         help=f"torch intra-op threads (default: all {cores} usable cores)")
     parser.add_argument("--warmup", type=int, default=2, help="epochs left out of the medians")
@@ -342,6 +342,12 @@ def main(argv: list[str] | None = None) -> None:
     command = "python bench/train_throughput.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     load_before, t0 = load(), time.perf_counter()
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores - args.threads + 0.5:
+        # A thread that waits for a core stalls every parallel region of the others: both
+        # sides share the load, so ratios stay fair, but epochs swing by several times.
+        print(f"warning: load average {load_before} on {cores} cores; {args.threads} threads "
+              "compete with other processes and the numbers will be noisy (fewer --threads "
+              "helps)", file=sys.stderr)
     results = []
     for case in (c for c in CASES if c.quick or not args.quick):
         epochs = args.epochs or (4 if args.quick else case.epochs)

@@ -56,7 +56,7 @@ def error_line(code: int, err: str) -> str:
 
 
 def pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A noisy gray image whose bright pattern tells the class: a bar across, a bar down, a square."""
+    """A noisy gray image; its bright pattern (bar across, bar down, square) is the class."""
     a = rng.integers(0, 50, (size, size)).astype(np.uint8)
     lo, hi = size // 4, size - size // 4
     if label == 0:

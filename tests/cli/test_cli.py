@@ -92,7 +92,7 @@ def test_version(cli):
     assert code == 0 and out.strip() == f"cnnkit {__version__}"
 
 
-# -- models and datasets ---------------------------------------------------------------------
+# -- models and datasets -----------------------------------------------------------------------
 
 def test_models_lists_every_registered_model_with_its_description(cli):
     code, out, _ = cli(["models"])
@@ -162,7 +162,7 @@ def test_train_output_goes_to_the_right_streams(shared_run):
     assert "Traceback" not in shared_run.err
 
 
-# -- eval, predict, summary on the shared run ----------------------------------------------------
+# -- eval, predict, summary on the shared run --------------------------------------------------
 
 def test_eval_json_reproduces_the_test_accuracy(cli, shared_run):
     summary = json.loads((shared_run.path / "summary.json").read_text())
@@ -280,7 +280,7 @@ def test_summary_input_builds_the_model_for_that_size(cli):
     assert result["total_params"] == sum(p.numel() for p in ref.parameters())
 
 
-# -- user folders --------------------------------------------------------------------------------
+# -- user folders ------------------------------------------------------------------------------
 
 def test_train_on_a_folder_mixing_modes_with_corrupt_files(cli, tmp_path, image_folder):
     data = image_folder(tmp_path / "mixed", modes=("L", "RGB", "RGBA", "P"))
@@ -302,7 +302,7 @@ def test_train_on_a_folder_mixing_modes_with_corrupt_files(cli, tmp_path, image_
     assert "Traceback" not in err
 
 
-# -- resume ----------------------------------------------------------------------------------------
+# -- resume ------------------------------------------------------------------------------------
 
 def _assert_same_weights(a, b):
     for name in ("model.safetensors", "model_last.safetensors"):

@@ -57,7 +57,7 @@ def _resume_args(args: argparse.Namespace):
                          "longer), or start a new run without --resume")
     root = resolve_run(args.resume, args.runs_dir or "runs")
     # No --epochs: no override, so the run ends where it was meant to (not at the default).
-    return root, TrainConfig(epochs=args.epochs) if args.epochs else None
+    return root, TrainConfig(epochs=args.epochs or 30)
 
 
 def train(args: argparse.Namespace) -> int:

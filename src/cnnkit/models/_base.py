@@ -69,7 +69,28 @@ class Classifier(nn.Module):
         raise NotImplementedError
 
     def reset_classifier(self, num_classes: int) -> None:
-        raise NotImplementedError
+        """Replace the final layer (:meth:`get_classifier`) by a fresh one for ``num_classes``.
+
+        The new layer has the old one's kind (a Linear, or a 1x1 convolution as in the
+        All-Conv net), input width, device and dtype; PyTorch's default initialisation
+        and a zero bias. Only the final layer is replaced: hidden dense layers (VGG's
+        fc6/fc7, LeNet's F6) are kept, as in timm.
+        """
+        old = self.get_classifier()
+        name = next(n for n, m in self.named_modules() if m is old)
+        if isinstance(old, nn.Linear):
+            new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+        elif isinstance(old, nn.Conv2d) and old.kernel_size == (1, 1):
+            new = nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None)
+        else:
+            raise TypeError(f"{type(self).__name__}: cannot reset a {type(old).__name__} "
+                            "classifier; override reset_classifier")
+        if new.bias is not None:
+            nn.init.zeros_(new.bias)
+        new.to(device=old.weight.device, dtype=old.weight.dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, attr, new)
+        self.num_classes = self.default_cfg["num_classes"] = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

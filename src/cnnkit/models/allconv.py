@@ -95,9 +95,6 @@ class AllConvNet(Classifier):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.default_cfg["num_classes"] = num_classes
-        self.classifier = nn.Conv2d(self.num_features, num_classes, 1)
 
 
 @register_model

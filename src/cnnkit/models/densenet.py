@@ -166,10 +166,6 @@ class DenseNet(Classifier):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.default_cfg["num_classes"] = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes)
-        nn.init.zeros_(self.classifier.bias)
 
 
 @register_model

@@ -70,9 +70,6 @@ class LeNet5(Classifier):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.default_cfg["num_classes"] = num_classes
-        self.fc = nn.Linear(84, num_classes)
 
 
 @register_model

@@ -164,15 +164,6 @@ class MobileNet(Classifier):
             return self.classifier[-1]
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.default_cfg["num_classes"] = num_classes
-        fc = nn.Linear(self.num_features, num_classes)
-        nn.init.normal_(fc.weight, 0, 0.01)
-        nn.init.zeros_(fc.bias)
-        if isinstance(self.classifier, nn.Sequential):
-            self.classifier[-1] = fc
-        else:
-            self.classifier = fc
 
 
 @register_model

@@ -242,9 +242,6 @@ class ResNet(Classifier):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.default_cfg["num_classes"] = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
 
 
 def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int,

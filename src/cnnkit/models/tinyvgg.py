@@ -59,9 +59,6 @@ class TinyVGG(Classifier):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.default_cfg["num_classes"] = num_classes
-        self.fc = nn.Linear(self.flat_features, num_classes)
 
 
 @register_model

@@ -132,15 +132,6 @@ class VGG(Classifier):
     def get_classifier(self) -> nn.Module:
         return self.classifier[-1] if self.stem == "imagenet" else self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.default_cfg["num_classes"] = num_classes
-        fc = nn.Linear(self.get_classifier().in_features, num_classes)
-        nn.init.normal_(fc.weight, 0, 0.01)
-        nn.init.zeros_(fc.bias)
-        if self.stem == "imagenet":
-            self.classifier[-1] = fc
-        else:
-            self.classifier = fc
 
 
 def _vgg(name: str, batch_norm: bool, **kwargs) -> VGG:

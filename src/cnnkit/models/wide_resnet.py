@@ -144,10 +144,6 @@ class WideResNet(Classifier):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.default_cfg["num_classes"] = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-        nn.init.zeros_(self.fc.bias)
 
 
 @register_model
