@@ -260,8 +260,8 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
+    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} intra-op thread(s), Python {platform.python_version()}, "
             f"{platform.system()} {platform.release()}")
 
 
@@ -295,8 +295,9 @@ loop per batch: index the uint8 tensors, `float() / 255`, augment, normalise,
 forward, loss, `zero_grad`, backward, set the learning rate, `step`; it reads
 its loss once per epoch. See the script's docstring for the details.
 
-Measured {date} on {machine()}; load average (1/5/15 min) {load_before} before and
-{load_after} after the {minutes:.1f}-minute run.
+Measured {date}, in {minutes:.1f} minutes, on:
+{machine()}.
+Load average (1/5/15 min): {load_before} before, {load_after} after.
 
 ```bash
 {command}
@@ -345,9 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores - args.threads + 0.5:
         # A thread that waits for a core stalls every parallel region of the others: both
         # sides share the load, so ratios stay fair, but epochs swing by several times.
-        print(f"warning: load average {load_before} on {cores} cores; {args.threads} threads "
-              "compete with other processes and the numbers will be noisy (fewer --threads "
-              "helps)", file=sys.stderr)
+        print(f"warning: load average {load_before} on {cores} cores; other processes "
+              f"compete for the cores and the numbers will be noisy"
+              + (" (fewer --threads helps)" if args.threads > 1 else ""), file=sys.stderr)
     results = []
     for case in (c for c in CASES if c.quick or not args.quick):
         epochs = args.epochs or (4 if args.quick else case.epochs)

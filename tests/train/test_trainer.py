@@ -138,3 +138,44 @@ def test_cnnkit_train_is_callable_whatever_was_imported_first(tmp_path):
     assert cnnkit.train.Trainer is Trainer
     with pytest.raises(ValueError, match="unknown training option"):
         cnnkit.train(epoch=1)
+
+
+def test_resume_through_train_keeps_the_saved_epochs(tmp_path):
+    broken = Trainer(small(tmp_path, name="r", epochs=2), progress=False,
+                     callbacks=[_stop_after(1)])
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    with pytest.raises(ValueError, match="only epochs may be given, not lr"):
+        train(resume=broken.paths.root, lr=0.1)
+    assert train(resume=broken.paths.root, progress=False)["epochs_run"] == 2
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    from cnnkit.train.checkpoint import save_weights
+
+    broken = Trainer(small(tmp_path, name="c", epochs=2), progress=False,
+                     callbacks=[_stop_after(1)])
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    state, meta = load_weights(broken.paths.last)
+    save_weights(broken.paths.last, state, {**meta, "classes": meta["classes"][:-1]})
+    with pytest.raises(ValueError, match="changed since it started"):
+        Trainer(resume=broken.paths.root, progress=False)
+
+
+def test_config_rejects_values_that_would_silently_misbehave():
+    for bad in ({"label_smoothing": 1.0}, {"grad_clip": -1.0}, {"weight_decay": -1e-4},
+                {"early_stopping": 0}, {"lr": float("inf")}, {"ema_decay": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
+def test_broken_config_yaml_is_a_clear_error(finished, tmp_path):
+    import shutil
+
+    trainer, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(trainer.paths.root, copy)
+    (copy / "config.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="is not a valid cnnkit config"):
+        load_run(copy)

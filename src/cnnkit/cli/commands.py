@@ -50,14 +50,14 @@ def _resume_args(args: argparse.Namespace):
     from cnnkit.train.run import resolve_run
 
     fixed = sorted(f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                   if k not in _RESUME_OPTIONS and v not in (None, False))
+                   if k not in _RESUME_OPTIONS and v is not None and v is not False)
     if fixed:
         raise ValueError(f"--resume continues a run with its saved settings, so {', '.join(fixed)} "
                          "cannot be given with it; drop them (only --epochs may change, to train "
                          "longer), or start a new run without --resume")
     root = resolve_run(args.resume, args.runs_dir or "runs")
     # No --epochs: no override, so the run ends where it was meant to (not at the default).
-    return root, TrainConfig(epochs=args.epochs or 30)
+    return root, TrainConfig(epochs=args.epochs) if args.epochs else None
 
 
 def train(args: argparse.Namespace) -> int:

@@ -101,8 +101,19 @@ class TrainConfig:
         for key in ("epochs", "batch_size"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for key in ("grad_clip", "weight_decay"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < float("inf"):
+                raise ValueError(f"{key} must be a non-negative number or None, got {value}")
+        if self.early_stopping is not None and self.early_stopping < 1:
+            raise ValueError("early_stopping is a patience in epochs (>= 1) or None to turn it "
+                             f"off, got {self.early_stopping}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         split = tuple(float(f) for f in self.split)
         if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1) > 1e-6:
             raise ValueError("split must be three positive fractions summing to 1, "

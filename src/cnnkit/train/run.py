@@ -27,7 +27,8 @@ from torch import nn
 from .checkpoint import atomic_write, load_weights
 from .config import TrainConfig
 
-__all__ = ["RunPaths", "Preprocess", "Run", "load_run", "resolve_run", "unique_run_dir"]
+__all__ = ["RunPaths", "Preprocess", "Run", "load_run", "read_config", "resolve_run",
+           "unique_run_dir"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,22 @@ def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = "runs") ->
     hint = "it has no config.yaml" if Path(run).is_dir() else "no such folder"
     raise FileNotFoundError(f"run {str(run)!r} not found ({hint}); give the folder that "
                             "`cnnkit train` wrote, e.g. runs/<name>")
+
+
+def read_config(path: Path) -> TrainConfig:
+    """A run's ``config.yaml`` (``yaml.safe_load``: no code runs), with a clear error if broken."""
+    try:
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a mapping, found {type(data).__name__}")
+        return TrainConfig.from_dict(data)
+    except (yaml.YAMLError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid cnnkit config ({one_line(e)}); restore it "
+                         "from a backup or retrain the run") from e
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def write_yaml(path: Path, data: dict) -> None:
@@ -167,7 +184,7 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
     paths = RunPaths(root)
     if weights not in ("best", "last"):
         raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
-    config = TrainConfig.from_dict(yaml.safe_load(paths.config.read_text()))
+    config = read_config(paths.config)
     state, meta = load_weights(paths.weights if weights == "best" else paths.last)
     if not meta:
         raise ValueError(f"{paths.weights} carries no cnnkit metadata; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,15 @@ from .checkpoint import atomic_write, load_state, load_weights, save_state, save
 from .config import TrainConfig
 from .device import autocast, resolve_amp, resolve_device
 from .optim import ModelEma, build_optimizer, build_scheduler
-from .run import Preprocess, RunPaths, resolve_run, unique_run_dir, write_json, write_yaml
+from .run import (
+    Preprocess,
+    RunPaths,
+    read_config,
+    resolve_run,
+    unique_run_dir,
+    write_json,
+    write_yaml,
+)
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "evaluate"]
 
@@ -87,10 +96,8 @@ class Trainer:
                  progress: bool | None = None,
                  callbacks: list[Callable[[Trainer, int, dict], None]] | None = None) -> None:
         if resume is not None:
-            import yaml
-
             root = resolve_run(resume, config.runs_dir if config else "runs")
-            saved = TrainConfig.from_dict(yaml.safe_load(RunPaths(root).config.read_text()))
+            saved = read_config(RunPaths(root).config)
             if config is not None and config.epochs > saved.epochs:
                 saved.epochs = config.epochs
             config, self.paths = saved, RunPaths(root)
@@ -123,6 +130,7 @@ class Trainer:
         self.split = split_indices(data.labels, cfg.split, seed=cfg.seed)
         train_idx, val_idx, test_idx = self.split
         mean, std = channel_stats(data.images[train_idx])
+        std = [s if s > 0 else 1.0 for s in std]  # a constant channel: centre it, do not scale
         c, h, w = data.input_size
         self.preprocess = Preprocess((c, h, w), mean, std, list(data.classes))
         augment = data.augment if cfg.augment == "auto" else cfg.augment
@@ -171,6 +179,14 @@ class Trainer:
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
 
     def _load_state(self) -> None:
+        _, meta = load_weights(self.paths.last)
+        if meta.get("classes") != self.preprocess.classes or \
+                list(meta.get("input_size", [])) != list(self.preprocess.input_size):
+            raise ValueError(
+                f"the data of run {str(self.paths.root)!r} changed since it started (classes "
+                f"{meta.get('classes')} at {meta.get('input_size')}, now "
+                f"{self.preprocess.classes} at {list(self.preprocess.input_size)}); resume "
+                "needs the same data: restore it or start a new run")
         s = load_state(self.paths.state)
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
@@ -239,7 +255,8 @@ class Trainer:
                 if self.paths.last.exists() else "no epoch had finished, so no checkpoint exists")
         raise NonFiniteLossError(
             f"loss became NaN or infinite at epoch {self.epoch + 1}, step {step + 1} "
-            f"(global step {global_step}); {kept}; lower --lr or set grad_clip")
+            f"(global step {global_step}); {kept}; lower the learning rate (--lr) or clip "
+            "gradients (--grad-clip)")
 
     def _evaluate(self, loader) -> dict[str, Any]:
         if self.ema is None:
@@ -285,12 +302,12 @@ class Trainer:
                 atomic_write(paths.metrics, "".join(json.dumps(m) + "\n" for m in self.history))
                 bar.write(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
                           f"acc {metrics['train_accuracy']:.4f}  val_acc {val['accuracy']:.4f}  "
-                          f"{metrics['samples_per_s']:.0f} samples/s")
+                          f"{metrics['samples_per_s']:.0f} samples/s", file=sys.stderr)
                 for cb in self.callbacks:
                     cb(self, self.epoch, metrics)
                 if cfg.early_stopping and self.bad_epochs >= cfg.early_stopping:
                     bar.write("early stopping: no better val_accuracy for "
-                              f"{self.bad_epochs} epochs")
+                              f"{self.bad_epochs} epochs", file=sys.stderr)
                     break
         finally:
             bar.close()
@@ -337,7 +354,14 @@ def train(config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
     """
     progress = options.pop("progress", None)
     resume = options.pop("resume", None)
-    if config is None:
+    if resume is not None:
+        # A resumed run keeps its saved config; only training longer is allowed.
+        other = sorted(set(options) - {"epochs"})
+        if other or config is not None:
+            raise ValueError(f"resume continues a run with its saved config; only epochs may be "
+                             f"given, not {', '.join(other) or 'a TrainConfig'}")
+        config = TrainConfig(epochs=options["epochs"]) if "epochs" in options else None
+    elif config is None:
         config = TrainConfig.from_dict(options)
     elif options:
         raise ValueError("pass either a TrainConfig or options by name, not both")
