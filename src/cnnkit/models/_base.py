@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Classifier", "to_2tuple", "resolve_stem"]
+__all__ = ["Classifier", "to_2tuple", "resolve_stem", "check_img_size"]
 
 
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -44,6 +44,16 @@ def resolve_stem(stem: str, img_size: int | tuple[int, int]) -> str:
     if stem == "auto":
         return "small" if min(to_2tuple(img_size)) < 64 else "imagenet"
     return stem
+
+
+def check_img_size(family: str, img_size: int | tuple[int, int], stem: str,
+                   reduction: int) -> None:
+    """Raise a ValueError with the fix if ``img_size`` is smaller than the total stride."""
+    if min(to_2tuple(img_size)) >= reduction:
+        return
+    fix = f"use img_size >= {reduction}" + (" or stem='small'" if stem != "small" else "")
+    raise ValueError(f"img_size {img_size} is too small for {family} with the {stem!r} stem "
+                     f"(total stride {reduction}); {fix}")
 
 
 class Classifier(nn.Module):

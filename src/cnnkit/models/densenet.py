@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import Classifier, resolve_stem, to_2tuple
+from ._base import Classifier, check_img_size, resolve_stem, to_2tuple
 from ._registry import register_model
 
 _PAPER = ("Huang, Liu, van der Maaten and Weinberger 2017, Densely Connected "
@@ -134,10 +134,7 @@ class DenseNet(Classifier):
         self.features.add_module("norm5", nn.BatchNorm2d(chans))
         self.features.add_module("relu5", nn.ReLU())  # not in-place: norm5 stays hookable
         self.feature_info.append(dict(num_chs=chans, reduction=reduction, module="features.relu5"))
-        if min(to_2tuple(img_size)) < reduction:
-            raise ValueError(f"img_size {img_size} is too small for DenseNet with the "
-                             f"{self.stem!r} stem (total stride {reduction}); use img_size >= "
-                             f"{reduction} or stem='small'")
+        check_img_size("DenseNet", img_size, self.stem, reduction)
         self.num_features = chans
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(chans, num_classes)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..layers.attention import create_attn
-from ._base import Classifier, resolve_stem, to_2tuple
+from ._base import Classifier, check_img_size, resolve_stem, to_2tuple
 from ._registry import register_model
 
 _V1_PAPER = ("Howard et al. 2017, MobileNets: Efficient Convolutional Neural Networks "
@@ -127,10 +127,7 @@ class MobileNet(Classifier):
             if i == len(blocks) - 1 or blocks[i + 1][1] > 1:
                 self.feature_info.append(dict(num_chs=chans, reduction=reduction,
                                               module=f"features.{i}"))
-        if min(to_2tuple(img_size)) < reduction:
-            raise ValueError(f"img_size {img_size} is too small for MobileNet with the {stem!r} "
-                             f"stem (total stride {reduction}); use img_size >= {reduction} "
-                             "or stem='small'")
+        check_img_size("MobileNet", img_size, stem, reduction)
         self.num_features = blocks[-1][2]
         self.cam_layer = f"features.{len(blocks) - 1}"
         self.global_pool = nn.AdaptiveAvgPool2d(1)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..layers.attention import create_attn
-from ._base import Classifier, resolve_stem, to_2tuple
+from ._base import Classifier, check_img_size, resolve_stem, to_2tuple
 from ._registry import register_model
 
 # Convolution widths per stage; every stage ends with a 2x2 max-pool.
@@ -85,10 +85,7 @@ class VGG(Classifier):
                 reduction *= 2
             self.feature_info.append(dict(num_chs=chans, reduction=reduction,
                                           module=f"features.{len(layers) - 1}"))
-        if min(to_2tuple(img_size)) < reduction:
-            raise ValueError(f"img_size {img_size} is too small for VGG with the {self.stem!r} "
-                             f"stem (total stride {reduction}); use img_size >= {reduction} "
-                             "or stem='small'")
+        check_img_size("VGG", img_size, self.stem, reduction)
         self.features = nn.Sequential(*layers)
         self.cam_layer = f"features.{last_relu}"
         self.num_features = chans
