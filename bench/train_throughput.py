@@ -214,6 +214,7 @@ def run_case(case: Case, warmup: int, epochs: int, device: str) -> Result:
         trainer._train_epoch = timed_train_epoch  # type: ignore[method-assign]
         mark = time.perf_counter()
         losses: dict[str, float] = {}
+        log = sys.stderr  # fit()'s own output is silenced below; ours is not
 
         def after_epoch(tr: Trainer, epoch: int, metrics: dict) -> None:
             nonlocal mark
@@ -224,14 +225,15 @@ def run_case(case: Case, warmup: int, epochs: int, device: str) -> Result:
             losses["trainer"] = metrics["train_loss"]
             print(f"  epoch {epoch:3d}/{total}  plain {plain_s[-1]:7.3f} s  "
                   f"cnnkit loop {loop_s[-1]:7.3f} s  fit {fit_s[-1]:7.3f} s"
-                  + ("  (warm-up)" if epoch <= warmup else ""), file=sys.stderr)
+                  + ("  (warm-up)" if epoch <= warmup else ""), file=log)
             if epoch == total:
                 raise _Done
             mark = time.perf_counter()
 
         trainer.callbacks.append(after_epoch)
-        # fit() prints one line per epoch even without a progress bar; keep it off the table.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(_Done):
+        # fit() logs one line per epoch even without a progress bar; keep it off our output.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()),\
+                contextlib.suppress(_Done):
             trainer.fit()
     return Result(case, plain.steps * plain.batch_size, plain.steps, plain_s[warmup:],
                   loop_s[warmup:], fit_s[warmup:], losses["plain"], losses["trainer"])
@@ -293,7 +295,9 @@ learning rate, cross-entropy with label smoothing 0.1, the data set's augmentati
 deterministic algorithms (the Trainer's default, process-wide). The hand-written
 loop per batch: index the uint8 tensors, `float() / 255`, augment, normalise,
 forward, loss, `zero_grad`, backward, set the learning rate, `step`; it reads
-its loss once per epoch. See the script's docstring for the details.
+its loss once per epoch. See the script's docstring for the details. The thread
+count and the load belong to the result: on a machine that other processes keep
+busy, more threads than free cores make epoch times swing several-fold.
 
 Measured {date}, in {minutes:.1f} minutes, on:
 {machine()}.
