@@ -42,7 +42,8 @@ def _curves(history: list[dict]) -> str:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(ep, [m["train_loss"] for m in history], label="train")
     a.plot(ep, [m["val_loss"] for m in history], label="validation")
-    a.set(xlabel="epoch", ylabel="loss", title="Loss")
+    # Train loss carries label smoothing and augmentation, so it sits above validation.
+    a.set(xlabel="epoch", ylabel="loss", title="Loss (train: with label smoothing, augmented)")
     b.plot(ep, [m["train_accuracy"] for m in history], label="train")
     b.plot(ep, [m["val_accuracy"] for m in history], label="validation")
     b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
