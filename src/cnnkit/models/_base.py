@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Classifier", "to_2tuple", "resolve_stem", "check_img_size"]
+__all__ = ["Classifier", "to_2tuple", "resolve_stem", "check_img_size", "imagenet_stats",
+           "init_weights"]
 
 
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -44,6 +45,37 @@ def resolve_stem(stem: str, img_size: int | tuple[int, int]) -> str:
     if stem == "auto":
         return "small" if min(to_2tuple(img_size)) < 64 else "imagenet"
     return stem
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet mean/std for 3 channels; for other counts the channel-averaged values."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+    return (round(mean, 4),) * in_chans, (round(std, 4),) * in_chans
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision's initialisation of VGG and MobileNet, so fresh models match its statistics.
+
+    Convolutions: He normal, fan-out, ReLU gain (He et al. 2015, "Delving Deep into
+    Rectifiers"); norms: weight 1, bias 0; linear layers: N(0, 0.01); biases 0.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
 
 
 def check_img_size(family: str, img_size: int | tuple[int, int], stem: str,

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..layers.attention import create_attn
-from ._base import Classifier, check_img_size, resolve_stem, to_2tuple
+from ._base import Classifier, check_img_size, imagenet_stats, init_weights, resolve_stem, to_2tuple
 from ._registry import register_model
 
 _V1_PAPER = ("Howard et al. 2017, MobileNets: Efficient Convolutional Neural Networks "
@@ -132,20 +132,10 @@ class MobileNet(Classifier):
         self.cam_layer = f"features.{len(blocks) - 1}"
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = classifier
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if in_chans == 3 else \
-            ((0.5,) * in_chans, (0.5,) * in_chans)
+        mean, std = imagenet_stats(in_chans)
         self.default_cfg = dict(input_size=(in_chans, *to_2tuple(img_size)), mean=mean, std=std,
                                 num_classes=num_classes, paper=paper)
-        # torchvision's MobileNetV2 scheme, used for V1 too.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)  # torchvision's MobileNetV2 scheme, used for V1 too
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

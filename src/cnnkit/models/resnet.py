@@ -24,23 +24,13 @@ from torch import nn
 
 from cnnkit.layers.attention import create_attn
 
-from ._base import Classifier, resolve_stem, to_2tuple
+from ._base import Classifier, imagenet_stats, resolve_stem, to_2tuple
 from ._registry import register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition"
 _WRN_PAPER = "Zagoruyko and Komodakis 2016, Wide Residual Networks"
-
-
-def imagenet_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """ImageNet mean/std for 3 channels; for other counts the channel-averaged values."""
-    if in_chans == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
-    return (round(mean, 4),) * in_chans, (round(std, 4),) * in_chans
 
 
 def conv3x3(in_chs: int, out_chs: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
