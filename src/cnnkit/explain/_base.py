@@ -1,0 +1,222 @@
+"""The explainer base class: model state, hooks, targets, batched backward, upsampling.
+
+Each method is a small subclass that overrides one method, :meth:`Explainer.attribute`
+(the pytorch-grad-cam design). The base class owns everything around it:
+
+* the model's train/eval mode and ``requires_grad`` flags are saved, the model is put
+  in eval mode for the call, and both are restored afterwards, even on error;
+* hooks exist only inside :meth:`Explainer.capture` (a context manager) and are
+  removed on exit; stored tensors are detached;
+* targets are resolved once: ``None`` (the predicted class), an int (that class for
+  every image), ``[B]`` (one class per image) or ``[B, K]`` (K classes per image);
+* :meth:`Explainer.grads` computes the gradients of all ``B x K`` target scores in one
+  batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``), not K;
+* maps are returned at input resolution: ``[B, H, W]``, or ``[B, K, H, W]`` when the
+  target was given as ``[B, K]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Explainer", "register_method", "create", "list_methods", "resolve_layer",
+           "resolve_targets"]
+
+_METHODS: dict[str, type[Explainer]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
+    """Class decorator registering an :class:`Explainer` subclass under ``name``."""
+
+    def deco(cls: type[Explainer]) -> type[Explainer]:
+        if name in _METHODS:
+            raise ValueError(f"explanation method {name!r} is registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    from cnnkit import explain  # noqa: F401  (importing the package registers every method)
+
+
+def list_methods() -> list[str]:
+    """Names of the registered explanation methods, sorted."""
+    _ensure_loaded()
+    return sorted(_METHODS)
+
+
+def create(name: str, model: nn.Module, layer: str | nn.Module | None = None,
+           **options: Any) -> Explainer:
+    """Create an explainer: ``cnnkit.explain.create("gradcam", model)(x, target)``.
+
+    Raises:
+        ValueError: unknown method (the nearest names are suggested).
+    """
+    _ensure_loaded()
+    if name not in _METHODS:
+        from cnnkit.models._registry import suggest
+
+        raise ValueError(f"unknown explanation method {name!r}{suggest(name, list(_METHODS))} "
+                         f"(choose from {', '.join(sorted(_METHODS))})")
+    return _METHODS[name](model, layer=layer, **options)
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
+    """A module of ``model``: given, named, or the model's declared ``cam_layer``."""
+    if isinstance(layer, nn.Module):
+        return layer
+    if layer is None:
+        layer = getattr(model, "cam_layer", None)
+        if layer is None:
+            raise ValueError(f"{type(model).__name__} declares no cam_layer; pass layer= with "
+                             "a module or its name (see model.named_modules())")
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        from cnnkit.models._registry import suggest
+
+        raise ValueError(f"the model has no layer {layer!r}{suggest(layer, names)}") from None
+
+
+def resolve_targets(target: Any, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Targets as ``[B, K]`` long, and whether the caller asked for K maps per image."""
+    b, num_classes = logits.shape
+    if target is None:
+        t, multi = logits.argmax(1, keepdim=True), False
+    else:
+        t = torch.as_tensor(target, device=logits.device).long()
+        multi = t.ndim == 2
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.ndim == 1:
+            if len(t) != b:
+                raise ValueError(f"target has {len(t)} entries for {b} images; give one class "
+                                 "per image, an int, or [B, K] classes")
+            t = t[:, None]
+        if t.ndim != 2 or t.shape[0] != b:
+            raise ValueError(f"target of shape {tuple(t.shape)} does not fit a batch of {b}")
+    if t.numel() and (t.min() < 0 or t.max() >= num_classes):
+        raise ValueError(f"target classes must be in 0..{num_classes - 1}, got {t.tolist()}")
+    return t, multi
+
+
+class Explainer:
+    """Base of every explanation method; subclasses override :meth:`attribute`.
+
+    Args:
+        model: any classifier ``[B, C, H, W] -> [B, num_classes]``.
+        layer: the layer CAM-style methods read (a module or its name); the model's
+            ``cam_layer`` when None. Input-gradient methods ignore it.
+    """
+
+    name: str = ""
+    uses_layer: bool = False
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None) -> None:
+        self.model = model
+        self.layer = resolve_layer(model, layer) if self.uses_layer else None
+
+    # -- the one method a subclass overrides ------------------------------------------
+
+    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Maps ``[B, K, h, w]`` (any resolution) for ``targets`` ``[B, K]``."""
+        raise NotImplementedError
+
+    # -- the public call ------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor, target: Any = None) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+        with self.model_state():
+            with torch.no_grad():
+                logits = self.model(x)
+            targets, multi = resolve_targets(target, logits)
+            maps = self.attribute(x.detach(), targets)
+        maps = self.upsample(maps.detach(), x.shape[-2:])
+        return maps if multi else maps[:, 0]
+
+    def __enter__(self) -> Explainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the explainer holds (hooks are never left registered)."""
+
+    # -- tools for subclasses -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def model_state(self) -> Iterator[None]:
+        """Eval mode and gradients on for the call; the caller's flags restored after."""
+        model = self.model
+        modes = {m: m.training for m in model.modules()}
+        flags = {p: p.requires_grad for p in model.parameters()}
+        try:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)  # gradients w.r.t. inputs/activations only
+            yield
+        finally:
+            for m, mode in modes.items():
+                m.train(mode)
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def capture(self, layer: nn.Module | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Record ``layer``'s output during forwards inside the block (not detached: the
+        graph is needed for gradients); the hook is removed on exit."""
+        layer = layer or self.layer
+        store: dict[str, torch.Tensor] = {}
+
+        def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+            store["activation"] = out[0] if isinstance(out, tuple) else out
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            yield store
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def select(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, K]``: ``logits[b, targets[b, k]]``."""
+        return logits.gather(1, targets)
+
+    @staticmethod
+    def grads(scores: torch.Tensor, inputs: Sequence[torch.Tensor] | torch.Tensor,
+              ) -> list[torch.Tensor]:
+        """Gradients of each of the ``K`` score columns w.r.t. ``inputs``, in one pass.
+
+        ``scores`` is ``[B, K]``; image b's column-k score depends only on image b (the
+        model is in eval mode), so one backward of ``sum_b scores[b, k]`` per k gives all
+        per-image gradients, and ``is_grads_batched`` runs the K backwards as one
+        vectorised pass. Returns, per input ``[B, ...]``, a tensor ``[B, K, ...]``.
+        """
+        inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+        k = scores.shape[1]
+        if k == 1:
+            out = torch.autograd.grad(scores.sum(), inputs)
+            return [g[:, None] for g in out]
+        eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
+        grad_outputs = eye[:, None, :].expand(k, *scores.shape)  # [K, B, K]
+        out = torch.autograd.grad(scores, inputs, grad_outputs, is_grads_batched=True)
+        return [g.transpose(0, 1) for g in out]
+
+    @staticmethod
+    def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """``[B, K, h, w]`` -> ``[B, K, H, W]`` by bilinear interpolation (same size: as is)."""
+        if tuple(maps.shape[-2:]) == tuple(size):
+            return maps
+        return F.interpolate(maps.float(), size=tuple(size), mode="bilinear", align_corners=False)
