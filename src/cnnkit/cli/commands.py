@@ -189,3 +189,25 @@ def datasets(args: argparse.Namespace) -> int:
           "  FILE.csv    rows of path,label (paths relative to the CSV's folder)\n"
           "  FILE.npz    arrays x (or images) [N,H,W], [N,H,W,C] or [N,C,H,W] and y (or labels)")
     return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cnnkit.explain import list_methods
+    from cnnkit.explain.apply import explain_files
+    from cnnkit.train import load_run
+
+    methods = args.method or ["gradcam"]
+    known = list_methods()
+    for m in methods:
+        if m not in known:
+            from cnnkit.models._registry import suggest
+
+            raise ValueError(f"unknown explanation method {m!r}{suggest(m, known)} "
+                             f"(choose from {', '.join(known)})")
+    run = load_run(args.run)
+    out = Path(args.out) if args.out else run.path / "explanations"
+    written = explain_files(run, args.images, methods, out, target=args.target, layer=args.layer)
+    print(f"wrote {len(written)} files to {out} (grid.png compares the methods)")
+    return 0

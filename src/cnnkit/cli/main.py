@@ -146,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=commands.summary)
 
+    x = sub.add_parser("explain", help="heat maps of why a run's model predicts what it does",
+                       description="Explain a run's predictions on image files: an overlay "
+                       "with a colour bar per image and method, a grid comparing methods, "
+                       "and the raw maps as .npy.")
+    x.add_argument("run", metavar="RUN")
+    x.add_argument("images", metavar="IMAGES", nargs="+")
+    x.add_argument("--method", action="append", metavar="M",
+                   help="explanation method, repeatable (default gradcam); the methods are "
+                   "listed by cnnkit.explain.list_methods()")
+    x.add_argument("--target", help="class name or index to explain (default: the predicted)")
+    x.add_argument("--layer", help="layer name for layer methods (default: the model's)")
+    x.add_argument("--out", default=None, help="output folder (default RUN/explanations)")
+    x.set_defaults(func=commands.explain)
+
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("pattern", nargs="?", help="shell pattern such as 'resnet*'")
     m.set_defaults(func=commands.models)

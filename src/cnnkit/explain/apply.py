@@ -1,0 +1,80 @@
+"""Explaining a run's predictions on image files (behind ``cnnkit explain``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._base import create
+
+__all__ = ["explain_files", "resolve_class"]
+
+
+def resolve_class(target: str | int | None, classes: list[str]) -> int | None:
+    """A class given by name or index; None stays None (the predicted class)."""
+    if target is None:
+        return None
+    if str(target) in classes:
+        return classes.index(str(target))
+    try:
+        idx = int(target)
+    except ValueError:
+        raise ValueError(f"unknown class {target!r}; the run's classes are "
+                         f"{', '.join(classes)} (or give an index)") from None
+    if not 0 <= idx < len(classes):
+        raise ValueError(f"class index {idx} is out of range 0..{len(classes) - 1}")
+    return idx
+
+
+def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.PathLike,
+                  target: str | int | None = None, layer: str | None = None,
+                  ) -> list[Path]:
+    """Explain each image file with each method; write overlays, a grid and raw maps.
+
+    Writes ``<stem>_<method>.png`` (the map over the image, with a colour bar),
+    ``<stem>_<method>.npy`` (the raw map at input resolution) and ``grid.png`` (images
+    by methods) into ``out``.
+
+    Returns:
+        The paths written.
+    """
+    from cnnkit.data import load_image
+    from cnnkit.train import load_run
+
+    from .render import save_grid, save_overlay
+
+    run = run if hasattr(run, "preprocess") else load_run(run)
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image file {missing[0]!r} does not exist; give image files")
+    c, h, w = run.preprocess.input_size
+    images = [load_image(f, size=(h, w), channels=c) for f in files]
+    x = torch.stack([run.preprocess(img) for img in images])
+    with torch.no_grad():
+        probs = run.model(x).softmax(1)
+    cls = resolve_class(target, run.classes)
+    targets = probs.argmax(1) if cls is None else torch.full((len(files),), cls)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    all_maps: dict[str, torch.Tensor] = {}
+    for method in methods:
+        with create(method, run.model, layer=layer) as explainer:
+            maps = explainer(x, targets)
+        all_maps[method] = maps
+        for i, (f, img, m) in enumerate(zip(files, images, maps, strict=True)):
+            t = int(targets[i])
+            stem = f"{Path(f).stem}_{method}"
+            np.save(out / f"{stem}.npy", m.cpu().numpy())
+            title = f"{method}: {run.classes[t]} (p={float(probs[i, t]):.2f})"
+            save_overlay(out / f"{stem}.png", img, m, title)
+            written += [out / f"{stem}.npy", out / f"{stem}.png"]
+    titles = [f"{Path(f).name}: {run.classes[t]}" for f, t in zip(files, targets.tolist(),
+                                                                     strict=True)]
+    save_grid(out / "grid.png", images, all_maps, titles)
+    written.append(out / "grid.png")
+    return written

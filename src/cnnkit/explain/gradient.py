@@ -1,0 +1,252 @@
+"""Input-gradient explanations: saliency, gradient x input, SmoothGrad, Integrated Gradients.
+
+All four read the gradient of a target logit with respect to the input pixels. The
+gradients of the ``K`` targets of an image come from one forward and one batched backward
+(:meth:`Explainer.grads`). A map has no channel axis, so each method says how it reduces
+the ``C`` input channels:
+
+* ``saliency`` and ``smoothgrad``: ``max_c |grad_c|`` by default (Simonyan et al. 2014),
+  with ``abs`` and ``reduce`` ("max", "sum", "mean") as options;
+* ``gradient_x_input`` and ``integrated_gradients``: the sum over channels, so a pixel's
+  value is the sum of its channels' attributions and IG's completeness holds for the map.
+
+:func:`input_gradients` returns the unreduced ``[B, K, C, H, W]`` gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._base import Explainer, register_method
+
+__all__ = ["input_gradients", "reduce_channels", "Saliency", "GradientXInput", "SmoothGrad",
+           "IntegratedGradients"]
+
+_REDUCTIONS = ("max", "sum", "mean")
+
+
+def input_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Gradients ``[B, K, C, H, W]`` of ``model(x)[b, targets[b, k]]`` w.r.t. ``x``.
+
+    One forward and one batched backward for all K targets. The model should be in eval
+    mode (batch statistics would couple the images of the batch).
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scores = Explainer.select(model(x), targets)
+        return Explainer.grads(scores, x)[0]
+
+
+def reduce_channels(grads: torch.Tensor, abs: bool = True, reduce: str = "max") -> torch.Tensor:
+    """``[B, K, C, H, W]`` -> ``[B, K, H, W]``: optionally ``|.|``, then max/sum/mean over C."""
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"unknown channel reduction {reduce!r}; choose from {_REDUCTIONS}")
+    g = grads.abs() if abs else grads
+    if reduce == "max":
+        return g.amax(2)
+    return g.sum(2) if reduce == "sum" else g.mean(2)
+
+
+def _check_batch_size(n: int) -> int:
+    if n < 1:
+        raise ValueError(f"internal_batch_size must be a positive int, got {n}")
+    return int(n)
+
+
+@register_method("saliency")
+class Saliency(Explainer):
+    """Vanilla gradient saliency: how much each pixel moves the target logit.
+
+    Simonyan, Vedaldi and Zisserman (2014), "Deep Inside Convolutional Networks:
+    Visualising Image Classification Models and Saliency Maps", ICLR workshop. The map
+    is ``max_c |d S_c / d x|`` over the colour channels, as in the paper (Sec. 3.1).
+
+    Args:
+        model: the classifier.
+        layer: ignored (an input-gradient method).
+        abs: take the gradient's absolute value before reducing the channels.
+        reduce: channel reduction, "max" (the paper), "sum" or "mean".
+
+    Example:
+        >>> import torch, cnnkit
+        >>> model = cnnkit.create_model("tinyvgg", num_classes=3, img_size=16)
+        >>> cnnkit.explain.create("saliency", model)(torch.rand(2, 3, 16, 16)).shape
+        torch.Size([2, 16, 16])
+    """
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
+                 abs: bool = True, reduce: str = "max") -> None:
+        super().__init__(model, layer)
+        if reduce not in _REDUCTIONS:
+            raise ValueError(f"unknown channel reduction {reduce!r}; choose from {_REDUCTIONS}")
+        self.abs, self.reduce = abs, reduce
+
+    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return reduce_channels(input_gradients(self.model, x, targets), self.abs, self.reduce)
+
+
+@register_method("gradient_x_input")
+class GradientXInput(Explainer):
+    """Gradient times input, summed over channels.
+
+    Shrikumar, Greenside, Shcherbina and Kundaje (2016), "Not Just a Black Box: Learning
+    Important Features Through Propagating Activation Differences", arXiv:1605.01713;
+    discussed as a baseline in Shrikumar, Greenside and Kundaje (2017), "Learning Important
+    Features Through Propagating Activation Differences" (DeepLIFT), ICML. For a linear
+    model ``w.x + b`` it is exactly ``w * x``.
+
+    Example:
+        >>> import torch, cnnkit
+        >>> model = cnnkit.create_model("tinyvgg", num_classes=3, img_size=16)
+        >>> cnnkit.explain.create("gradient_x_input", model)(torch.rand(1, 3, 16, 16)).shape
+        torch.Size([1, 16, 16])
+    """
+
+    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (input_gradients(self.model, x, targets) * x[:, None]).sum(2)
+
+
+@register_method("smoothgrad")
+class SmoothGrad(Explainer):
+    """SmoothGrad: the gradient averaged over noisy copies of the image.
+
+    Smilkov, Thorat, Kim, Viegas and Wattenberg (2017), "SmoothGrad: removing noise by
+    adding noise", arXiv:1706.03825. As in the paper (Eq. 3) the raw gradients of
+    ``n_samples`` copies ``x + N(0, sigma^2)`` are averaged, with
+    ``sigma = noise * (max(x) - min(x))`` per image (the paper's noise level, 10-20% works
+    best), and the mean gradient is then reduced like :class:`Saliency`. The noisy copies
+    go through the network ``internal_batch_size`` at a time.
+
+    Args:
+        model: the classifier.
+        layer: ignored.
+        n_samples: number of noisy copies per image (paper: 50; 25 is usually enough).
+        noise: noise std as a fraction of the image's value range.
+        seed: seeds a private generator so the map is deterministic; None uses torch's
+            global generator.
+        abs: as in :class:`Saliency`.
+        reduce: as in :class:`Saliency`.
+        internal_batch_size: images per forward/backward.
+
+    Example:
+        >>> import torch, cnnkit
+        >>> model = cnnkit.create_model("tinyvgg", num_classes=3, img_size=16)
+        >>> sg = cnnkit.explain.create("smoothgrad", model, n_samples=8, seed=0)
+        >>> sg(torch.rand(1, 3, 16, 16), target=[[0, 2]]).shape
+        torch.Size([1, 2, 16, 16])
+    """
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
+                 n_samples: int = 25, noise: float = 0.15, seed: int | None = 0,
+                 abs: bool = True, reduce: str = "max", internal_batch_size: int = 32) -> None:
+        super().__init__(model, layer)
+        if n_samples < 1 or noise < 0:
+            raise ValueError(f"need n_samples >= 1 and noise >= 0, got {n_samples}, {noise}")
+        if reduce not in _REDUCTIONS:
+            raise ValueError(f"unknown channel reduction {reduce!r}; choose from {_REDUCTIONS}")
+        self.n_samples, self.noise, self.seed = int(n_samples), float(noise), seed
+        self.abs, self.reduce = abs, reduce
+        self.internal_batch_size = _check_batch_size(internal_batch_size)
+
+    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], self.n_samples
+        # Noise is drawn on the CPU from a private generator: the same seed gives the same
+        # map on every device and leaves torch's global random state untouched.
+        gen = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        eps = torch.randn((b, n, *x.shape[1:]), generator=gen, dtype=x.dtype)
+        flat = x.flatten(1)
+        sigma = self.noise * (flat.amax(1) - flat.amin(1))  # [B]
+        noisy = (x[:, None] + eps.to(x.device) * sigma.view(b, 1, 1, 1, 1)).flatten(0, 1)
+        tg = targets.repeat_interleave(n, 0)
+        total = torch.zeros((b, targets.shape[1], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        owner = torch.arange(b, device=x.device).repeat_interleave(n)
+        for i in range(0, b * n, self.internal_batch_size):
+            sl = slice(i, i + self.internal_batch_size)
+            total.index_add_(0, owner[sl], input_gradients(self.model, noisy[sl], tg[sl]))
+        return reduce_channels(total / n, self.abs, self.reduce)
+
+
+def _path_rule(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Points ``alpha`` in [0, 1] and weights of the path integral's quadrature rule."""
+    if method == "riemann_trapezoid":
+        alphas = np.linspace(0.0, 1.0, steps)
+        weights = np.full(steps, 1.0 / (steps - 1))
+        weights[[0, -1]] /= 2
+        return alphas, weights
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)  # on [-1, 1]
+        return (nodes + 1) / 2, weights / 2
+    raise ValueError(f"unknown integration method {method!r}; choose 'riemann_trapezoid' "
+                     "or 'gausslegendre'")
+
+
+@register_method("integrated_gradients")
+class IntegratedGradients(Explainer):
+    """Integrated Gradients along the straight path from a baseline, summed over channels.
+
+    Sundararajan, Taly and Yan (2017), "Axiomatic Attribution for Deep Networks", ICML.
+    ``IG_i = (x_i - x'_i) * integral_0^1 dS(x' + a (x - x')) / dx_i da``, approximated with
+    ``steps`` points of the trapezoid rule or of Gauss-Legendre quadrature. Completeness:
+    the map sums to ``S(x) - S(x')`` up to the quadrature error. The ``B x steps``
+    interpolated images go through the network ``internal_batch_size`` at a time, so
+    peak memory is that of one such batch whatever ``steps`` is.
+
+    Args:
+        model: the classifier.
+        layer: ignored.
+        baseline: the reference image x': None (zeros), a number, or a tensor broadcastable
+            to the input ``[B, C, H, W]`` (e.g. ``[C, H, W]``).
+        steps: number of points on the path (the paper uses 20 to 300).
+        method: "riemann_trapezoid" or "gausslegendre".
+        internal_batch_size: interpolated images per forward/backward.
+
+    Example:
+        >>> import torch, cnnkit
+        >>> model = cnnkit.create_model("tinyvgg", num_classes=3, img_size=16)
+        >>> ig = cnnkit.explain.create("integrated_gradients", model, steps=16)
+        >>> ig(torch.rand(2, 3, 16, 16), target=1).shape
+        torch.Size([2, 16, 16])
+    """
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
+                 baseline: torch.Tensor | float | None = None, steps: int = 64,
+                 method: str = "riemann_trapezoid", internal_batch_size: int = 32) -> None:
+        super().__init__(model, layer)
+        if steps < 2:
+            raise ValueError(f"steps must be at least 2, got {steps}")
+        _path_rule(method, 2)  # validates the name early
+        self.baseline, self.steps, self.method = baseline, int(steps), method
+        self.internal_batch_size = _check_batch_size(internal_batch_size)
+
+    def resolve_baseline(self, x: torch.Tensor) -> torch.Tensor:
+        """The baseline as a ``[B, C, H, W]`` tensor like ``x``."""
+        if self.baseline is None:
+            return torch.zeros_like(x)
+        base = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
+        try:
+            return base.expand_as(x)
+        except RuntimeError:
+            raise ValueError(f"baseline of shape {tuple(base.shape)} does not broadcast to the "
+                             f"input {tuple(x.shape)}; give [C, H, W], [B, C, H, W] or a number"
+                             ) from None
+
+    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        base = self.resolve_baseline(x)
+        delta = x - base
+        alphas, weights = _path_rule(self.method, self.steps)
+        alphas = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
+        weights = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
+        # Enumerate the (image, step) pairs and build each chunk's images on the fly, so no
+        # tensor of all B x steps images is ever materialised.
+        img = torch.arange(b, device=x.device).repeat_interleave(self.steps)
+        step = torch.arange(self.steps, device=x.device).repeat(b)
+        total = torch.zeros((b, targets.shape[1], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for i in range(0, b * self.steps, self.internal_batch_size):
+            im, st = img[i:i + self.internal_batch_size], step[i:i + self.internal_batch_size]
+            a = alphas[st].view(-1, 1, 1, 1)
+            g = input_gradients(self.model, base[im] + a * delta[im], targets[im])
+            total.index_add_(0, im, g * weights[st].view(-1, 1, 1, 1, 1))
+        return (total * delta[:, None]).sum(2)

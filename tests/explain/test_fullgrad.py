@@ -1,0 +1,115 @@
+"""FullGrad: completeness of the full-gradient decomposition, the map, the contract."""
+
+import pytest
+import torch
+from torch import nn
+
+from cnnkit.explain import create
+from cnnkit.explain.fullgrad import full_gradients, layer_bias
+from cnnkit.models import create_model
+
+
+def randomise_bn(model):
+    # Non-trivial running statistics and affine parameters: BN's implicit bias is non-zero.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 5))
+
+
+def check_completeness(model, x, targets):
+    gx, terms = full_gradients(model, x, targets)
+    total = (gx * x[:, None]).flatten(2).sum(2) + sum(t.flatten(2).sum(2) for t in terms)
+    with torch.no_grad():
+        logits = model(x).gather(1, targets)
+    assert torch.allclose(total, logits, atol=1e-5, rtol=0)
+    # the bias terms matter: the input-gradient term alone is not the logit
+    assert (total - (gx * x[:, None]).flatten(2).sum(2)).abs().max() > 1e-2
+    return terms
+
+
+def test_completeness_small_cnn_with_batchnorm():
+    torch.manual_seed(0)
+    model = randomise_bn(small_cnn()).double().eval()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    terms = check_completeness(model, x, torch.tensor([[0, 4], [2, 2], [1, 3]]))
+    assert len(terms) == 6  # 2 conv + 2 BN + 2 linear
+
+
+def test_completeness_resnet18():
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("resnet18", num_classes=5, img_size=16)).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    terms = check_completeness(model, x, torch.tensor([[1, 3], [0, 4]]))
+    assert len(terms) == 20 + 1  # every BatchNorm (bias-free convs) and fc
+
+
+def test_bn_implicit_bias_and_train_mode():
+    bn = randomise_bn(nn.Sequential(nn.BatchNorm2d(3))).eval()[0]
+    z = torch.randn(2, 3, 4, 4)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    # BN(z) = scale * z + implicit bias
+    assert torch.allclose(bn(z), scale.view(1, 3, 1, 1) * z + layer_bias(bn).view(1, 3, 1, 1),
+                          atol=1e-6)
+    bn.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        layer_bias(bn)
+
+
+def test_map_of_bias_free_net_is_normalised_gradient_x_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3, bias=False))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model.double()
+    xi = x.clone().requires_grad_(True)
+    model(xi)[:, 1].sum().backward()
+    gxi = (xi.grad * x).abs()
+    lo = gxi.flatten(1).amin(1).view(2, 1, 1, 1)
+    hi = (gxi - lo).flatten(1).amax(1).view(2, 1, 1, 1)
+    ref = ((gxi - lo) / (hi + 1e-6)).sum(1)
+    out = create("fullgrad", model)(x, 1)
+    assert torch.allclose(out, ref, atol=1e-12)
+
+
+def test_map_adds_a_bias_gradient_map_per_spatial_layer():
+    torch.manual_seed(0)
+    model = randomise_bn(small_cnn()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    out = create("fullgrad", model)(x, [[0, 1]] * 2)
+    # each of the 1 + 4 normalised, channel-summed terms is in [0, C]; both kinds present
+    assert out.shape == (2, 2, 16, 16) and (out >= 0).all()
+    assert out.amax() <= 3 + 4 + 4 + 6 + 6
+    xi = x.clone().requires_grad_(True)
+    model(xi)[:, 0].sum().backward()
+    assert (out[:, 0] - (xi.grad * x).abs().sum(1)).abs().amax() > 0.1
+
+
+def test_contract_one_forward_one_backward():
+    torch.manual_seed(0)
+    model = randomise_bn(small_cnn())
+    calls = []
+    model.register_forward_pre_hook(lambda m, i: calls.append(1))
+    hooks_before = dict(model._forward_pre_hooks)
+    model.train()
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(2, 3, 16, 16)
+    multi = create("fullgrad", model)(x, [[0, 3], [4, 1]])
+    assert len(calls) == 2  # the base's target forward + one forward for all K targets
+    assert multi.shape == (2, 2, 16, 16)
+    single = create("fullgrad", model)(x, [3, 1])
+    assert single.shape == (2, 16, 16) and torch.allclose(single, multi[:, 1], atol=1e-5)
+    assert all(m.training for m in model.modules())
+    assert not model[0].weight.requires_grad and model[0].bias.requires_grad
+    assert dict(model._forward_pre_hooks) == hooks_before
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
