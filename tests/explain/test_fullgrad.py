@@ -82,17 +82,42 @@ def test_map_of_bias_free_net_is_normalised_gradient_x_input():
     assert torch.allclose(out, ref, atol=1e-12)
 
 
-def test_map_adds_a_bias_gradient_map_per_spatial_layer():
+def psi(t):
+    """The authors' post-processing: |t|, min-max rescaled per image over [C, h, w]."""
+    t = t.abs()
+    t = t - t.flatten(1).amin(1).view(-1, 1, 1, 1)
+    return t / (t.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-6)
+
+
+def test_map_matches_per_layer_reference():
     torch.manual_seed(0)
-    model = randomise_bn(small_cnn()).eval()
-    x = torch.randn(2, 3, 16, 16)
-    out = create("fullgrad", model)(x, [[0, 1]] * 2)
-    # each of the 1 + 4 normalised, channel-summed terms is in [0, C]; both kinds present
-    assert out.shape == (2, 2, 16, 16) and (out >= 0).all()
-    assert out.amax() <= 3 + 4 + 4 + 6 + 6
-    xi = x.clone().requires_grad_(True)
-    model(xi)[:, 0].sum().backward()
-    assert (out[:, 0] - (xi.grad * x).abs().sum(1)).abs().amax() > 0.1
+    model = randomise_bn(small_cnn()).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    spatial = [model[0], model[1], model[4], model[5]]
+    outs = []
+    # own hooks; the clone keeps BN's output from being overwritten by the in-place ReLU
+    handles = [m.register_forward_hook(lambda m, i, o: outs.append(o) or o.clone())
+               for m in spatial]
+    try:
+        xi = x.clone().requires_grad_(True)
+        score = model(xi)[:, 2].sum()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = torch.autograd.grad(score, [xi, *outs])
+    ref = psi(grads[0] * x).sum(1)
+    for m, g in zip(spatial, grads[1:], strict=True):
+        if isinstance(m, nn.Conv2d):
+            b = m.bias
+        else:
+            b = m.bias - m.weight * m.running_mean / torch.sqrt(m.running_var + m.eps)
+        term = psi(g * b.detach().view(1, -1, 1, 1)).sum(1, keepdim=True)
+        ref = ref + torch.nn.functional.interpolate(term, size=(16, 16), mode="bilinear",
+                                                    align_corners=True)[:, 0]
+    out = create("fullgrad", model)(x, 2)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the bias-gradient maps contribute: the map is not psi(grad x input) alone
+    assert (ref - psi(grads[0] * x).sum(1)).amin() > 0.1
 
 
 def test_contract_one_forward_one_backward():
