@@ -219,4 +219,5 @@ class Explainer:
         """``[B, K, h, w]`` -> ``[B, K, H, W]`` by bilinear interpolation (same size: as is)."""
         if tuple(maps.shape[-2:]) == tuple(size):
             return maps
-        return F.interpolate(maps.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        maps = maps if maps.is_floating_point() else maps.float()  # float64 stays float64
+        return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)

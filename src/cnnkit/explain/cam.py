@@ -21,14 +21,15 @@ __all__ = ["CAM", "GradCAM", "GradCAMPlusPlus", "SmoothGradCAMPlusPlus", "LayerC
            "layer_gradients", "gradcampp_weights"]
 
 
-def layer_gradients(model: nn.Module, explainer: Explainer, x: torch.Tensor,
-                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_gradients(explainer: Explainer, x: torch.Tensor, targets: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, G)``: the explainer's layer activation ``[B, C, h, w]`` (detached) and the
-    gradients ``[B, K, C, h, w]`` of ``model(x)[b, targets[b, k]]`` with respect to it."""
+    gradients ``[B, K, C, h, w]`` of ``model(x)[b, targets[b, k]]`` with respect to it,
+    from one forward and one batched backward."""
     # The input must require grad, or with frozen parameters the activation has no graph.
     x = x.detach().requires_grad_(True)
     with torch.enable_grad(), explainer.capture() as store:
-        scores = explainer.select(model(x), targets)
+        scores = explainer.select(explainer.model(x), targets)
         if "activation" not in store:
             raise ValueError(f"layer {explainer.layer!r} was not called in the forward pass; "
                              "pass layer= with a module the model uses")
@@ -72,7 +73,7 @@ class _GradCamBase(Explainer):
     uses_layer = True
 
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        act, grads = layer_gradients(self.model, self, x, targets)
+        act, grads = layer_gradients(self, x, targets)
         return self.combine(act, grads)
 
     def combine(self, act: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,7 @@ class SmoothGradCAMPlusPlus(Explainer):
         sums: list[torch.Tensor] | None = None
         for i in range(0, b * n, self.internal_batch_size):
             sl = slice(i, i + self.internal_batch_size)
-            act, g = layer_gradients(self.model, self, noisy[sl], tg[sl])
+            act, g = layer_gradients(self, noisy[sl], tg[sl])
             g2 = g * g
             parts = [act, g, g2, g2 * g]
             if sums is None:

@@ -58,7 +58,7 @@ def _capture_biased_outputs(model: nn.Module) -> Iterator[list[tuple[torch.Tenso
         store.append((out, bias.detach()))
         # An in-place op after the layer (ReLU(inplace=True)) would otherwise overwrite the
         # recorded tensor and turn its gradient into that of the op's output.
-        return None
+        return out.clone()
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (_ConvNd, nn.Linear, _BatchNorm))]
