@@ -7,4 +7,4 @@
 from ._base import Explainer, create, list_methods, register_method, resolve_layer
 
 __all__ = ["Explainer", "create", "list_methods", "register_method", "resolve_layer"]
-from . import cam, fullgrad, gradient, guided, perturbation, scorecam  # noqa: F401, E402
+from . import cam, fullgrad, gradient, guided, lrp, perturbation, scorecam  # noqa: F401, E402

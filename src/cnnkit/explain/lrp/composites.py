@@ -1,0 +1,149 @@
+"""LRP composites: *where* each rule runs (which rule on which layer).
+
+A composite maps a layer to a rule from :mod:`.rules` by the layer's kind: the first
+weighted layer (the one reading the pixels), other convolutions, dense layers and
+average pools. Layers with no rule (ReLU, max pool, BatchNorm left unfolded,
+concatenation, additions) run their ordinary gradient, which is itself an LRP rule in the
+``g = R / a`` convention (see :mod:`cnnkit.explain.lrp`).
+
+The named composites follow zennit (Anders et al. 2021, "Software for Dataset-wide XAI:
+From Local Explanations to Global Insights with Zennit, CoRelAy, and ViRelAy") and the
+recommendations of Montavon et al. (2019), "Layer-Wise Relevance Propagation: An
+Overview" (Sec. 10.3): epsilon on the dense top layers, z+ / gamma / alpha-beta on the
+convolutions, z^B on the pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .rules import AlphaBeta, Epsilon, Gamma, Rule, ZBox, ZPlus
+
+__all__ = ["Composite", "register_composite", "create_composite", "list_composites",
+           "uniform_composite", "pixel_bounds", "RULES"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+         nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Rules by layer kind; ``first`` (if set) overrides the rule of the first weighted
+    layer executed. Average pools keep LRP-epsilon under every composite: their weights
+    are positive, so with non-negative inputs z+, gamma and alpha-beta all reduce to it."""
+
+    conv: Rule
+    dense: Rule
+    pool: Rule
+    first: Rule | None = None
+
+    def rule_for(self, module: nn.Module, first: bool = False) -> Rule | None:
+        """The rule of ``module`` (None: its ordinary gradient)."""
+        weighted = isinstance(module, (*_CONV, nn.Linear))
+        if first and weighted and self.first is not None:
+            return self.first
+        if isinstance(module, _CONV):
+            return self.conv
+        if isinstance(module, nn.Linear):
+            return self.dense
+        return self.pool if isinstance(module, _POOL) else None
+
+    @staticmethod
+    def handles(module: nn.Module) -> bool:
+        """Whether composites give ``module`` a rule at all."""
+        return isinstance(module, (*_CONV, nn.Linear, *_POOL))
+
+
+# One rule everywhere (the ``rule=`` option of ``lrp``); z^B only makes sense on the pixels.
+RULES: dict[str, Callable[[float, float], Rule]] = {
+    "epsilon": lambda epsilon, gamma: Epsilon(epsilon),
+    "gamma": lambda epsilon, gamma: Gamma(gamma),
+    "zplus": lambda epsilon, gamma: ZPlus(),
+    "alpha1beta0": lambda epsilon, gamma: AlphaBeta(1.0, 0.0),
+    "alpha2beta1": lambda epsilon, gamma: AlphaBeta(2.0, 1.0),
+}
+
+_COMPOSITES: dict[str, Callable[..., Composite]] = {}
+
+
+def register_composite(name: str) -> Callable[[Callable[..., Composite]], Callable[..., Composite]]:
+    """Register a composite factory ``f(epsilon, gamma, low, high) -> Composite``."""
+
+    def deco(factory: Callable[..., Composite]) -> Callable[..., Composite]:
+        if name in _COMPOSITES:
+            raise ValueError(f"LRP composite {name!r} is registered twice")
+        _COMPOSITES[name] = factory
+        return factory
+
+    return deco
+
+
+def list_composites() -> list[str]:
+    """Names of the registered composites, sorted."""
+    return sorted(_COMPOSITES)
+
+
+def create_composite(name: str, epsilon: float = 1e-6, gamma: float = 0.25,
+                     low: Any = None, high: Any = None) -> Composite:
+    """The composite ``name`` with the given rule parameters.
+
+    Raises:
+        ValueError: unknown name, or a z^B composite without pixel bounds.
+    """
+    if name not in _COMPOSITES:
+        raise ValueError(f"unknown LRP composite {name!r}; choose from "
+                         f"{', '.join(list_composites())}")
+    return _COMPOSITES[name](epsilon=epsilon, gamma=gamma, low=low, high=high)
+
+
+def uniform_composite(rule: str, epsilon: float = 1e-6, gamma: float = 0.25) -> Composite:
+    """One rule on every convolution and dense layer (pools: epsilon)."""
+    if rule not in RULES:
+        hint = "; z^B is for the first layer only: use composite='epsilon_gamma_box'" \
+            if rule in ("zbox", "zb", "z_box") else ""
+        raise ValueError(f"unknown LRP rule {rule!r}; choose from {', '.join(RULES)}{hint}")
+    r = RULES[rule](epsilon, gamma)
+    return Composite(conv=r, dense=r, pool=Epsilon(epsilon))
+
+
+@register_composite("epsilon_plus")
+def epsilon_plus(epsilon: float, gamma: float, low: Any, high: Any) -> Composite:
+    """z+ on convolutions, epsilon on dense layers (zennit's EpsilonPlus)."""
+    return Composite(conv=ZPlus(), dense=Epsilon(epsilon), pool=Epsilon(epsilon))
+
+
+@register_composite("epsilon_gamma_box")
+def epsilon_gamma_box(epsilon: float, gamma: float, low: Any, high: Any) -> Composite:
+    """z^B on the pixels, gamma on the other convolutions, epsilon on dense layers."""
+    if low is None or high is None:
+        raise ValueError("composite 'epsilon_gamma_box' needs the pixel range: pass low= and "
+                         "high= (floats or per-channel values of the normalised input)")
+    return Composite(conv=Gamma(gamma), dense=Epsilon(epsilon), pool=Epsilon(epsilon),
+                     first=ZBox(low, high))
+
+
+@register_composite("epsilon_alpha2_beta1")
+def epsilon_alpha2_beta1(epsilon: float, gamma: float, low: Any, high: Any) -> Composite:
+    """alpha=2, beta=1 on convolutions, epsilon on dense layers."""
+    return Composite(conv=AlphaBeta(2.0, 1.0), dense=Epsilon(epsilon), pool=Epsilon(epsilon))
+
+
+def pixel_bounds(model: nn.Module) -> tuple[Sequence[float], Sequence[float]]:
+    """The range of the normalised input when pixels lie in [0, 1]: from the model's
+    ``default_cfg`` mean and std, ``((0 - mean) / std, (1 - mean) / std)`` per channel.
+
+    Raises:
+        ValueError: the model declares no mean/std.
+    """
+    cfg = getattr(model, "default_cfg", None) or {}
+    if "mean" not in cfg or "std" not in cfg:
+        raise ValueError(f"{type(model).__name__} has no default_cfg mean/std to derive the "
+                         "z^B pixel range from; pass low= and high=")
+    low = [(0.0 - m) / s for m, s in zip(cfg["mean"], cfg["std"], strict=True)]
+    high = [(1.0 - m) / s for m, s in zip(cfg["mean"], cfg["std"], strict=True)]
+    return low, high

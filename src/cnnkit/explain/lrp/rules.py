@@ -1,0 +1,226 @@
+"""LRP rules: *how* one layer redistributes the relevance of its outputs to its inputs.
+
+Montavon, Binder, Lapuschkin, Samek and Müller (2019), "Layer-Wise Relevance Propagation:
+An Overview", in *Explainable AI: Interpreting, Explaining and Visualizing Deep Learning*.
+For a layer ``z_j = sum_i x_i w_ij + b_j`` every rule has the form
+
+    R_i = sum_j c_ij / d_j * R_j,
+
+with contributions ``c_ij`` and a denominator ``d_j`` chosen by the rule (``d_j`` = the
+sum of the ``c_ij``, plus a modified bias for some rules). Which rule runs on which layer
+is not decided here but by a composite (:mod:`.composites`).
+
+How a rule runs (the "gradient x input" trick of the overview, Sec. 10.2.3). Relevance is
+never stored: the backward pass carries ``g = R / a`` for every activation ``a``, so that
+``R = a * g`` everywhere. A rule replaces its layer's output ``z`` by
+
+    out = sum_k coef_k * lin_k(x) * stop_grad(z / d_k)   (+ a stop-gradient correction),
+
+where ``lin_k`` is linear in ``x`` with ``x * d lin_k/dx`` giving the contributions
+``c_ij``. The value of ``out`` is exactly ``z`` (the correction term), so the forward pass
+is unchanged; its gradient is ``g_in = sum_j (d lin/dx)_ij * z_j g_j / d_j``, hence
+``x_i g_in,i = sum_j c_ij R_j / d_j`` with ``R_j = z_j g_j``: the rule, exactly.
+Everything a rule does not touch runs its ordinary gradient, which in this convention is
+already an LRP rule (see :mod:`cnnkit.explain.lrp`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Rule", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "ZBox", "stabilize", "linear"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z + eps * sign(z)`` with ``sign(0) = +1``, so a denominator is never zero."""
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The module's linear map with the given parameters (weightless modules: as is)."""
+    if isinstance(module, _CONV):
+        return module._conv_forward(x, weight, bias)
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    # average pools: linear with fixed positive weights (.forward: bypass the rule's hook)
+    return module.forward(x)
+
+
+class Rule:
+    """Base of the rules. A subclass returns its terms ``(coef, lin(x), d)`` in
+    :meth:`terms`; :meth:`__call__` turns them into the layer's output (see the module
+    docstring). ``leaves`` collects extra tensors whose ``tensor * gradient`` is part of
+    the input relevance (the bounds of :class:`ZBox`).
+
+    Args:
+        stabilizer: the ``eps`` of :func:`stabilize` for this rule's denominators.
+    """
+
+    needs_weight = True
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        if stabilizer <= 0:
+            raise ValueError(f"stabilizer must be > 0, got {stabilizer}")
+        self.stabilizer = stabilizer
+
+    def terms(self, module: nn.Module, x: torch.Tensor, leaves: list[torch.Tensor],
+              ) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __call__(self, module: nn.Module, x: torch.Tensor, z: torch.Tensor,
+                 leaves: list[torch.Tensor]) -> torch.Tensor:
+        if self.needs_weight and getattr(module, "weight", None) is None:
+            raise ValueError(f"rule {type(self).__name__} needs a layer with weights, got "
+                             f"{type(module).__name__}; give it Epsilon instead")
+        out = 0
+        for coef, lin, d in self.terms(module, x, leaves):
+            out = out + coef * lin * (z / stabilize(d, self.stabilizer)).detach()
+        return out + (z - out).detach()  # value exactly z, gradient the rule's
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return module.weight, getattr(module, "bias", None)
+
+
+class Epsilon(Rule):
+    """LRP-epsilon: ``c_ij = x_i w_ij``, ``d_j = z_j + eps * sign(z_j)`` (bias included).
+
+    Bach et al. (2015), "On Pixel-Wise Explanations for Non-Linear Classifier Decisions
+    by Layer-Wise Relevance Propagation", PLOS ONE; the overview's Eq. (LRP-eps). The
+    epsilon absorbs the relevance of weak, contradictory contributions; ``epsilon -> 0``
+    is LRP-0, which conserves relevance exactly in a bias-free layer. Also used for
+    weightless linear layers (average pools).
+    """
+
+    needs_weight = False
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        super().__init__(epsilon)
+        self.epsilon = epsilon
+
+    def terms(self, module, x, leaves):
+        weight = getattr(module, "weight", None)
+        lin = linear(module, x, weight, None)
+        with torch.no_grad():
+            bias = getattr(module, "bias", None)
+            d = linear(module, x, weight, bias) if bias is not None else lin
+        return [(1.0, lin, d)]
+
+
+class Gamma(Rule):
+    """LRP-gamma: weights ``w + gamma * w+`` (and bias ``b + gamma * b+``) favour the
+    positive contributions, for layers with non-negative (ReLU) inputs.
+
+    Montavon et al. (2019), "Layer-Wise Relevance Propagation: An Overview", Sec. 10.2.2:
+    ``c_ij = x_i (w_ij + gamma w_ij+)``, ``d_j = sum_i c_ij + b_j + gamma b_j+``.
+    """
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
+        super().__init__(stabilizer)
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = gamma
+
+    def terms(self, module, x, leaves):
+        weight, bias = _weights(module)
+        w = weight + self.gamma * weight.clamp(min=0)
+        lin = linear(module, x, w, None)
+        if bias is None:
+            return [(1.0, lin, lin)]
+        with torch.no_grad():
+            d = linear(module, x, w, bias + self.gamma * bias.clamp(min=0))
+        return [(1.0, lin, d)]
+
+
+def _signed_parts(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_i (x_i w_ij)+`` and ``sum_i (x_i w_ij)-`` as functions of ``x``."""
+    w = module.weight
+    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+    pos = linear(module, xp, wp) + linear(module, xn, wn)
+    neg = linear(module, xp, wn) + linear(module, xn, wp)
+    return pos, neg
+
+
+class AlphaBeta(Rule):
+    """LRP-alpha-beta: positive and negative contributions kept apart and weighted.
+
+    Bach et al. (2015), "On Pixel-Wise Explanations for Non-Linear Classifier Decisions
+    by Layer-Wise Relevance Propagation", PLOS ONE:
+    ``R_i = sum_j (alpha z_ij+ / z_j+  -  beta z_ij- / z_j-) R_j`` with
+    ``z_ij = x_i w_ij`` and ``alpha - beta = 1``. Biases take no relevance here (as in the
+    z+ rule), so ``alpha=1, beta=0`` is exactly :class:`ZPlus` and conserves relevance.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> None:
+        super().__init__(stabilizer)
+        if beta < 0 or abs(alpha - beta - 1.0) > 1e-9:
+            raise ValueError(f"alpha-beta needs alpha - beta = 1 and beta >= 0, got "
+                             f"alpha={alpha}, beta={beta}")
+        self.alpha, self.beta = alpha, beta
+
+    def terms(self, module, x, leaves):
+        pos, neg = _signed_parts(module, x)
+        terms = [(self.alpha, pos, pos)]
+        return terms + [(-self.beta, neg, neg)] if self.beta else terms
+
+
+class ZPlus(Rule):
+    """LRP-z+: only positive contributions ``(x_i w_ij)+`` (``x_i w_ij+`` for x >= 0).
+
+    Montavon, Lapuschkin, Binder, Samek and Müller (2017), "Explaining Nonlinear
+    Classification Decisions with Deep Taylor Decomposition", Pattern Recognition; the
+    overview's LRP-alpha1-beta0. Biases are ignored. For a non-negative input the map has
+    the sign of the target score everywhere.
+    """
+
+    def terms(self, module, x, leaves):
+        pos, _ = _signed_parts(module, x)
+        return [(1.0, pos, pos)]
+
+
+class ZBox(Rule):
+    """LRP-z^B for the input layer, whose inputs are bounded pixels ``l <= x <= h``.
+
+    Montavon et al. (2017), "Explaining Nonlinear Classification Decisions with Deep
+    Taylor Decomposition", Pattern Recognition; the overview's Sec. 10.2.2:
+    ``c_ij = x_i w_ij - l_i w_ij+ - h_i w_ij-`` and ``d_j = sum_i c_ij`` (no bias).
+    ``l * w+`` and ``h * w-`` are not multiples of ``x``, so the bounds enter as extra
+    leaf tensors appended to ``leaves``: the input relevance is
+    ``x g_x + l g_l + h g_h``.
+
+    Args:
+        low: lowest input value, a float or per-channel values.
+        high: highest input value, a float or per-channel values.
+    """
+
+    def __init__(self, low: float | Sequence[float] | torch.Tensor,
+                 high: float | Sequence[float] | torch.Tensor, stabilizer: float = 1e-6) -> None:
+        super().__init__(stabilizer)
+        self.low, self.high = torch.as_tensor(low).double(), torch.as_tensor(high).double()
+        if (self.low > self.high).any():
+            raise ValueError(f"z^B bounds need low <= high, got low={low}, high={high}")
+
+    def _bound(self, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        b = b.to(x)
+        if b.ndim == 1:  # per channel
+            b = b.view(1, -1, *([1] * (x.ndim - 2)))
+        return b.expand_as(x).clone().requires_grad_(True)
+
+    def terms(self, module, x, leaves):
+        w = module.weight
+        low, high = self._bound(self.low, x), self._bound(self.high, x)
+        leaves += [low, high]
+        lin = (linear(module, x, w) - linear(module, low, w.clamp(min=0))
+               - linear(module, high, w.clamp(max=0)))
+        return [(1.0, lin, lin)]

@@ -1,0 +1,261 @@
+"""LRP: rules against an independent matrix-form reference, conservation, canonizers."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.explain import create
+from cnnkit.explain.lrp import AlphaBeta, canonize
+from cnnkit.models import create_model
+
+CONFIGS = [dict(composite="epsilon_plus"), dict(composite="epsilon_gamma_box"),
+           dict(composite="epsilon_alpha2_beta1"), dict(rule="epsilon", epsilon=0.1),
+           dict(rule="gamma"), dict(rule="alpha1beta0")]
+
+
+def _no_hooks(model):
+    return all(not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                    or m._backward_pre_hooks) for m in model.modules())
+
+
+def _randomize_bn(model, seed=0, centred=False):
+    """Non-trivial BatchNorm statistics; ``centred``: zero mean and shift, so that folding
+    adds no bias."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g, dtype=m.weight.dtype) + 0.5
+            m.running_var = torch.rand(n, generator=g, dtype=m.weight.dtype) + 0.5
+            if not centred:
+                m.bias.data = torch.randn(n, generator=g, dtype=m.weight.dtype) * 0.1
+                m.running_mean = torch.randn(n, generator=g, dtype=m.weight.dtype) * 0.1
+    return model
+
+
+@pytest.mark.parametrize("name", ["tinyvgg", "resnet18"])
+@pytest.mark.parametrize("options", CONFIGS, ids=lambda o: str(list(o.values())[0]))
+def test_shapes_multi_target_and_state_restored(name, options):
+    torch.manual_seed(0)
+    size = 16 if name == "tinyvgg" else 8
+    model = _randomize_bn(create_model(name, num_classes=5, img_size=size).double())
+    model.train()
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    state = copy.deepcopy(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    explainer = create("lrp", model, **options)
+    targets = torch.tensor([[1, 0, 3], [4, 4, 2]])
+    many = explainer(x, target=targets)
+    assert many.shape == (2, 3, size, size)
+    assert torch.isfinite(many).all() and many.abs().sum() > 0
+    for k in range(3):  # each of the K maps equals a single-target call
+        one = explainer(x, target=targets[:, k])
+        assert one.shape == (2, size, size)
+        torch.testing.assert_close(many[:, k], one)
+    assert _no_hooks(model)
+    assert all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [type(m) for m in model.modules()] == types  # no module replaced in place
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+# -- an independent reference: every layer as an explicit matrix, LRP in numpy ----------
+
+def _as_matrix(layer, shape):
+    """(W [out, in], b [out]) of a linear layer acting on a flattened input of ``shape``."""
+    n = int(np.prod(shape))
+    with torch.no_grad():
+        zero = layer(torch.zeros(1, *shape, dtype=torch.float64))
+        cols = layer(torch.eye(n, dtype=torch.float64).view(n, *shape)) - zero
+    return cols.reshape(n, -1).T.numpy(), zero.reshape(-1).numpy()
+
+
+def _stab(d, eps):
+    return d + eps * np.where(d >= 0, 1.0, -1.0)
+
+
+def _ref_rule(rule, a, w, b, r, eps=1e-6, gamma=0.25, low=None, high=None):
+    """``R_i = sum_j c_ij / d_j R_j`` for one layer, straight from the paper formulas."""
+    z = a[None, :] * w  # z_ji = a_i w_ji
+    if rule == "epsilon":
+        c, d, s = z, z.sum(1) + b, eps
+    elif rule == "gamma":
+        c = a[None, :] * (w + gamma * np.maximum(w, 0))
+        c, d, s = c, c.sum(1) + b + gamma * np.maximum(b, 0), 1e-6
+    elif rule == "zbox":
+        c = z - low[None, :] * np.maximum(w, 0) - high[None, :] * np.minimum(w, 0)
+        d, s = c.sum(1), 1e-6
+    else:  # alpha-beta ("zplus" is alpha=1, beta=0), biases ignored
+        alpha, beta = {"zplus": (1, 0), "alpha1beta0": (1, 0), "alpha2beta1": (2, 1)}[rule]
+        zp, zn = np.maximum(z, 0), np.minimum(z, 0)
+        return (alpha * zp * (r / _stab(zp.sum(1), 1e-6))[:, None]
+                - beta * zn * (r / _stab(zn.sum(1), 1e-6))[:, None]).sum(0)
+    return (c * (r / _stab(d, s))[:, None]).sum(0)
+
+
+def _reference(net, x, target, rules, **kw):
+    """Relevance [C, H, W] of one image; ``rules``: one rule name per Conv/Linear/AvgPool."""
+    steps, a = [], x[None]
+    for m in net:
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.AvgPool2d)):
+            w, b = _as_matrix(m, a.shape[1:])
+            steps.append(("linear", w, b, a.reshape(-1).numpy()))
+        elif isinstance(m, nn.MaxPool2d):
+            _, idx = F.max_pool2d(a, m.kernel_size, return_indices=True)
+            plane = a.shape[2] * a.shape[3]
+            offset = (torch.arange(a.shape[1]) * plane).view(1, -1, 1, 1)
+            steps.append(("max", (idx + offset).reshape(-1).numpy(), a.numel()))
+        with torch.no_grad():
+            a = m(a)
+    r = np.zeros(a.shape[1])
+    r[target] = a[0, target].item()
+    rules = list(rules)
+    for step in reversed(steps):  # ReLU and Flatten pass relevance unchanged
+        if step[0] == "max":
+            r_in = np.zeros(step[2])
+            np.add.at(r_in, step[1], r)
+            r = r_in
+        else:
+            _, w, b, a_in = step
+            rule = rules.pop()
+            extra = {}
+            if rule == "zbox":
+                extra = {k: np.broadcast_to(np.asarray(kw[k])[:, None, None], x.shape)
+                         .reshape(-1) for k in ("low", "high")}
+            r = _ref_rule(rule, a_in, w, b, r, eps=kw.get("epsilon", 1e-6),
+                          gamma=kw.get("gamma", 0.25), **extra)
+    return r.reshape(x.shape)
+
+
+def _fc_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 8),
+                         nn.ReLU(), nn.Linear(8, 4)).double().eval()
+
+
+def _conv_net(bias=True):
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=bias), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 5, 3, padding=1, bias=bias), nn.ReLU(), nn.AvgPool2d(2),
+                         nn.Flatten(), nn.Linear(20, 6, bias=bias), nn.ReLU(),
+                         nn.Linear(6, 4, bias=bias)).double().eval()
+
+
+LOW, HIGH = [-1.0, -2.0, -0.5], [1.0, 2.0, 1.5]
+CASES = [dict(rule="epsilon", epsilon=0.05), dict(rule="gamma", gamma=0.5, epsilon=1e-3),
+         dict(rule="zplus"), dict(rule="alpha2beta1"),
+         dict(composite="epsilon_plus", epsilon=0.01), dict(composite="epsilon_alpha2_beta1"),
+         dict(composite="epsilon_gamma_box", low=LOW, high=HIGH, gamma=0.1)]
+CONV_KINDS = ["conv", "conv", "pool", "dense", "dense"]  # _conv_net's Conv/AvgPool/Linear
+
+
+def _expected_rules(options, kinds):
+    """Which rule the composite should put on each layer, written out by hand."""
+    if "rule" in options:
+        return [options["rule"] if k != "pool" else "epsilon" for k in kinds]
+    conv = {"epsilon_plus": "zplus", "epsilon_alpha2_beta1": "alpha2beta1",
+            "epsilon_gamma_box": "gamma"}[options["composite"]]
+    rules = [conv if k == "conv" else "epsilon" for k in kinds]
+    return ["zbox", *rules[1:]] if options["composite"] == "epsilon_gamma_box" else rules
+
+
+# z^B with per-channel bounds needs an image-shaped input layer: not on the MLP
+@pytest.mark.parametrize("options,net", [(o, n) for o in CASES for n in ("conv", "fc")
+                                         if n == "conv" or "low" not in o],
+                         ids=lambda v: str(list(v.values())[0]) if isinstance(v, dict) else v)
+def test_matches_matrix_form_reference(options, net):
+    g = torch.Generator().manual_seed(3)
+    low, high = torch.tensor(LOW).view(1, 3, 1, 1), torch.tensor(HIGH).view(1, 3, 1, 1)
+    x = low + torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float64) * (high - low)
+    model, kinds = (_conv_net(), CONV_KINDS) if net == "conv" else (_fc_net(), ["dense"] * 3)
+    x = x if net == "conv" else x[..., :2, :2]
+    targets = [[0, 3], [2, 1]]
+    maps = create("lrp", model, **options)(x, target=targets)
+    kw = {k: v for k, v in options.items() if k not in ("rule", "composite")}
+    for b in range(2):
+        for k in range(2):
+            ref = _reference(model, x[b], targets[b][k], _expected_rules(options, kinds), **kw)
+            np.testing.assert_allclose(maps[b, k].numpy(), ref.sum(0), rtol=1e-6, atol=1e-10)
+
+
+def test_epsilon_conserves_relevance_in_a_bias_free_relu_net():
+    model = _conv_net(bias=False)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    logits = model(x).detach()
+    targets = torch.tensor([[0, 1, 2, 3]] * 3)
+    maps = create("lrp", model, rule="epsilon", epsilon=1e-12)(x, target=targets)
+    torch.testing.assert_close(maps.sum((2, 3)), logits.gather(1, targets), rtol=1e-5, atol=1e-9)
+    # with biases, relevance is absorbed: the same check must fail
+    biased = create("lrp", _conv_net(), rule="epsilon", epsilon=1e-12)(x, target=targets)
+    assert not torch.allclose(biased.sum((2, 3)), _conv_net()(x).detach().gather(1, targets),
+                              rtol=1e-5)
+
+
+def test_batchnorm_folding_keeps_logits_and_leaves_the_model_alone():
+    model = _randomize_bn(create_model("resnet18", num_classes=5, img_size=8).double()).eval()
+    state = copy.deepcopy(model.state_dict())
+    modules = list(model.modules())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    folded, order = canonize(model, x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert order[0] is folded.conv1 and order[-1] is folded.fc
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert list(model.modules()) == modules and model.conv1.bias is None
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 20
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    unfolded, _ = canonize(model, x, fold=False)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules()) == 20
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_residual_and_concatenation_nets_conserve_relevance(name):
+    """Bias-free after folding (zero BN shift and mean, zero fc bias): the relevance of
+    the sum ``out + identity`` is split a / (a + b), b / (a + b) by the gradient alone,
+    and DenseNet's concatenations and unfolded BatchNorms (BN-ReLU-conv) pass it on, so
+    the input relevance adds up to the logit."""
+    torch.manual_seed(0)
+    model = _randomize_bn(create_model(name, num_classes=4, img_size=8).double(), centred=True)
+    nn.init.zeros_(model.get_classifier().bias)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    targets = torch.tensor([[0, 3], [1, 2]])
+    logits = model.eval()(x).detach().gather(1, targets)
+    maps = create("lrp", model, rule="epsilon", epsilon=1e-12)(x, target=targets)
+    torch.testing.assert_close(maps.sum((2, 3)), logits, rtol=1e-5, atol=1e-9)
+
+
+def test_zplus_has_the_sign_of_the_score_and_alpha1beta0_is_zplus():
+    model = create_model("tinyvgg", num_classes=5, img_size=16).double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)  # non-negative
+    targets = torch.tensor([[0, 1, 2, 3, 4]] * 2)
+    logits = model.eval()(x).detach().gather(1, targets)
+    maps = create("lrp", model, rule="zplus")(x, target=targets)
+    assert (maps * logits.sign()[..., None, None] >= 0).all()
+    assert (maps.abs().sum((2, 3)) > 0).all()
+    signed = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(create("lrp", model, rule="alpha1beta0")(signed, targets),
+                               create("lrp", model, rule="zplus")(signed, targets),
+                               rtol=0, atol=1e-12)
+    # alpha2beta1 is a different rule: the check above can tell rules apart
+    assert not torch.allclose(create("lrp", model, rule="alpha2beta1")(signed, targets),
+                              create("lrp", model, rule="zplus")(signed, targets))
+
+
+def test_bad_options_raise():
+    model = _conv_net()
+    with pytest.raises(ValueError, match="epsilon_plus"):
+        create("lrp", model, composite="epsilon_pluss")
+    with pytest.raises(ValueError, match="first layer only"):
+        create("lrp", model, rule="zbox")
+    with pytest.raises(ValueError, match="low= and high="):
+        create("lrp", model, composite="epsilon_gamma_box")  # no default_cfg to read
+    with pytest.raises(ValueError, match="alpha - beta = 1"):
+        AlphaBeta(2.0, 0.5)
