@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._base import Explainer, register_method
+from ._base import Explainer, register_method, resolve_layer
 
 __all__ = ["CAM", "GradCAM", "GradCAMPlusPlus", "SmoothGradCAMPlusPlus", "LayerCAM",
            "layer_gradients", "gradcampp_weights"]
@@ -161,6 +161,16 @@ class SmoothGradCAMPlusPlus(Explainer):
     feature maps (the paper's per-feature-map visualisation). ``sigma`` is
     ``noise * (max(x) - min(x))`` per image, as in SmoothGrad.
 
+    Neurons (the paper's "subset of neurons" visualisation): with
+    ``neurons=[(c, i, j), ...]`` the explained score is not a class logit but the sum of
+    the activations ``N[c, i, j]`` of those neurons of ``neuron_layer`` (the model's
+    ``cam_layer`` by default), and the derivatives are taken with respect to the feature
+    maps of ``layer``, which must run *before* ``neuron_layer``; the rest (noise averaging,
+    Grad-CAM++ alphas and weights, ReLU) is unchanged. Our reading of the paper: its
+    neuron visualisation replaces ``Y^c`` by the chosen neurons' activation, so the map
+    shows where in the earlier layer's maps those neurons look. The target class is then
+    irrelevant: every requested target gets the same map.
+
     Args:
         model: the classifier.
         layer: the layer to read; the model's ``cam_layer`` if None.
@@ -169,6 +179,10 @@ class SmoothGradCAMPlusPlus(Explainer):
         seed: seeds a private generator (deterministic maps); None uses torch's global one.
         channels: feature-map indices to keep in the weighted sum; None keeps all.
         internal_batch_size: noisy images per forward/backward.
+        neurons: ``(channel, row, col)`` neurons of ``neuron_layer`` to explain; None
+            explains the target class.
+        neuron_layer: the layer holding ``neurons`` (module or name); the model's
+            ``cam_layer`` if None.
 
     Example:
         >>> import torch, cnnkit
@@ -182,8 +196,20 @@ class SmoothGradCAMPlusPlus(Explainer):
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
                  n_samples: int = 16, noise: float = 0.15, seed: int | None = 0,
-                 channels: Sequence[int] | None = None, internal_batch_size: int = 32) -> None:
+                 channels: Sequence[int] | None = None, internal_batch_size: int = 32,
+                 neurons: Sequence[tuple[int, int, int]] | None = None,
+                 neuron_layer: str | nn.Module | None = None) -> None:
         super().__init__(model, layer)
+        self.neurons, self.neuron_layer = None, None
+        if neurons is not None:
+            self.neurons = [tuple(int(v) for v in n) for n in neurons]
+            if not self.neurons or any(len(n) != 3 or min(n) < 0 for n in self.neurons):
+                raise ValueError("neurons must be a non-empty list of (channel, row, col) "
+                                 f"non-negative indices, got {neurons}")
+            self.neuron_layer = resolve_layer(model, neuron_layer)
+            if self.neuron_layer is self.layer:
+                raise ValueError("neuron_layer is the explained layer itself; pass layer= an "
+                                 "earlier layer whose feature maps explain the neurons")
         if n_samples < 1 or noise < 0 or internal_batch_size < 1:
             raise ValueError("need n_samples >= 1, noise >= 0 and internal_batch_size >= 1, "
                              f"got {n_samples}, {noise}, {internal_batch_size}")
@@ -205,7 +231,7 @@ class SmoothGradCAMPlusPlus(Explainer):
         sums: list[torch.Tensor] | None = None
         for i in range(0, b * n, self.internal_batch_size):
             sl = slice(i, i + self.internal_batch_size)
-            act, g = layer_gradients(self, noisy[sl], tg[sl])
+            act, g = self._gradients(noisy[sl], tg[sl])
             g2 = g * g
             parts = [act, g, g2, g2 * g]
             if sums is None:
@@ -220,6 +246,32 @@ class SmoothGradCAMPlusPlus(Explainer):
                                  f"{act.shape[1]} channels")
             act, d1, d2, d3 = (t[..., self.channels, :, :] for t in (act, d1, d2, d3))
         return _weighted_sum(gradcampp_weights(act, d1, d2, d3), act)
+
+    def _gradients(self, x: torch.Tensor, targets: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, G)`` as :func:`layer_gradients`; with ``neurons`` G is the gradient of the
+        neurons' summed activation, repeated for the K targets."""
+        if self.neurons is None:
+            return layer_gradients(self, x, targets)
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad(), self.capture() as store, \
+                self.capture(self.neuron_layer) as nstore:
+            self.model(x)
+            if "activation" not in store or "activation" not in nstore:
+                raise ValueError("layer or neuron_layer was not called in the forward pass; "
+                                 "pass modules the model uses")
+            act, out = store["activation"], nstore["activation"]
+            if any(c >= out.shape[1] or i >= out.shape[2] or j >= out.shape[3]
+                   for c, i, j in self.neurons):
+                raise ValueError(f"neurons {self.neurons} out of range for neuron_layer "
+                                 f"output of shape {tuple(out.shape[1:])}")
+            score = sum(out[:, c, i, j] for c, i, j in self.neurons)
+            try:
+                (grads,) = self.grads(score[:, None], [act])
+            except RuntimeError:  # act is not in the neurons' graph
+                raise ValueError("the neurons do not depend on layer; pass layer= a layer "
+                                 "that runs before neuron_layer") from None
+        return act.detach(), grads.expand(-1, targets.shape[1], *grads.shape[2:])
 
 
 @register_method("cam")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._base import Explainer, register_method
+from .layer_masking import layer_masked_forward
 
 __all__ = ["Occlusion", "window_starts"]
 
@@ -50,6 +51,10 @@ class Occlusion(Explainer):
         stride: step between windows, int or (h, w).
         baseline: the value hidden pixels get (0 is the mean colour for normalised input).
         internal_batch_size: occluded images per forward.
+        masking: ``"input"`` paints the window ``baseline``; ``"layer"`` hides it inside the
+            network by layer masking (Balasubramanian and Feizi 2023, see
+            :mod:`cnnkit.explain.layer_masking`), so the occluder's edges create no
+            response; ``baseline`` is then unused.
 
     Example:
         >>> import torch, cnnkit
@@ -61,12 +66,16 @@ class Occlusion(Explainer):
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
                  window: int | tuple[int, int] = 8, stride: int | tuple[int, int] = 4,
-                 baseline: float = 0.0, internal_batch_size: int = 64) -> None:
+                 baseline: float = 0.0, internal_batch_size: int = 64,
+                 masking: str = "input") -> None:
         super().__init__(model, layer)
         self.window, self.stride = _pair(window, "window"), _pair(stride, "stride")
         if internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be positive, got {internal_batch_size}")
         self.baseline, self.internal_batch_size = float(baseline), int(internal_batch_size)
+        if masking not in ("input", "layer"):
+            raise ValueError(f"masking must be 'input' or 'layer', got {masking!r}")
+        self.masking = masking
 
     @torch.no_grad()
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -83,9 +92,16 @@ class Occlusion(Explainer):
             for s in range(0, len(boxes), self.internal_batch_size):
                 chunk = boxes[s:s + self.internal_batch_size]
                 occluded = x[n:n + 1].repeat(len(chunk), 1, 1, 1)
-                for c, (i, j) in enumerate(chunk):
-                    occluded[c, :, i:i + wh, j:j + ww] = self.baseline
-                scores = self.select(self.model(occluded), targets[n:n + 1].expand(len(chunk), -1))
+                if self.masking == "layer":
+                    mask = x.new_ones((len(chunk), 1, h, w))
+                    for c, (i, j) in enumerate(chunk):
+                        mask[c, :, i:i + wh, j:j + ww] = 0
+                    logits = layer_masked_forward(self.model, occluded, mask)
+                else:
+                    for c, (i, j) in enumerate(chunk):
+                        occluded[c, :, i:i + wh, j:j + ww] = self.baseline
+                    logits = self.model(occluded)
+                scores = self.select(logits, targets[n:n + 1].expand(len(chunk), -1))
                 drop = base_scores[n] - scores  # [chunk, K]
                 for c, (i, j) in enumerate(chunk):
                     maps[n, :, i:i + wh, j:j + ww] += drop[c, :, None, None]
