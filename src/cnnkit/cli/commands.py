@@ -206,8 +206,32 @@ def explain(args: argparse.Namespace) -> int:
 
             raise ValueError(f"unknown explanation method {m!r}{suggest(m, known)} "
                              f"(choose from {', '.join(known)})")
+    if args.benchmark:
+        return _explain_benchmark(args)
+    if not args.images:
+        raise ValueError("give IMAGES to explain, or --benchmark to rank the methods on the "
+                         "run's test split")
     run = load_run(args.run)
     out = Path(args.out) if args.out else run.path / "explanations"
     written = explain_files(run, args.images, methods, out, target=args.target, layer=args.layer)
     print(f"wrote {len(written)} files to {out} (grid.png compares the methods)")
+    return 0
+
+
+def _explain_benchmark(args: argparse.Namespace) -> int:
+    from cnnkit.explain.benchmark import benchmark_methods, format_table, write_benchmark
+    from cnnkit.train import load_run
+
+    fixed = [name for name, given in (("IMAGES", args.images), ("--target", args.target),
+                                      ("--out", args.out)) if given]
+    if fixed:
+        raise ValueError(f"--benchmark explains the run's test split (target: the true label) "
+                         f"into the run folder, so {', '.join(fixed)} cannot be given with it; "
+                         "drop them")
+    run = load_run(args.run)
+    rows = benchmark_methods(run, methods=args.method, n_images=args.n_images, steps=args.steps,
+                             layer=args.layer, sanity=args.sanity)
+    print(format_table(rows))
+    written = write_benchmark(run.path, rows)
+    print(f"wrote {', '.join(p.name for p in written)} in {run.path}")
     return 0

@@ -25,6 +25,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+class _ExplainParser(_Parser):
+    """``cnnkit explain``: IMAGES is ``nargs="*"`` (optional with --benchmark), which argparse
+    binds, empty, before the options; files written after options (``RUN --method m a.png``)
+    come back unrecognised, so they are taken as IMAGES here."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = super().parse_known_args(args, namespace)
+        files = [a for a in extras if not a.startswith("-")]
+        if files:
+            ns.images = [*(getattr(ns, "images", None) or []), *files]
+        return ns, [a for a in extras if a.startswith("-")]
+
+
 def _kv(text: str) -> tuple[str, object]:
     """``key=value`` with the value parsed as YAML (numbers, booleans, lists)."""
     import yaml
@@ -150,14 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Explain a run's predictions on image files: an overlay "
                        "with a colour bar per image and method, a grid comparing methods, "
                        "and the raw maps as .npy.")
+    x.__class__ = _ExplainParser  # add_parser always builds the subparsers' parser_class
     x.add_argument("run", metavar="RUN")
-    x.add_argument("images", metavar="IMAGES", nargs="+")
+    x.add_argument("images", metavar="IMAGES", nargs="*",
+                   help="image files (required unless --benchmark)")
     x.add_argument("--method", action="append", metavar="M",
                    help="explanation method, repeatable (default gradcam); the methods are "
                    "listed by cnnkit.explain.list_methods()")
     x.add_argument("--target", help="class name or index to explain (default: the predicted)")
     x.add_argument("--layer", help="layer name for layer methods (default: the model's)")
     x.add_argument("--out", default=None, help="output folder (default RUN/explanations)")
+    x.add_argument("--benchmark", action="store_true",
+                   help="instead of explaining IMAGES, rank the methods (all, or the --method "
+                   "ones) on the run's test split by deletion/insertion AUC, pointing game, "
+                   "energy in mask and speed; writes RUN/benchmark.json, "
+                   "RUN/explain_benchmark.png and a report.html section")
+    x.add_argument("--n-images", type=_positive_int, default=32,
+                   help="test images for --benchmark (default 32)")
+    x.add_argument("--steps", type=_positive_int, default=32,
+                   help="deletion/insertion curve steps for --benchmark (default 32)")
+    x.add_argument("--sanity", action="store_true",
+                   help="with --benchmark: also the model-randomisation check (slower)")
     x.set_defaults(func=commands.explain)
 
     m = sub.add_parser("models", help="list the registered models")

@@ -11,18 +11,24 @@ import torch
 from .run import Run, load_run
 from .trainer import evaluate
 
-__all__ = ["evaluate_run", "predict_files", "run_test_split"]
+__all__ = ["evaluate_run", "predict_files", "run_test_data", "run_test_split"]
 
 
-def run_test_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's own test images and labels: same data, same seed, same split."""
+def run_test_data(run: Run):
+    """The run's own test split as :class:`cnnkit.data.ImageData` (masks included where the
+    data has them): same data, same seed, same split as training used."""
     from cnnkit.data import load_data, split_indices
 
     cfg = run.config
     data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                      strict=cfg.strict, seed=cfg.seed, **cfg.data_options)
-    test_idx = split_indices(data.labels, cfg.split, seed=cfg.seed)[2]
-    return data.images[test_idx], data.labels[test_idx]
+    return data.subset(split_indices(data.labels, cfg.split, seed=cfg.seed)[2])
+
+
+def run_test_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's own test images and labels: same data, same seed, same split."""
+    test = run_test_data(run)
+    return test.images, test.labels
 
 
 def _relabel(labels: torch.Tensor, classes: list[str], run_classes: list[str]) -> torch.Tensor:
