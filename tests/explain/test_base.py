@@ -65,3 +65,21 @@ def test_base_restores_state_and_batches_targets():
     xi = x.clone().requires_grad_(True)
     model(xi)[torch.arange(3), torch.tensor([4, 1, 3])].sum().backward()
     assert torch.allclose(single, xi.grad.sum(1), atol=1e-6)
+
+
+def test_given_targets_cost_no_extra_forward():
+    """Grad-CAM with given targets: one forward and one backward, as a minimal Grad-CAM."""
+    model = create_model("tinyvgg", num_classes=3, img_size=16)
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        x = torch.randn(2, 3, 16, 16)
+        create("gradcam", model)(x, [0, 2])
+        assert len(calls) == 1
+        create("gradcam", model)(x)  # the predicted class needs one more
+        assert len(calls) == 3
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match=r"classes must be in 0\.\.2"):
+        create("gradcam", model)(x, 3)
+    assert resolve_targets(1, batch=2, num_classes=3)[0].tolist() == [[1], [1]]

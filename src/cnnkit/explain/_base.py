@@ -88,13 +88,24 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
         raise ValueError(f"the model has no layer {layer!r}{suggest(layer, names)}") from None
 
 
-def resolve_targets(target: Any, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Targets as ``[B, K]`` long, and whether the caller asked for K maps per image."""
-    b, num_classes = logits.shape
+def resolve_targets(target: Any, logits: torch.Tensor | None = None, *, batch: int | None = None,
+                    num_classes: int | None = None, device: Any = None,
+                    ) -> tuple[torch.Tensor, bool]:
+    """Targets as ``[B, K]`` long, and whether the caller asked for K maps per image.
+
+    ``logits`` are needed only for ``target=None`` (the predicted class); given targets
+    are checked against ``batch`` and ``num_classes`` (taken from ``logits`` if given).
+    """
+    if logits is not None:
+        batch, num_classes = logits.shape
+        device = logits.device
     if target is None:
+        if logits is None:
+            raise ValueError("target=None needs the logits to pick the predicted class")
         t, multi = logits.argmax(1, keepdim=True), False
     else:
-        t = torch.as_tensor(target, device=logits.device).long()
+        b = batch
+        t = torch.as_tensor(target, device=device).long()
         multi = t.ndim == 2
         if t.ndim == 0:
             t = t.expand(b)
@@ -105,7 +116,7 @@ def resolve_targets(target: Any, logits: torch.Tensor) -> tuple[torch.Tensor, bo
             t = t[:, None]
         if t.ndim != 2 or t.shape[0] != b:
             raise ValueError(f"target of shape {tuple(t.shape)} does not fit a batch of {b}")
-    if t.numel() and (t.min() < 0 or t.max() >= num_classes):
+    if num_classes is not None and t.numel() and (t.min() < 0 or t.max() >= num_classes):
         raise ValueError(f"target classes must be in 0..{num_classes - 1}, got {t.tolist()}")
     return t, multi
 
@@ -138,9 +149,13 @@ class Explainer:
         if x.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         with self.model_state():
-            with torch.no_grad():
-                logits = self.model(x)
-            targets, multi = resolve_targets(target, logits)
+            if target is None:  # the predicted class costs one extra forward pass
+                with torch.no_grad():
+                    targets, multi = resolve_targets(None, self.model(x))
+            else:  # given targets cost nothing: checked against the model's class count
+                targets, multi = resolve_targets(
+                    target, batch=x.shape[0], device=x.device,
+                    num_classes=getattr(self.model, "num_classes", None))
             maps = self.attribute(x.detach(), targets)
         maps = self.upsample(maps.detach(), x.shape[-2:])
         return maps if multi else maps[:, 0]
