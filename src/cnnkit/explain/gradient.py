@@ -83,8 +83,12 @@ class Saliency(Explainer):
             raise ValueError(f"unknown channel reduction {reduce!r}; choose from {_REDUCTIONS}")
         self.abs, self.reduce = abs, reduce
 
+    def gradients(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``[B, K, C, H, W]`` input gradients; guided backprop and DeconvNet change this."""
+        return input_gradients(self.model, x, targets)
+
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return reduce_channels(input_gradients(self.model, x, targets), self.abs, self.reduce)
+        return reduce_channels(self.gradients(x, targets), self.abs, self.reduce)
 
 
 @register_method("gradient_x_input")

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._base import Explainer, register_method
-from .gradient import _REDUCTIONS, input_gradients, reduce_channels
+from ._base import register_method
+from .gradient import Saliency, input_gradients
 
 __all__ = ["modified_relus", "modified_gradients", "GuidedBackprop", "DeconvNet"]
 
@@ -107,19 +107,13 @@ def modified_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
         return input_gradients(model, x, targets)
 
 
-class _ModifiedBackprop(Explainer):
+class _ModifiedBackprop(Saliency):
+    """Saliency whose ReLUs pass gradients by ``rule`` (same options and reduction)."""
+
     rule = ""
 
-    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
-                 abs: bool = True, reduce: str = "max") -> None:
-        super().__init__(model, layer)
-        if reduce not in _REDUCTIONS:
-            raise ValueError(f"unknown channel reduction {reduce!r}; choose from {_REDUCTIONS}")
-        self.abs, self.reduce = abs, reduce
-
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        grads = modified_gradients(self.model, x, targets, self.rule)
-        return reduce_channels(grads, self.abs, self.reduce)
+    def gradients(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return modified_gradients(self.model, x, targets, self.rule)
 
 
 @register_method("guided_backprop")
