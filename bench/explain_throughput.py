@@ -15,9 +15,14 @@ implementation explains the same batch for the same targets:
   bilinear; ``IntegratedGradients`` with the same steps, quadrature and
   ``internal_batch_size`` as cnnkit);
 * ``zennit`` (``Gradient`` attributor with the ``EpsilonPlus`` composite, the one
-  cnnkit's ``lrp`` default follows; for resnet18 on a torchvision ResNet-18 loaded with
-  the very same weights, so that zennit's ``ResNetCanonizer`` applies; the attributor
-  context is entered once, zennit's documented loop).
+  cnnkit's ``lrp`` default follows, set to cnnkit's two conventions: the relevance
+  starts from the target logit, ``attr_output = logits * one_hot`` (Bach et al. 2015:
+  ``R = f_c(x)``; a bare one-hot starts from 1 and flips the sign of every map whose
+  logit is negative), and z+ leaves the biases out, ``ZPlus(zero_params=["bias"])``
+  (Deep Taylor Decomposition; zennit's default lets ``b+`` into the denominator, which
+  cnnkit gives with ``zplus_bias=True``); for resnet18 on a torchvision ResNet-18 loaded
+  with the very same weights, so that zennit's ``ResNetCanonizer`` applies; the
+  attributor context is entered once, zennit's documented loop).
 
 The first call of each implementation is the warm-up and its maps are checked against
 cnnkit's (mean over images of the Pearson correlation of the flattened maps: it ignores
@@ -197,6 +202,8 @@ def zennit_lrp(case: Case, stack: contextlib.ExitStack) -> Maps:
     """Enter zennit's attributor once (hooks and canonizers stay on its own model copy)."""
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonPlus
+    from zennit.rules import ZPlus
+    from zennit.types import Convolution
 
     if case.twin is not None:
         from zennit.torchvision import ResNetCanonizer
@@ -207,11 +214,13 @@ def zennit_lrp(case: Case, stack: contextlib.ExitStack) -> Maps:
         for m in model.modules():  # zennit's hooks reject in-place ops on hooked outputs
             if isinstance(m, nn.ReLU):
                 m.inplace = False
-    attributor = stack.enter_context(Gradient(model=model,
-                                              composite=EpsilonPlus(canonizers=canonizers)))
+    # cnnkit's conventions (see the module docstring): z+ without biases, R = logit
+    composite = EpsilonPlus(canonizers=canonizers,
+                            layer_map=[(Convolution, ZPlus(zero_params=["bias"]))])
+    attributor = stack.enter_context(Gradient(model=model, composite=composite))
     n = case.model.get_classifier().out_features
     one_hot = F.one_hot(case.target, n).float()
-    return lambda: attributor(case.x, one_hot)[1].sum(1)
+    return lambda: attributor(case.x, lambda out: out * one_hot)[1].sum(1)
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -361,10 +370,10 @@ implementations run round-robin, {args.repeats} calls each; the median time per 
 gives maps/s. **cnnkit speed-up** is the peer's median time over cnnkit's (above 1:
 cnnkit is faster). Integrated Gradients: {args.ig_steps} Gauss-Legendre steps, zero
 baseline, {args.ig_chunk} images per pass on every side. LRP: cnnkit's default
-composite (z+ on convolutions, epsilon on dense layers) against zennit's `EpsilonPlus`;
-zennit's z+ keeps the positive part of each bias (cnnkit's, like Deep Taylor
-Decomposition, ignores biases), so their maps are not expected to be equal: the row
-compares cost (one forward with rule hooks, one backward each), not output.
+composite (z+ on convolutions, epsilon on dense layers) against zennit's `EpsilonPlus`
+with relevance started from the target logit and z+ without biases (cnnkit's
+conventions; zennit's defaults, a bare one-hot start and `b+` in the z+ denominator,
+are `zplus_bias=True` in cnnkit and a per-image scale), so the maps should agree.
 
 Measured {date}, in {minutes:.1f} minutes, on:
 {machine()}.

@@ -259,3 +259,197 @@ def test_bad_options_raise():
         create("lrp", model, composite="epsilon_gamma_box")  # no default_cfg to read
     with pytest.raises(ValueError, match="alpha - beta = 1"):
         AlphaBeta(2.0, 0.5)
+
+
+# -- an independent from-scratch LRP of a net with BatchNorm and a residual block --------
+
+class _Add(nn.Module):
+    """``a + b`` as a module, so the zennit comparison can swap in its ``Sum`` layer."""
+
+    def forward(self, a, b):
+        return a + b
+
+
+class _ResNetlet(nn.Module):
+    """conv-BN-ReLU, max pool, one basic residual block (conv-BN-ReLU-conv-BN, + skip,
+    ReLU), global average pool, dense layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(2)
+        self.conv_a, self.bn_a = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv_b, self.bn_b = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.add, self.relu = _Add(), nn.ReLU()
+        self.gap, self.flat, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        y = self.bn_b(self.conv_b(self.relu(self.bn_a(self.conv_a(x)))))
+        return self.fc(self.flat(self.gap(self.relu(self.add(y, x)))))
+
+
+def _resnetlet():
+    torch.manual_seed(4)
+    return _randomize_bn(_ResNetlet().double(), seed=5).eval()
+
+
+def _ref_layer(rule, a, w, b, r, eps, gamma, bias):
+    """``R_i = sum_j c_ij / d_j R_j`` of one layer, ``z_ij = a_i w_ji`` (Montavon et al.
+    2019, Sec. 10.2); z+ is alpha=1, beta=0; ``bias``: b+ / b- join the z+ / alpha-beta
+    denominators (zennit's convention)."""
+    z = a[None, :] * w
+    if rule == "epsilon":  # Bach et al. 2015
+        return (z * (r / _stab(z.sum(1) + b, eps))[:, None]).sum(0)
+    if rule == "gamma":
+        c = a[None, :] * (w + gamma * np.maximum(w, 0))
+        d = c.sum(1) + b + gamma * np.maximum(b, 0)
+        return (c * (r / _stab(d, 1e-6))[:, None]).sum(0)
+    alpha, beta = {"zplus": (1, 0), "alpha2beta1": (2, 1)}[rule]
+    zp, zn = np.maximum(z, 0), np.minimum(z, 0)
+    dp = zp.sum(1) + (np.maximum(b, 0) if bias else 0)
+    dn = zn.sum(1) + (np.minimum(b, 0) if bias else 0)
+    return (alpha * zp * (r / _stab(dp, 1e-6))[:, None]
+            - beta * zn * (r / _stab(dn, 1e-6))[:, None]).sum(0)
+
+
+def _reference_resnetlet(net, x, target, rule, dense, eps=1e-6, gamma=0.25, bias=False):
+    """Input relevance [C, H, W] of one image, every step written out: each conv-BN pair
+    as one affine matrix (BN in eval mode is affine: this *is* the folding), ReLU passing
+    relevance on, max pool to the winner, the residual sum split in proportion to its two
+    terms, the average pool by LRP-epsilon, ``rule`` on the convolutions and ``dense`` on
+    the dense layer, starting from ``R = logit`` at the target."""
+    relu = lambda v: np.maximum(v, 0)  # noqa: E731
+    w1, b1 = _as_matrix(nn.Sequential(net.conv1, net.bn1), x.shape)
+    wa, ba = _as_matrix(nn.Sequential(net.conv_a, net.bn_a), (4, 4, 4))
+    wb, bb = _as_matrix(nn.Sequential(net.conv_b, net.bn_b), (4, 4, 4))
+    wp, bp = _as_matrix(net.gap, (4, 4, 4))
+    wf, bf = net.fc.weight.detach().numpy(), net.fc.bias.detach().numpy()
+    a0 = x.reshape(-1).numpy()
+    a1 = relu(w1 @ a0 + b1)
+    pooled, idx = F.max_pool2d(torch.from_numpy(a1).view(1, 4, 8, 8), 2, return_indices=True)
+    idx = (idx + (torch.arange(4) * 64).view(1, -1, 1, 1)).reshape(-1).numpy()
+    a2 = pooled.reshape(-1).numpy()
+    aa = relu(wa @ a2 + ba)
+    zb = wb @ aa + bb
+    y = zb + a2
+    a3 = relu(y)
+    a4 = wp @ a3 + bp
+    out = wf @ a4 + bf
+    r = np.zeros(3)
+    r[target] = out[target]
+    r4 = _ref_layer(dense, a4, wf, bf, r, eps, gamma, bias)
+    r3 = _ref_layer("epsilon", a3, wp, bp, r4, eps, gamma, bias)
+    share = np.divide(r3, y, out=np.zeros_like(y), where=y != 0)  # ReLU passes r3 to y
+    r_aa = _ref_layer(rule, aa, wb, bb, zb * share, eps, gamma, bias)
+    r2 = _ref_layer(rule, a2, wa, ba, r_aa, eps, gamma, bias) + a2 * share
+    r1 = np.zeros_like(a1)
+    np.add.at(r1, idx, r2)
+    return _ref_layer(rule, a0, w1, b1, r1, eps, gamma, bias).reshape(x.shape)
+
+
+RESNETLET_CASES = [dict(rule="epsilon", epsilon=0.01), dict(rule="gamma", gamma=0.5),
+                   dict(rule="zplus"), dict(rule="zplus", zplus_bias=True),
+                   dict(rule="alpha2beta1"), dict(rule="alpha2beta1", zplus_bias=True),
+                   dict(composite="epsilon_plus"), dict(composite="epsilon_plus", zplus_bias=True),
+                   dict(composite="epsilon_alpha2_beta1", epsilon=0.01)]
+
+
+def _case_id(options):
+    return "-".join(str(v) for v in options.values())
+
+
+def _rules_of(options):
+    """(conv rule, dense rule) the options ask for, written out by hand."""
+    if "rule" in options:
+        return options["rule"], options["rule"]
+    return {"epsilon_plus": "zplus", "epsilon_alpha2_beta1": "alpha2beta1"}[
+        options["composite"]], "epsilon"
+
+
+@pytest.mark.parametrize("options", RESNETLET_CASES, ids=_case_id)
+def test_residual_batchnorm_net_matches_from_scratch_lrp(options):
+    net = _resnetlet()
+    assert net.conv1.bias is not None and net.bn1.running_mean.abs().sum() > 0
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    targets = [[0, 2], [1, 0]]
+    maps = create("lrp", net, **options)(x, target=targets)
+    conv, dense = _rules_of(options)
+    kw = dict(eps=options.get("epsilon", 1e-6), gamma=options.get("gamma", 0.25),
+              bias=options.get("zplus_bias", False))
+    for b in range(2):
+        for k in range(2):
+            ref = _reference_resnetlet(net, x[b], targets[b][k], conv, dense, **kw)
+            np.testing.assert_allclose(maps[b, k].numpy(), ref.sum(0), rtol=1e-6,
+                                       atol=1e-6 * np.abs(ref).max())
+
+
+def test_zplus_bias_option_changes_the_map_only_where_biases_are_positive():
+    """The option must matter (positive folded biases here) and, on a bias-free net, not."""
+    net = _resnetlet()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    plain = create("lrp", net)(x, target=[0, 1])
+    biased = create("lrp", net, zplus_bias=True)(x, target=[0, 1])
+    assert not torch.allclose(plain, biased, rtol=1e-3)
+    model = _conv_net(bias=False)
+    torch.testing.assert_close(create("lrp", model, zplus_bias=True)(x, target=[0, 1]),
+                               create("lrp", model)(x, target=[0, 1]), rtol=0, atol=1e-12)
+
+
+# zennit's generalised gamma (Andéol et al. 2021) differs from the overview's LRP-gamma
+# on negative inputs and outputs, so gamma is left out; zennit's z+ and alpha-beta let
+# the biases in, hence zplus_bias=True (and z+ with ``zero_params=["bias"]`` for False)
+ZENNIT_CASES = [dict(rule="epsilon", epsilon=0.01), dict(rule="zplus", zplus_bias=True),
+                dict(rule="zplus"), dict(rule="alpha2beta1", zplus_bias=True),
+                dict(composite="epsilon_plus"), dict(composite="epsilon_plus", zplus_bias=True)]
+
+
+@pytest.mark.parametrize("options", ZENNIT_CASES, ids=_case_id)
+def test_residual_batchnorm_net_matches_zennit(options):
+    """zennit with cnnkit's conventions: R starts at the logit (``out * one_hot``), the
+    residual sum splits exactly (cnnkit divides nothing there: stabiliser ~0), the pool
+    uses the dense epsilon."""
+    zennit = pytest.importorskip("zennit")
+    from zennit.attribution import Gradient
+    from zennit.canonizers import NamedMergeBatchNorm
+    from zennit.composites import LayerMapComposite
+    from zennit.layer import Sum
+    from zennit.rules import AlphaBeta as ZAlphaBeta
+    from zennit.rules import Epsilon as ZEpsilon
+    from zennit.rules import Norm, Pass
+    from zennit.rules import ZPlus as ZZPlus
+    from zennit.types import Activation, AvgPool, Convolution
+
+    class StackSum(nn.Module):  # zennit splits a sum by its Sum layer (rule Norm)
+        def __init__(self):
+            super().__init__()
+            self.sum = Sum()
+
+        def forward(self, a, b):
+            return self.sum(torch.stack([a, b], dim=-1))
+
+    eps = options.get("epsilon", 1e-6)
+    zero = None if options.get("zplus_bias") else ["bias"]
+    rules = {"epsilon": lambda: ZEpsilon(eps), "zplus": lambda: ZZPlus(zero_params=zero),
+             "alpha2beta1": lambda: ZAlphaBeta(2.0, 1.0, zero_params=zero)}
+    conv, dense = _rules_of(options)
+    net = _resnetlet()
+    for m in net.modules():  # zennit's merged BN keeps dividing by sqrt(1 + eps): use 0
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 0.0
+    twin = copy.deepcopy(net)
+    twin.add = StackSum()
+    composite = LayerMapComposite(
+        layer_map=[(Activation, Pass()), (Sum, Norm(1e-12)), (AvgPool, Norm(eps)),
+                   (Convolution, rules[conv]()),
+                   (nn.Linear, ZEpsilon(eps) if dense == "epsilon" else rules[dense]())],
+        canonizers=[NamedMergeBatchNorm([(["conv1"], "bn1"), (["conv_a"], "bn_a"),
+                                         (["conv_b"], "bn_b")])])
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    one_hot = F.one_hot(target, 3).double()
+    with Gradient(model=twin, composite=composite) as attributor:
+        _, rel = attributor(x, lambda out: out * one_hot)
+    maps = create("lrp", net, **options)(x, target=target)
+    assert zennit is not None and rel.abs().sum() > 0
+    torch.testing.assert_close(maps, rel.sum(1), rtol=1e-6, atol=1e-6 * rel.abs().max().item())

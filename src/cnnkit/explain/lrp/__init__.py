@@ -102,6 +102,15 @@ class LRP(Explainer):
     al. (2019), "Layer-Wise Relevance Propagation: An Overview". Each call works on a
     deep copy of the model with its BatchNorms folded (the caller's model is untouched).
 
+    Conventions, as in the papers: the relevance starts from the target logit,
+    ``R = f_c(x)`` (Bach et al. 2015; the overview, Sec. 10.1), so the map sums to the
+    logit in a bias-free net. zennit's ``Gradient`` fed a bare one-hot starts from 1
+    instead: its map is cnnkit's divided by the logit, with the sign flipped wherever
+    the logit is negative; give it ``attr_output=lambda out: out * one_hot`` to compare.
+    z+ and alpha-beta leave the biases out unless ``zplus_bias=True`` (zennit's
+    default). With those two settings cnnkit and zennit agree to float64 precision (the
+    tests check it on a residual net with BatchNorm).
+
     Args:
         model: the classifier.
         layer: ignored (relevance is taken at the input).
@@ -116,6 +125,10 @@ class LRP(Explainer):
             in [0, 1] normalised by the model's ``default_cfg`` mean/std.
         high: highest normalised input value for z^B, likewise.
         canonize: fold each BatchNorm that follows a convolution into it.
+        zplus_bias: let the biases into the denominators of z+ and alpha-beta (the
+            bias as an input ``x_0 = 1``; zennit's convention, which absorbs the bias
+            share of the relevance). Default False: biases take no relevance, as in Deep
+            Taylor Decomposition, so relevance is conserved.
 
     Example:
         >>> import torch
@@ -129,14 +142,14 @@ class LRP(Explainer):
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
                  composite: str = "epsilon_plus", rule: str | None = None,
                  epsilon: float = 1e-6, gamma: float = 0.25, low: Any = None,
-                 high: Any = None, canonize: bool = True) -> None:
+                 high: Any = None, canonize: bool = True, zplus_bias: bool = False) -> None:
         super().__init__(model, layer)
         if rule is not None:
-            self.composite = uniform_composite(rule, epsilon, gamma)
+            self.composite = uniform_composite(rule, epsilon, gamma, zplus_bias)
         else:
             if composite == "epsilon_gamma_box" and (low is None or high is None):
                 low, high = pixel_bounds(model)
-            self.composite = create_composite(composite, epsilon, gamma, low, high)
+            self.composite = create_composite(composite, epsilon, gamma, low, high, zplus_bias)
         self.canonize = canonize
 
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

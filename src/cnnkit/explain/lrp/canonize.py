@@ -42,9 +42,10 @@ def _hooks(modules: list[nn.Module], hook) -> Iterator[None]:
 
 @torch.no_grad()
 def trace(model: nn.Module, x: torch.Tensor,
-          ) -> tuple[list[nn.Module], list[tuple[nn.Module, nn.Module]]]:
-    """Run ``model(x)`` once; return the layers composites handle in execution order, and
-    the (convolution, BatchNorm) pairs where the BatchNorm reads the convolution's output."""
+          ) -> tuple[list[nn.Module], list[tuple[nn.Module, nn.Module]], torch.Tensor]:
+    """Run ``model(x)`` once; return the layers composites handle in execution order, the
+    (convolution, BatchNorm) pairs where the BatchNorm reads the convolution's output, and
+    the model's output."""
     order: list[nn.Module] = []
     produced: dict[int, tuple[torch.Tensor, nn.Module]] = {}  # id(output) -> (output, conv)
     pairs: dict[nn.Module, nn.Module | None] = {}  # bn -> conv (None: not foldable)
@@ -62,11 +63,11 @@ def trace(model: nn.Module, x: torch.Tensor,
 
     mods = [m for m in model.modules() if Composite.handles(m) or isinstance(m, _BN)]
     with _hooks(mods, hook):
-        model(x)
+        out = model(x)
     convs = [c for c in pairs.values() if c is not None]
     folds = [(c, bn) for bn, c in pairs.items()
              if c is not None and convs.count(c) == 1 and bn.running_var is not None]
-    return order, folds
+    return order, folds, out
 
 
 @torch.no_grad()
@@ -109,11 +110,10 @@ def canonize(model: nn.Module, x: torch.Tensor, fold: bool = True,
     copied = copy.deepcopy(model).eval()
     for p in copied.parameters():
         p.requires_grad_(False)
-    order, folds = trace(copied, x)
+    order, folds, before = trace(copied, x)
     if not (fold and folds):
         return copied, order
     with torch.no_grad():
-        before = copied(x)
         for conv, bn in folds:
             fold_batchnorm(conv, bn)
             _replace(copied, bn, nn.Identity())

@@ -60,19 +60,20 @@ class Composite:
 
 
 # One rule everywhere (the ``rule=`` option of ``lrp``); z^B only makes sense on the pixels.
-RULES: dict[str, Callable[[float, float], Rule]] = {
-    "epsilon": lambda epsilon, gamma: Epsilon(epsilon),
-    "gamma": lambda epsilon, gamma: Gamma(gamma),
-    "zplus": lambda epsilon, gamma: ZPlus(),
-    "alpha1beta0": lambda epsilon, gamma: AlphaBeta(1.0, 0.0),
-    "alpha2beta1": lambda epsilon, gamma: AlphaBeta(2.0, 1.0),
+# ``bias``: whether z+ and alpha-beta let biases into their denominators (zennit's way).
+RULES: dict[str, Callable[[float, float, bool], Rule]] = {
+    "epsilon": lambda epsilon, gamma, bias: Epsilon(epsilon),
+    "gamma": lambda epsilon, gamma, bias: Gamma(gamma),
+    "zplus": lambda epsilon, gamma, bias: ZPlus(bias=bias),
+    "alpha1beta0": lambda epsilon, gamma, bias: AlphaBeta(1.0, 0.0, bias=bias),
+    "alpha2beta1": lambda epsilon, gamma, bias: AlphaBeta(2.0, 1.0, bias=bias),
 }
 
 _COMPOSITES: dict[str, Callable[..., Composite]] = {}
 
 
 def register_composite(name: str) -> Callable[[Callable[..., Composite]], Callable[..., Composite]]:
-    """Register a composite factory ``f(epsilon, gamma, low, high) -> Composite``."""
+    """Register a composite factory ``f(epsilon, gamma, low, high, bias) -> Composite``."""
 
     def deco(factory: Callable[..., Composite]) -> Callable[..., Composite]:
         if name in _COMPOSITES:
@@ -89,8 +90,9 @@ def list_composites() -> list[str]:
 
 
 def create_composite(name: str, epsilon: float = 1e-6, gamma: float = 0.25,
-                     low: Any = None, high: Any = None) -> Composite:
-    """The composite ``name`` with the given rule parameters.
+                     low: Any = None, high: Any = None, bias: bool = False) -> Composite:
+    """The composite ``name`` with the given rule parameters (``bias``: z+ and alpha-beta
+    let the biases into their denominators, zennit's convention).
 
     Raises:
         ValueError: unknown name, or a z^B composite without pixel bounds.
@@ -98,27 +100,30 @@ def create_composite(name: str, epsilon: float = 1e-6, gamma: float = 0.25,
     if name not in _COMPOSITES:
         raise ValueError(f"unknown LRP composite {name!r}; choose from "
                          f"{', '.join(list_composites())}")
-    return _COMPOSITES[name](epsilon=epsilon, gamma=gamma, low=low, high=high)
+    return _COMPOSITES[name](epsilon=epsilon, gamma=gamma, low=low, high=high, bias=bias)
 
 
-def uniform_composite(rule: str, epsilon: float = 1e-6, gamma: float = 0.25) -> Composite:
+def uniform_composite(rule: str, epsilon: float = 1e-6, gamma: float = 0.25,
+                      bias: bool = False) -> Composite:
     """One rule on every convolution and dense layer (pools: epsilon)."""
     if rule not in RULES:
         hint = "; z^B is for the first layer only: use composite='epsilon_gamma_box'" \
             if rule in ("zbox", "zb", "z_box") else ""
         raise ValueError(f"unknown LRP rule {rule!r}; choose from {', '.join(RULES)}{hint}")
-    r = RULES[rule](epsilon, gamma)
+    r = RULES[rule](epsilon, gamma, bias)
     return Composite(conv=r, dense=r, pool=Epsilon(epsilon))
 
 
 @register_composite("epsilon_plus")
-def epsilon_plus(epsilon: float, gamma: float, low: Any, high: Any) -> Composite:
+def epsilon_plus(epsilon: float, gamma: float, low: Any, high: Any,
+                 bias: bool = False) -> Composite:
     """z+ on convolutions, epsilon on dense layers (zennit's EpsilonPlus)."""
-    return Composite(conv=ZPlus(), dense=Epsilon(epsilon), pool=Epsilon(epsilon))
+    return Composite(conv=ZPlus(bias=bias), dense=Epsilon(epsilon), pool=Epsilon(epsilon))
 
 
 @register_composite("epsilon_gamma_box")
-def epsilon_gamma_box(epsilon: float, gamma: float, low: Any, high: Any) -> Composite:
+def epsilon_gamma_box(epsilon: float, gamma: float, low: Any, high: Any,
+                      bias: bool = False) -> Composite:
     """z^B on the pixels, gamma on the other convolutions, epsilon on dense layers."""
     if low is None or high is None:
         raise ValueError("composite 'epsilon_gamma_box' needs the pixel range: pass low= and "
@@ -128,9 +133,11 @@ def epsilon_gamma_box(epsilon: float, gamma: float, low: Any, high: Any) -> Comp
 
 
 @register_composite("epsilon_alpha2_beta1")
-def epsilon_alpha2_beta1(epsilon: float, gamma: float, low: Any, high: Any) -> Composite:
+def epsilon_alpha2_beta1(epsilon: float, gamma: float, low: Any, high: Any,
+                         bias: bool = False) -> Composite:
     """alpha=2, beta=1 on convolutions, epsilon on dense layers."""
-    return Composite(conv=AlphaBeta(2.0, 1.0), dense=Epsilon(epsilon), pool=Epsilon(epsilon))
+    return Composite(conv=AlphaBeta(2.0, 1.0, bias=bias), dense=Epsilon(epsilon),
+                     pool=Epsilon(epsilon))
 
 
 def pixel_bounds(model: nn.Module) -> tuple[Sequence[float], Sequence[float]]:

@@ -143,13 +143,25 @@ class Gamma(Rule):
         return [(1.0, lin, d)]
 
 
-def _signed_parts(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_i (x_i w_ij)+`` and ``sum_i (x_i w_ij)-`` as functions of ``x``."""
+def _signed_parts(module: nn.Module, x: torch.Tensor, negative: bool = True,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sum_i (x_i w_ij)+`` and (if ``negative``, else None) ``sum_i (x_i w_ij)-`` as
+    functions of ``x``."""
     w = module.weight
     xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
     pos = linear(module, xp, wp) + linear(module, xn, wn)
-    neg = linear(module, xp, wn) + linear(module, xn, wp)
+    neg = linear(module, xp, wn) + linear(module, xn, wp) if negative else None
     return pos, neg
+
+
+def _with_bias(module: nn.Module, part: torch.Tensor, sign: int) -> torch.Tensor:
+    """``part`` plus the positive (``sign=1``) or negative (``sign=-1``) part of the
+    module's bias, broadcast over the output (no gradient: it only enters ``d_j``)."""
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return part
+    b = bias.clamp(min=0) if sign > 0 else bias.clamp(max=0)
+    return part.detach() + b.detach().view(1, -1, *([1] * (part.ndim - 2)))
 
 
 class AlphaBeta(Rule):
@@ -158,35 +170,59 @@ class AlphaBeta(Rule):
     Bach et al. (2015), "On Pixel-Wise Explanations for Non-Linear Classifier Decisions
     by Layer-Wise Relevance Propagation", PLOS ONE:
     ``R_i = sum_j (alpha z_ij+ / z_j+  -  beta z_ij- / z_j-) R_j`` with
-    ``z_ij = x_i w_ij`` and ``alpha - beta = 1``. Biases take no relevance here (as in the
-    z+ rule), so ``alpha=1, beta=0`` is exactly :class:`ZPlus` and conserves relevance.
+    ``z_ij = x_i w_ij`` and ``alpha - beta = 1``.
+
+    Biases. By default they take no relevance (as in the z+ rule of Deep Taylor
+    Decomposition), so ``alpha=1, beta=0`` is exactly :class:`ZPlus` and conserves
+    relevance. With ``bias=True`` the bias counts as one more input ``x_0 = 1`` with
+    weight ``b_j`` (Bach et al. 2015, Eq. 60; Montavon et al. 2019, Sec. 10.2): ``b_j+``
+    joins ``z_j+`` and ``b_j-`` joins ``z_j-``, and the bias share of the relevance is
+    absorbed. This is zennit's convention.
+
+    Args:
+        alpha: weight of the positive contributions.
+        beta: weight of the negative contributions (``alpha - beta = 1``).
+        stabilizer: the ``eps`` of :func:`stabilize`.
+        bias: let the biases enter the denominators (see above).
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> None:
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6,
+                 bias: bool = False) -> None:
         super().__init__(stabilizer)
         if beta < 0 or abs(alpha - beta - 1.0) > 1e-9:
             raise ValueError(f"alpha-beta needs alpha - beta = 1 and beta >= 0, got "
                              f"alpha={alpha}, beta={beta}")
-        self.alpha, self.beta = alpha, beta
+        self.alpha, self.beta, self.bias = alpha, beta, bias
 
     def terms(self, module, x, leaves):
-        pos, neg = _signed_parts(module, x)
-        terms = [(self.alpha, pos, pos)]
-        return terms + [(-self.beta, neg, neg)] if self.beta else terms
+        pos, neg = _signed_parts(module, x, negative=bool(self.beta))
+        dpos = _with_bias(module, pos, 1) if self.bias else pos
+        terms = [(self.alpha, pos, dpos)]
+        if not self.beta:
+            return terms
+        return terms + [(-self.beta, neg, _with_bias(module, neg, -1) if self.bias else neg)]
 
 
-class ZPlus(Rule):
+class ZPlus(AlphaBeta):
     """LRP-z+: only positive contributions ``(x_i w_ij)+`` (``x_i w_ij+`` for x >= 0).
 
     Montavon, Lapuschkin, Binder, Samek and Müller (2017), "Explaining Nonlinear
     Classification Decisions with Deep Taylor Decomposition", Pattern Recognition; the
-    overview's LRP-alpha1-beta0. Biases are ignored. For a non-negative input the map has
-    the sign of the target score everywhere.
+    overview's LRP-alpha1-beta0. Biases are ignored by default, as in the Deep Taylor
+    derivation (which assumes ``b_j <= 0``), so relevance is conserved; ``bias=True``
+    adds ``b_j+`` to the denominator (zennit's ``ZPlus``). For a non-negative input the
+    map has the sign of the target score everywhere.
+
+    Args:
+        stabilizer: the ``eps`` of :func:`stabilize`.
+        bias: add the positive part of the bias to the denominator.
     """
 
-    def terms(self, module, x, leaves):
-        pos, _ = _signed_parts(module, x)
-        return [(1.0, pos, pos)]
+    def __init__(self, stabilizer: float = 1e-6, bias: bool = False) -> None:
+        super().__init__(1.0, 0.0, stabilizer, bias)
+
+    def __repr__(self) -> str:
+        return f"ZPlus(stabilizer={self.stabilizer}, bias={self.bias})"
 
 
 class ZBox(Rule):
