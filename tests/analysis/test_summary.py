@@ -404,3 +404,25 @@ def test_bad_input_size_raises(bad) -> None:
 def test_bad_batch_size_raises() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         summary(nn.Conv2d(3, 1, 1), (3, 8, 8), batch_size=0)
+
+
+# --------------------------------------------------------------------------- dense models
+
+
+def test_rf_through_crops_and_unpooling() -> None:
+    from cnnkit.models import create_model
+
+    # A crop (x[..., a:b, c:d]) only shifts the field: U-Net's valid-convolution form with
+    # cropped skips sees exactly what its padded form sees, 13 * 2^d - 8 pixels.
+    for depth in (1, 2):
+        valid = create_model("unet", num_classes=2, width=4, depth=depth, padding=False,
+                             norm=None)
+        same = create_model("unet", num_classes=2, width=4, depth=depth)
+        assert summary(valid, (3, 64, 64)).receptive_field == 13 * 2 ** depth - 8
+        assert summary(same, (3, 64, 64)).receptive_field == 13 * 2 ** depth - 8
+    # Max-unpooling puts each pooled value back at one pixel of its window: nearest
+    # upsampling, so SegNet's field is bounded (not the whole image) and bounds autograd's.
+    seg = create_model("segnet", num_classes=2, width=4, depth=2).eval()
+    rf = summary(seg, (3, 64, 64)).receptive_field
+    measured = empirical_rf(seg, (3, 64, 64), (0,))
+    assert measured[0] <= rf < 64

@@ -32,7 +32,7 @@ def _shifted(x, sy, sx):
 
 
 def test_list_and_errors():
-    assert list_augment() == ["affine", "digits", "flip_crop", "none", "shapes"]
+    assert list_augment() == ["affine", "digits", "flip_crop", "flips", "none", "shapes"]
     with pytest.raises(ValueError, match="unknown augmentation 'jitter'; choose from affine"):
         Augment("jitter")
     with pytest.raises(ValueError, match="float"):

@@ -6,7 +6,7 @@ from torch import nn
 
 from cnnkit.models import Classifier, create_model, list_models, model_info, register_model
 
-ALL = list_models()
+ALL = list_models(task="classify")
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -292,3 +292,86 @@ def test_wrn_reset_classifier() -> None:
     model.reset_classifier(5)
     assert model.get_classifier().out_features == 5 == model.default_cfg["num_classes"]
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+# ---- output_stride: atrous ResNet (Chen et al. 2017; torchvision's replace_stride_with_dilation)
+
+class _Features(nn.Module):
+    """``forward = model.forward_features``, so summary() reports layer4's receptive field."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_output_stride_keeps_layout(name: str, output_stride: int) -> None:
+    with torch.device("meta"):
+        plain, atrous = create_model(name), create_model(name, output_stride=output_stride)
+    plain_sd, atrous_sd = plain.state_dict(), atrous.state_dict()
+    assert list(atrous_sd) == list(plain_sd)
+    assert all(atrous_sd[k].shape == v.shape for k, v in plain_sd.items())
+    assert n_params(atrous) == TORCHVISION_PARAMS[name]
+
+
+@pytest.mark.parametrize(("output_stride", "reductions", "spatial"),
+                         [(32, [4, 8, 16, 32], 2), (16, [4, 8, 16, 16], 4),
+                          (8, [4, 8, 8, 8], 8)])
+def test_output_stride_spatial_size(output_stride: int, reductions: list[int],
+                                    spatial: int) -> None:
+    model = create_model("resnet18", img_size=64, stem="imagenet", output_stride=output_stride)
+    assert [f["reduction"] for f in model.feature_info] == reductions
+    assert [r for _, r in measured_reductions(model, 64)] == reductions
+    with torch.no_grad():
+        feats = model.eval().forward_features(torch.randn(1, 3, 64, 64))
+    assert feats.shape == (1, 512, spatial, spatial)  # os=16 on 64x64: 4x4 layer4 maps
+
+
+def test_output_stride_small_stem_divides_by_four() -> None:
+    model = create_model("resnet18", img_size=32, stem="small", output_stride=16)
+    assert [f["reduction"] for f in model.feature_info] == [1, 2, 4, 4]
+    assert [r for _, r in measured_reductions(model, 32)] == [1, 2, 4, 4]
+
+
+def test_output_stride_dilations_follow_torchvision() -> None:
+    with torch.device("meta"):
+        model = create_model("resnet50", output_stride=8)
+    # layer3 becomes dilation 2, layer4 dilation 4; each stage's first block keeps the
+    # previous stage's dilation on its 3x3 (torchvision's rule) and no conv strides.
+    assert [b.conv2.dilation for b in model.layer3] == [(1, 1)] + [(2, 2)] * 5
+    assert [b.conv2.dilation for b in model.layer4] == [(2, 2), (4, 4), (4, 4)]
+    assert [b.conv2.padding for b in model.layer4] == [(2, 2), (4, 4), (4, 4)]
+    for stage in (model.layer3, model.layer4):
+        assert all(m.stride == (1, 1) for m in stage.modules() if isinstance(m, nn.Conv2d))
+    assert model.layer2[0].conv2.stride == (2, 2) and model.layer2[0].conv2.dilation == (1, 1)
+    assert all(m.dilation == (1, 1) for m in model.layer2.modules() if isinstance(m, nn.Conv2d))
+    with torch.device("meta"):
+        basic = create_model("resnet18", output_stride=16)
+    assert [(b.conv1.dilation, b.conv2.dilation) for b in basic.layer4] == [
+        ((1, 1), (2, 2)), ((2, 2), (2, 2))]
+
+
+def test_output_stride_keeps_receptive_field() -> None:
+    from cnnkit.analysis import summary
+
+    # Dilation by the stride it replaces keeps every layer's receptive field: only the
+    # jump (distance between output pixels) shrinks.
+    fields = {}
+    for os_ in (32, 16, 8):
+        model = create_model("resnet18", img_size=64, stem="imagenet", output_stride=os_)
+        s = summary(_Features(model), (3, 64, 64))
+        fields[os_] = (s.receptive_field, s.jump)
+    assert fields[32] == (fields[32][0], 32) and fields[16] == (fields[32][0], 16)
+    assert fields[8] == (fields[32][0], 8)
+    # Analytic: 7 (conv1) + 4 (max-pool at jump 2) + 4*8 (layer1) + 8 + 3*16 (layer2)
+    # + 16 + 3*32 (layer3) + 32 + 3*64 (layer4) = 435 pixels.
+    assert fields[32][0] == 435
+
+
+def test_bad_output_stride_raises() -> None:
+    with pytest.raises(ValueError, match="output_stride must be 32, 16 or 8"):
+        create_model("resnet18", output_stride=4)

@@ -38,6 +38,7 @@ _MAX_POOL = re.compile(r"^_?max_pool([123])d(_with_indices)?$")
 _AVG_POOL = re.compile(r"^avg_pool([123])d$")
 _LP_POOL = re.compile(r"^lp_pool([123])d$")
 _ADAPTIVE = re.compile(r"^_?adaptive_(avg|max)_pool([123])d(_with_indices)?$")
+_MAX_UNPOOL = re.compile(r"^max_unpool([123])d$")
 # F.interpolate and its deprecated aliases; the value is the mode an alias fixes.
 _RESAMPLE = {"interpolate": None, "upsample": None, "upsample_nearest": "nearest",
              "upsample_bilinear": "bilinear"}
@@ -151,6 +152,11 @@ def _spatial_rule(name: str, args: tuple, kwargs: dict, field: ReceptiveField,
         before = [pads[2 * (n - 1 - i)] if 2 * (n - 1 - i) < len(pads) else 0
                   for i in range(n)]
         return field.shifted(before, extent)
+    if (m := _MAX_UNPOOL.match(name)) and int(m[1]) == n:
+        # Each output pixel holds one pooled value (or zero): nearest-neighbour upsampling.
+        return field.resampled(extent, 1, (0.0,) * n)
+    if name == "__getitem__":
+        return _sliced(args[1], field, extent, args[0].ndim)
     if name == "pixel_unshuffle":
         r = int(_arg(args, kwargs, 1, "downscale_factor"))
         return field.window((r,) * n, (r,) * n, (0,) * n, ones, extent)
@@ -158,6 +164,30 @@ def _spatial_rule(name: str, args: tuple, kwargs: dict, field: ReceptiveField,
         r = int(_arg(args, kwargs, 1, "upscale_factor"))
         return field.resampled(extent, 1, (-(r - 1) / (2 * r),) * n)
     return None
+
+
+def _sliced(index: Any, field: ReceptiveField, extent: tuple[int, ...], ndim: int
+            ) -> ReceptiveField | None:
+    """``x[..., a:b, c:d]`` (a crop) shifts pixel 0 to ``(a, c)``; other indexing: None."""
+    n = len(extent)
+    index = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in index:
+        spatial = index[index.index(Ellipsis) + 1:]
+    elif len(index) > ndim - n:  # x[:, :, a:b, c:d]: the spatial part starts at ndim - n
+        spatial = index[ndim - n:]
+    else:
+        return None
+    if len(spatial) > n or not all(isinstance(i, slice) and i.step in (None, 1)
+                                   for i in spatial):
+        return None
+    spatial = (slice(None),) * (n - len(spatial)) + tuple(spatial)
+    starts = [slice_start(i, size) for i, size in zip(spatial, field.extent or (), strict=True)]
+    return field.shifted([-s for s in starts], extent)
+
+
+def slice_start(index: slice, size: int) -> int:
+    start = index.start or 0
+    return start + size if start < 0 else start
 
 
 def _adaptive(field: ReceptiveField, extent: tuple[int, ...]) -> ReceptiveField:

@@ -31,7 +31,7 @@ def _config_from_args(args: argparse.Namespace):
               "augment": args.augment, "amp": args.amp, "channels_last": args.channels_last,
               "ema": args.ema, "early_stopping": args.early_stopping, "device": args.device,
               "strict": args.strict, "name": args.name, "runs_dir": args.runs_dir,
-              "seed": args.seed}
+              "seed": args.seed, "task": args.task, "scale": args.scale, "loss": args.loss}
     given = {k: v for k, v in fields.items() if v is not None}
     if args.model_opt:
         given["model_kwargs"] = dict(args.model_opt)
@@ -88,10 +88,20 @@ def train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"test_accuracy {summary['test_accuracy']:.4f} "
-              f"({summary['num_samples']['test']} test images); run saved in "
-              f"{trainer.paths.root} (report.html)")
+        print(f"{_headline(summary)} ({summary['num_samples']['test']} test images); run saved "
+              f"in {trainer.paths.root} (report.html)")
     return 0
+
+
+def _headline(result: dict) -> str:
+    """The task's test metrics on one line."""
+    if "test_miou" in result:
+        return (f"test_miou {result['test_miou']:.4f}  test_pixel_accuracy "
+                f"{result['test_pixel_accuracy']:.4f}")
+    if "test_psnr" in result:
+        return (f"test_psnr {result['test_psnr']:.2f} dB (bicubic "
+                f"{result['test_psnr_bicubic']:.2f} dB)  test_ssim {result['test_ssim']:.4f}")
+    return f"test_accuracy {result['test_accuracy']:.4f}"
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -101,7 +111,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"test_accuracy {result['test_accuracy']:.4f}  test_loss {result['test_loss']:.4f}"
+        print(f"{_headline(result)}  test_loss {result['test_loss']:.4f}"
               f"  ({result['num_samples']} images of {result['data']})")
     return 0
 
@@ -115,13 +125,41 @@ def predict(args: argparse.Namespace) -> int:
         if not Path(f).exists():
             raise FileNotFoundError(f"image file {f!r} does not exist; check the path "
                                     "(give one or more image files)")
-    results = predict_files(args.run, args.files, topk=args.topk)
+    from cnnkit.train import load_run
+
+    run = load_run(args.run)
+    if run.preprocess.task != "classify":
+        return _predict_dense(run, args)
+    if args.out or args.crf:
+        raise ValueError(f"{'--out' if args.out else '--crf'} is for dense-prediction runs; a "
+                         "classifier's predictions are printed (use --json to save them)")
+    results = predict_files(run, args.files, topk=args.topk)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     for r in results:
         ranked = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
         print(f"{r['file']}: {ranked}")
+    return 0
+
+
+def _predict_dense(run, args: argparse.Namespace) -> int:
+    from cnnkit.train.evaluation import predict_dense_files
+
+    out = Path(args.out) if args.out else run.path / "predictions"
+    if args.crf and run.preprocess.task != "segment":
+        raise ValueError("--crf refines segmentations; this run is a super-resolution run")
+    results = predict_dense_files(run, args.files, out, crf=args.crf)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        if "mask" in r:
+            top = sorted(r["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
+            print(f"{r['file']}: {r['mask']} ("
+                  + ", ".join(f"{c} {v:.1%}" for c, v in top) + ")")
+        else:
+            print(f"{r['file']}: {r['output']} ({r['size'][1]}x{r['size'][0]})")
     return 0
 
 
@@ -170,9 +208,11 @@ def summary(args: argparse.Namespace) -> int:
 def models(args: argparse.Namespace) -> int:
     from cnnkit.models import list_models, model_info
 
-    names = list_models(args.pattern)
+    names = list_models(args.pattern, task=args.task)
     if not names:
-        raise ValueError(f"no model matches {args.pattern!r}; run `cnnkit models` to list all")
+        kind = f"{args.task} " if args.task else ""
+        raise ValueError(f"no {kind}model matches {args.pattern!r}; run `cnnkit models` to list "
+                         "all")
     width = max(len(n) for n in names)
     for n in names:
         print(f"{n:<{width}}  {model_info(n).doc}")
@@ -187,7 +227,11 @@ def datasets(args: argparse.Namespace) -> int:
     print("\nYour own data, given as --data PATH:\n"
           "  FOLDER/     one subfolder per class holding images (any format Pillow reads)\n"
           "  FILE.csv    rows of path,label (paths relative to the CSV's folder)\n"
-          "  FILE.npz    arrays x (or images) [N,H,W], [N,H,W,C] or [N,C,H,W] and y (or labels)")
+          "  FILE.npz    arrays x (or images) [N,H,W], [N,H,W,C] or [N,C,H,W] and y (or labels)\n"
+          "  FOLDER/     with --task segment: images/ and masks/ (same file names; masks are\n"
+          "              index or palette PNGs, 255 = ignore), optional classes.txt\n"
+          "  FOLDER/     with --task superres: any images (low resolution made by bicubic\n"
+          "              downscaling)")
     return 0
 
 

@@ -100,9 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (default: the small CNN on digits)",
                        description="Train a model on a built-in data set or your own folder.")
-    t.add_argument("--model", help="model name (see `cnnkit models`); default tinyvgg_wide")
+    t.add_argument("--task", choices=["classify", "segment", "superres"],
+                   help="classify (default), segment (a class per pixel) or superres")
+    t.add_argument("--model", help="model name (see `cnnkit models`); default tinyvgg_wide, "
+                   "unet_small for segment, espcn for superres")
     t.add_argument("--data", help="built-in data set (see `cnnkit datasets`) or a folder, "
-                   ".csv or .npz path; default digits")
+                   ".csv or .npz path; default digits (shapes for segment and superres)")
+    t.add_argument("--scale", type=_positive_int, help="superres: upscaling factor (default 3)")
+    t.add_argument("--loss", help="segment: ce, dice, focal, ce+dice (default), focal+dice; "
+                   "superres: mse (default) or l1")
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int)
     t.add_argument("--lr", type=_positive_float,
@@ -143,9 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=commands.evaluate)
 
-    pr = sub.add_parser("predict", help="classify image files with a run's model")
+    pr = sub.add_parser("predict", help="classify, segment or upscale image files with a run")
     pr.add_argument("run", metavar="RUN")
     pr.add_argument("files", metavar="FILES", nargs="+")
+    pr.add_argument("--out", help="segment/superres: folder for masks, overlays or upscaled "
+                    "images (default RUN/predictions)")
+    pr.add_argument("--crf", action="store_true",
+                    help="segment: refine the masks with a dense CRF (Krähenbühl and Koltun)")
     pr.add_argument("--topk", type=_positive_int, default=3)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=commands.predict)
@@ -188,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("pattern", nargs="?", help="shell pattern such as 'resnet*'")
+    m.add_argument("--task", choices=["classify", "segment", "superres"],
+                   help="only the models of this task")
     m.set_defaults(func=commands.models)
 
     d = sub.add_parser("datasets", help="list the built-in data sets and the user formats")

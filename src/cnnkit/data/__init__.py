@@ -14,7 +14,7 @@ Example:
 
 from ._decode import load_image
 from ._registry import dataset_info, list_datasets, load_data, register_dataset
-from ._types import ImageData, convert_channels, resize_images
+from ._types import ImageData, convert_channels, downscale, resize_images, resize_masks
 from .augment import Augment, list_augment, register_augment
 from .loader import TensorLoader
 from .split import channel_stats, split_indices
@@ -24,4 +24,5 @@ from . import digits, shapes  # noqa: E402,F401  isort: skip
 
 __all__ = ["ImageData", "register_dataset", "list_datasets", "dataset_info", "load_data",
            "split_indices", "channel_stats", "Augment", "list_augment", "register_augment",
-           "TensorLoader", "convert_channels", "resize_images", "load_image"]
+           "TensorLoader", "convert_channels", "resize_images", "resize_masks", "downscale",
+           "load_image"]

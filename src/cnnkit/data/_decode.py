@@ -82,7 +82,7 @@ def _to_l_or_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode(path: Path | str, size: tuple[int, int]) -> np.ndarray:
+def decode(path: Path | str, size: tuple[int, int] | None) -> np.ndarray:
     """Decode one file to uint8 ``[H, W]`` (grayscale) or ``[H, W, 3]`` (colour) at ``size``.
 
     The image is scaled so it covers ``size`` and centre cropped ("shorter side to
@@ -92,11 +92,10 @@ def decode(path: Path | str, size: tuple[int, int]) -> np.ndarray:
     Raises:
         OSError, ValueError, SyntaxError, EOFError: Pillow cannot read the file.
     """
-    h, w = size
     with Image.open(path) as im:
         im = _to_l_or_rgb(im)
-    if im.size != (w, h):
-        im = ImageOps.fit(im, (w, h), method=Image.Resampling.BILINEAR)
+    if size is not None and im.size != (size[1], size[0]):
+        im = ImageOps.fit(im, (size[1], size[0]), method=Image.Resampling.BILINEAR)
     a = np.array(im)  # a writable copy: torch.from_numpy rejects read-only buffers
     if a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
         return np.ascontiguousarray(a[..., 0])
@@ -153,13 +152,14 @@ def read_images(paths: Sequence[Path], size: tuple[int, int], *, name: str, stri
     return images, kept
 
 
-def load_image(image: str | os.PathLike | Image.Image, size: tuple[int, int],
+def load_image(image: str | os.PathLike | Image.Image, size: tuple[int, int] | None,
                channels: int) -> torch.Tensor:
     """One image (a file or a PIL image) as uint8 ``[channels, H, W]``, decoded as in training.
 
     Used at inference time (``cnnkit predict``, :class:`cnnkit.train.Preprocess`), so
     a file goes through exactly the same mode conversion, resize and crop as the
-    images the model was trained on.
+    images the model was trained on. ``size=None`` keeps the image's own size (dense
+    prediction runs on it whole, in sliding windows).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -169,7 +169,7 @@ def load_image(image: str | os.PathLike | Image.Image, size: tuple[int, int],
 
     if isinstance(image, Image.Image):
         im = _to_l_or_rgb(image)
-        if im.size != (size[1], size[0]):
+        if size is not None and im.size != (size[1], size[0]):
             im = ImageOps.fit(im, (size[1], size[0]), method=Image.Resampling.BILINEAR)
         a = np.array(im)
     else:

@@ -82,7 +82,7 @@ def _looks_like_path(spec: str) -> bool:
 
 def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
               channels: int | None = None, strict: bool = False, seed: int = 0,
-              **options) -> ImageData:
+              task: str = "classify", **options) -> ImageData:
     """Load a built-in data set or the user data at a path.
 
     Args:
@@ -94,6 +94,9 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
         channels: force 1 (grayscale) or 3 (RGB) channels; native when None.
         strict: raise on an unreadable image instead of skipping and counting it.
         seed: seed of procedural data sets.
+        task: ``"classify"``; ``"segment"`` needs masks (``shapes``, or a folder with
+            ``images/`` and ``masks/``, see :mod:`cnnkit.data.pairs`); ``"superres"``
+            reads every image of a folder, whatever its subfolders.
         **options: options of the data set (``shapes``: ``n``, ``count`` ...).
 
     Raises:
@@ -108,13 +111,20 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
     _ensure_loaded()
     if channels not in (None, 1, 3):
         raise ValueError(f"channels={channels} is not supported; give 1 (grayscale) or 3 (RGB)")
+    if task not in ("classify", "segment", "superres"):
+        raise ValueError(f"unknown task {task!r}; choose classify, segment or superres")
     spec_str = os.fspath(spec)
     if spec_str in _DATASETS:
         fn = _DATASETS[spec_str]
         _check_options(spec_str, fn, options)
-        return fn(image_size=image_size, channels=channels, seed=seed, **options)
+        data = fn(image_size=image_size, channels=channels, seed=seed, **options)
+        if task == "segment" and data.masks is None:
+            with_masks = sorted(n for n in _DATASETS if n == "shapes")
+            raise ValueError(f"data set {spec_str!r} has no masks to segment; use "
+                             f"{', '.join(with_masks)} or a folder with images/ and masks/")
+        return data
 
-    from . import files  # here, not at the top: files imports this package's types only
+    from . import files, pairs  # here, not at the top: they import this package's types only
 
     path = Path(spec_str).expanduser()
     if not path.exists():
@@ -124,7 +134,18 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
                              "path")
         raise FileNotFoundError(f"data path {spec_str!r} does not exist; give a built-in data set "
                                 f"({', '.join(sorted(_DATASETS))}) or a folder/.csv/.npz path")
-    if path.is_dir():
+    if task != "classify" and not path.is_dir():
+        raise ValueError(f"--task {task} reads a folder, not {spec_str!r}: "
+                         + ("a folder with images/ and masks/" if task == "segment"
+                            else "a folder of images"))
+    if task == "segment":
+        if not pairs.is_pair_folder(path):
+            raise ValueError(f"folder {spec_str!r} has no images/ and masks/ subfolders; "
+                             "segmentation data is images/<name>.png with masks/<name>.png")
+        fn = pairs.load_pairs
+    elif task == "superres":
+        fn = pairs.load_images
+    elif path.is_dir():
         fn = files.load_folder
     elif path.suffix.lower() == ".csv":
         fn = files.load_csv

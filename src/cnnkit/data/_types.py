@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageData", "to_size", "convert_channels", "resize_images"]
+__all__ = ["ImageData", "IGNORE_INDEX", "to_size", "convert_channels", "resize_images",
+           "resize_masks", "downscale"]
+
+IGNORE_INDEX = 255  # mask value of unlabelled pixels (the Pascal VOC convention)
 
 # ITU-R BT.601 luma weights, the ones Pillow's ``convert("L")`` uses.
 _LUMA = (0.299, 0.587, 0.114)
@@ -28,8 +31,11 @@ class ImageData:
         labels: int64 ``[N]``, class indices into ``classes``.
         classes: class names; ``classes[k]`` is the name of label ``k``.
         name: ``"digits"``, ``"shapes"`` or the path the data was read from.
-        masks: uint8 ``[N, H, W]`` segmentation masks, 0 background and ``k + 1`` on
-            pixels of class ``k`` (``shapes`` only), else None.
+        masks: uint8 ``[N, H, W]`` segmentation masks whose values index
+            ``mask_classes`` (255: ignored pixels), else None. ``shapes`` has 0 for the
+            background and ``k + 1`` on pixels of class ``k``.
+        mask_classes: names of the mask values (``["background", "circle", ...]``);
+            None without masks.
         augment: name of the default augmentation policy for this data
             (see :func:`cnnkit.data.list_augment`).
         skipped: number of unreadable or corrupt files skipped while loading.
@@ -49,6 +55,7 @@ class ImageData:
     name: str
     masks: torch.Tensor | None = None
     augment: str = "none"
+    mask_classes: list[str] | None = None
     skipped: int = 0
     sources: list[str] | None = None
 
@@ -64,6 +71,9 @@ class ImageData:
         if self.masks is not None and self.masks.shape != (n, *self.images.shape[2:]):
             raise ValueError(f"data {self.name!r}: masks of shape {tuple(self.masks.shape)} do "
                              f"not match images {tuple(self.images.shape)}; masks are [N, H, W]")
+        if self.masks is not None and self.mask_classes is None:
+            top = int(self.masks[self.masks != IGNORE_INDEX].max()) if self.masks.numel() else 0
+            self.mask_classes = [str(k) for k in range(top + 1)]
         if self.sources is not None and len(self.sources) != n:
             raise ValueError(f"data {self.name!r}: {len(self.sources)} sources for {n} images; "
                              "give one source path per image")
@@ -87,7 +97,7 @@ class ImageData:
         return ImageData(
             self.images[idx], self.labels[idx], list(self.classes), self.name,
             masks=None if self.masks is None else self.masks[idx], augment=self.augment,
-            skipped=self.skipped,
+            mask_classes=self.mask_classes, skipped=self.skipped,
             sources=None if self.sources is None else [self.sources[i] for i in idx.tolist()])
 
 
@@ -130,9 +140,7 @@ def resize_images(images: torch.Tensor, size: int | Sequence[int]) -> torch.Tens
     h, w = images.shape[-2:]
     if (h, w) == (th, tw):
         return images
-    scale = max(th / h, tw / w)
-    rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
-    top, left = (rh - th) // 2, (rw - tw) // 2
+    rh, rw, top, left = _cover(h, w, th, tw)
     out = []
     for chunk in images.split(512):
         x = F.interpolate(chunk.float(), size=(rh, rw), mode="bilinear", align_corners=False,
@@ -140,3 +148,43 @@ def resize_images(images: torch.Tensor, size: int | Sequence[int]) -> torch.Tens
         out.append(x.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8
                    else x.clamp(0, 1))
     return torch.cat(out)
+
+
+def _cover(h: int, w: int, th: int, tw: int) -> tuple[int, int, int, int]:
+    # The scaled size that covers (th, tw), and the top-left of the centre crop.
+    scale = max(th / h, tw / w)
+    rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
+    return rh, rw, (rh - th) // 2, (rw - tw) // 2
+
+
+def resize_masks(masks: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    """Resize uint8 ``[N, H, W]`` label masks exactly as :func:`resize_images` resizes images.
+
+    Same cover-and-centre-crop geometry, but nearest-neighbour sampling: a mask value is
+    a class index, and interpolating between two indices would invent a third class.
+    """
+    th, tw = to_size(size)
+    h, w = masks.shape[-2:]
+    if (h, w) == (th, tw):
+        return masks
+    rh, rw, top, left = _cover(h, w, th, tw)
+    x = F.interpolate(masks[:, None].float(), size=(rh, rw), mode="nearest-exact")
+    return x[:, 0, top:top + th, left:left + tw].to(masks.dtype)
+
+
+def downscale(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """Bicubic downscaling by an integer ``scale``, antialiased: how low-resolution inputs are made.
+
+    Float ``[B, C, H, W]`` in [0, 1] with ``H`` and ``W`` multiples of ``scale`` (crop
+    them first), returned as ``[B, C, H / scale, W / scale]`` clamped to [0, 1]. This
+    is the bicubic degradation of the super-resolution literature (MATLAB's
+    ``imresize``, which also antialiases), so models trained here compare with
+    published bicubic baselines.
+    """
+    h, w = images.shape[-2:]
+    if h % scale or w % scale:
+        raise ValueError(f"image size {h}x{w} is not a multiple of scale {scale}; crop it to "
+                         f"{h - h % scale}x{w - w % scale} first")
+    out = F.interpolate(images, size=(h // scale, w // scale), mode="bicubic",
+                        align_corners=False, antialias=True)
+    return out.clamp_(0, 1)

@@ -15,11 +15,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Augment", "register_augment", "list_augment", "hflip", "vflip", "pad_crop",
-           "random_affine", "affine_transform"]
+__all__ = ["Augment", "register_augment", "list_augment", "EXACT_POLICIES", "hflip", "vflip",
+           "pad_crop", "random_affine", "affine_transform"]
 
 AugmentFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 _POLICIES: dict[str, AugmentFn] = {}
+
+# Policies that only move whole pixels (flips, integer shifts, zero or mirror fill): applied
+# to an image with its label mask stacked as one more channel, they move both alike and
+# never blend two class indices. Interpolating policies (digits, affine) are not in it.
+EXACT_POLICIES = frozenset({"none", "flip_crop", "shapes", "flips"})
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None,
@@ -151,6 +156,12 @@ def none(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 def flip_crop(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Random horizontal flip, then pad 4 (reflect) and random crop (natural images)."""
     return pad_crop(hflip(x, 0.5, generator), 4, "reflect", generator)
+
+
+@register_augment
+def flips(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Flips both ways and nothing else (no pixel is invented: for super-resolution)."""
+    return vflip(hflip(x, 0.5, generator), 0.5, generator)
 
 
 @register_augment

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from .augment import Augment
+from ._types import downscale
+from .augment import EXACT_POLICIES, Augment
 
 __all__ = ["TensorLoader"]
 
@@ -37,10 +38,20 @@ class TensorLoader:
     ``DistributedSampler``) and a run resumed at epoch ``e`` sees the same batches.
     Iterating without ``set_epoch`` advances the epoch by one after each pass.
 
+    Three kinds of target, one per task:
+
+    * classification: ``labels`` is ``[N]``; batches are ``(x, labels)``;
+    * segmentation: ``labels`` is a uint8 mask ``[N, H, W]``; the augmentation moves
+      image and mask together (only :data:`~cnnkit.data.augment.EXACT_POLICIES`,
+      which never interpolate a class index); batches are ``(x, long mask)``;
+    * super-resolution (``scale`` given): the image is the target; batches are
+      ``(downscale(augmented image), augmented image)``, the low-resolution input
+      made afresh from each augmented crop and normalised, the target in [0, 1].
+
     Args:
         images: uint8 ``[N, C, H, W]`` (kept uint8 on the device: 4x less memory) or
             float ``[N, C, H, W]`` in [0, 1].
-        labels: int ``[N]``.
+        labels: int ``[N]`` class indices or uint8 ``[N, H, W]`` masks.
         batch_size: samples per batch.
         shuffle: a new random order every epoch.
         drop_last: leave out the last batch if it is smaller than ``batch_size``.
@@ -50,6 +61,7 @@ class TensorLoader:
         seed: seed of shuffling and augmentation.
         device: where the data lives and batches are made.
         channels_last: return batches in ``torch.channels_last`` memory format.
+        scale: super-resolution factor; the loader then yields (low-res, high-res) pairs.
 
     Example:
         >>> loader = TensorLoader(torch.zeros(10, 1, 8, 8, dtype=torch.uint8), torch.arange(10), 4)
@@ -61,13 +73,28 @@ class TensorLoader:
                  shuffle: bool = False, drop_last: bool = False,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  augment: str = "none", seed: int = 0, device: str | torch.device = "cpu",
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, scale: int | None = None) -> None:
         if images.ndim != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-        labels = torch.as_tensor(labels).long().reshape(-1)
+        labels = torch.as_tensor(labels)
+        self.masks = labels.ndim == 3
+        if self.masks:
+            if labels.shape != (images.shape[0], *images.shape[2:]):
+                raise ValueError(f"masks of shape {tuple(labels.shape)} do not match images "
+                                 f"{tuple(images.shape)}; give one [H, W] mask per image")
+            if augment not in EXACT_POLICIES:
+                raise ValueError(f"augmentation {augment!r} interpolates pixels and would blend "
+                                 "mask classes; with masks use "
+                                 f"{', '.join(sorted(EXACT_POLICIES))}")
+            labels = labels.to(torch.uint8)
+        else:
+            labels = labels.long().reshape(-1)
         if len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels; give one label "
                              "per image")
+        if scale is not None:
+            downscale(images[:1].float(), scale)  # validates the size now
+        self.scale = scale
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         c = images.shape[1]
@@ -114,11 +141,20 @@ class TensorLoader:
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx]
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-            x = aug(x)
+            y = self.labels[idx]
+            if self.masks:  # one augmentation for both: the mask rides as an extra channel
+                if aug.policy != "none":
+                    z = aug(torch.cat([x, y[:, None].float()], 1))
+                    x, y = z[:, :-1], z[:, -1].round()
+                y = y.long()
+            else:
+                x = aug(x)
+            if self.scale is not None:
+                x, y = downscale(x, self.scale), x
             if self.mean is not None:
                 x = x - self.mean
             if self.std is not None:
                 x = x / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            yield x, y

@@ -232,4 +232,5 @@ def shapes(*, image_size: int | tuple[int, int] | None = None, channels: int | N
 
     images = convert_channels(torch.from_numpy(images), channels)
     return ImageData(images, torch.from_numpy(labels.astype(np.int64)), shapes, "shapes",
-                     masks=torch.from_numpy(masks), augment="shapes")
+                     masks=torch.from_numpy(masks), augment="shapes",
+                     mask_classes=["background", *shapes])

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._base import create
+from ._base import RegionScores, create, is_segmentation
 
 __all__ = ["explain_files", "resolve_class"]
 
@@ -54,10 +54,16 @@ def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.
     c, h, w = run.preprocess.input_size
     images = [load_image(f, size=(h, w), channels=c) for f in files]
     x = torch.stack([run.preprocess(img) for img in images])
-    with torch.no_grad():
-        probs = run.model(x).softmax(1)
     cls = resolve_class(target, run.classes)
-    targets = probs.argmax(1) if cls is None else torch.full((len(files),), cls)
+    with torch.no_grad():
+        if is_segmentation(run.model):  # "probability": the share of pixels of the class
+            scorer = RegionScores(run.model)
+            pred = run.model(x).argmax(1)
+            probs = torch.nn.functional.one_hot(pred, len(run.classes)).float().mean((1, 2))
+            targets = scorer.predicted(x) if cls is None else torch.full((len(files),), cls)
+        else:
+            probs = run.model(x).softmax(1)
+            targets = probs.argmax(1) if cls is None else torch.full((len(files),), cls)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -70,7 +76,9 @@ def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.
             t = int(targets[i])
             stem = f"{Path(f).stem}_{method}"
             np.save(out / f"{stem}.npy", m.cpu().numpy())
-            title = f"{method}: {run.classes[t]} (p={float(probs[i, t]):.2f})"
+            p = float(probs[i, t])
+            title = f"{method}: {run.classes[t]} " + (
+                f"({p:.0%} of pixels)" if is_segmentation(run.model) else f"(p={p:.2f})")
             save_overlay(out / f"{stem}.png", img, m, title)
             written += [out / f"{stem}.npy", out / f"{stem}.png"]
     titles = [f"{Path(f).name}: {run.classes[t]}" for f, t in zip(files, targets.tolist(),

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info", "suggest"]
+__all__ = ["TASKS", "ModelInfo", "register_model", "create_model", "list_models", "model_info",
+           "suggest"]
 
 
 @dataclass(frozen=True)
@@ -28,30 +29,43 @@ class ModelInfo:
         family: module the builder lives in (``"resnet"``, ``"vgg"`` ...).
         builder: the registered function.
         doc: first line of the builder's docstring.
+        task: what the model predicts: ``"classify"`` (one label per image),
+            ``"segment"`` (one label per pixel) or ``"superres"`` (a larger image).
     """
 
     name: str
     family: str
     builder: Callable[..., nn.Module]
     doc: str
+    task: str = "classify"
 
 
 _MODELS: dict[str, ModelInfo] = {}
+TASKS = ("classify", "segment", "superres")
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+def register_model(fn: Callable[..., nn.Module] | None = None, *, task: str = "classify"):
     """Register a model builder under its function name.
 
+    Use it bare (``@register_model``) for classifiers, or with the task of a
+    dense-prediction model (``@register_model(task="segment")``).
+
     Raises:
-        ValueError: if a model of that name is already registered.
+        ValueError: if a model of that name is already registered, or the task is unknown.
     """
-    name = fn.__name__
-    if name in _MODELS:
-        raise ValueError(f"model {name!r} is registered twice ({fn.__module__} and "
-                         f"{_MODELS[name].builder.__module__}); rename one of them")
-    doc = (inspect.getdoc(fn) or "").split("\n")[0]
-    _MODELS[name] = ModelInfo(name, fn.__module__.rsplit(".", 1)[-1], fn, doc)
-    return fn
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = fn.__name__
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice ({fn.__module__} and "
+                             f"{_MODELS[name].builder.__module__}); rename one of them")
+        doc = (inspect.getdoc(fn) or "").split("\n")[0]
+        _MODELS[name] = ModelInfo(name, fn.__module__.rsplit(".", 1)[-1], fn, doc, task)
+        return fn
+
+    return deco if fn is None else deco(fn)
 
 
 def _ensure_loaded() -> None:
@@ -74,8 +88,8 @@ def model_info(name: str) -> ModelInfo:
     return _MODELS[name]
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Names of registered models, sorted, optionally filtered by a shell-style pattern.
+def list_models(pattern: str | None = None, task: str | None = None) -> list[str]:
+    """Names of registered models, sorted, optionally filtered by a shell-style pattern and task.
 
     Example:
         >>> "resnet18" in list_models("resnet*")
@@ -85,6 +99,10 @@ def list_models(pattern: str | None = None) -> list[str]:
     names = sorted(_MODELS)
     if pattern:
         names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if task is not None:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        names = [n for n in names if _MODELS[n].task == task]
     return names
 
 

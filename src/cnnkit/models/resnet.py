@@ -9,6 +9,13 @@ the 3x3 convolution rather than on the first 1x1 one, which is slightly more acc
 The Wide ResNets ``wide_resnet50_2`` / ``wide_resnet101_2`` are Zagoruyko and
 Komodakis (2016), "Wide Residual Networks", BMVC, in torchvision's ImageNet form:
 the Bottleneck's inner width is doubled while its output width stays the same.
+
+``output_stride`` 16 or 8 makes the backbone atrous for dense prediction (Chen,
+Papandreou, Schroff and Adam 2017, "Rethinking Atrous Convolution for Semantic Image
+Segmentation"), as torchvision's ``replace_stride_with_dilation``: the last one or two
+stages keep their resolution (stride 1) and their 3x3 convolutions are dilated by 2,
+then 4, so the receptive field grows as if they still downsampled. Parameters and keys
+are unchanged, so ImageNet checkpoints load into an atrous backbone.
 (The CIFAR WRN-d-k with pre-activation blocks lives in :mod:`cnnkit.models.wide_resnet`.)
 
 With the default stem, ``attn=None`` and 1000 classes, module names, state_dict keys,
@@ -33,9 +40,11 @@ _PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition"
 _WRN_PAPER = "Zagoruyko and Komodakis 2016, Wide Residual Networks"
 
 
-def conv3x3(in_chs: int, out_chs: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    """3x3 convolution, padding 1, no bias (a BatchNorm follows)."""
-    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, groups=groups, bias=False)
+def conv3x3(in_chs: int, out_chs: int, stride: int = 1, groups: int = 1,
+            dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution, padding = dilation (size-preserving at stride 1), no bias."""
+    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
 
 
 def conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
@@ -54,15 +63,18 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
-                 attn: str | None = None) -> None:
+                 attn: str | None = None, dilation: int = 1,
+                 first_dilation: int | None = None) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64; "
                              "use the Bottleneck block for ResNeXt / wide variants")
-        self.conv1 = conv3x3(in_chs, planes, stride)
+        # The first block of a dilated stage enters with the previous stage's dilation
+        # (torchvision's rule for Bottleneck, timm's for BasicBlock).
+        self.conv1 = conv3x3(in_chs, planes, stride, dilation=first_dilation or dilation)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes, dilation=dilation)
         self.bn2 = nn.BatchNorm2d(planes)
         self.attn = create_attn(attn, planes)
         self.downsample = downsample
@@ -91,13 +103,15 @@ class Bottleneck(nn.Module):
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
-                 attn: str | None = None) -> None:
+                 attn: str | None = None, dilation: int = 1,
+                 first_dilation: int | None = None) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         out_chs = planes * self.expansion
         self.conv1 = conv1x1(in_chs, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, groups)
+        # torchvision: the 3x3 of a dilated stage's first block keeps the previous dilation.
+        self.conv2 = conv3x3(width, width, stride, groups, first_dilation or dilation)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, out_chs)
         self.bn3 = nn.BatchNorm2d(out_chs)
@@ -138,6 +152,11 @@ class ResNet(Classifier):
         groups: convolution groups of the Bottleneck's 3x3 conv.
         width_per_group: Bottleneck width per group (64 for ResNet, 128 for WRN-x-2).
         drop_rate: dropout probability before the classifier.
+        output_stride: total stride of ``layer4`` with the ImageNet stem: 32 (plain),
+            16 (``layer4`` dilated by 2) or 8 (``layer3`` by 2, ``layer4`` by 4), as
+            torchvision's ``replace_stride_with_dilation`` (Chen et al. 2017, "Rethinking
+            Atrous Convolution for Semantic Image Segmentation"). The small stem divides
+            every reduction by 4 (16 gives 4, 8 gives 2).
         paper: citation stored in ``default_cfg``.
 
     Example:
@@ -150,16 +169,19 @@ class ResNet(Classifier):
                  num_classes: int = 1000, in_chans: int = 3,
                  img_size: int | tuple[int, int] = 224, stem: str = "auto",
                  attn: str | None = None, zero_init_residual: bool = False, groups: int = 1,
-                 width_per_group: int = 64, drop_rate: float = 0.0, paper: str = _PAPER) -> None:
+                 width_per_group: int = 64, drop_rate: float = 0.0, output_stride: int = 32,
+                 paper: str = _PAPER) -> None:
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must give the block count of 4 stages, got {layers}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 32, 16 or 8, got {output_stride!r}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         self.stem = resolve_stem(stem, img_size)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.groups, self.base_width = groups, width_per_group
-        self.inplanes = 64
+        self.inplanes, self.dilation, self.output_stride = 64, 1, output_stride
         # Registration order = torchvision's, so state_dict keys come in the same order.
         small = self.stem == "small"  # keep the resolution: a 32px input leaves 4x4 at layer4
         self.conv1 = (nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False) if small
@@ -168,19 +190,21 @@ class ResNet(Classifier):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if small else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         stem_reduction = 1 if small else 4
+        # Stages 3 and 4 trade their stride for dilation when output_stride asks for it.
+        dilate = {32: (False, False), 16: (False, True), 8: (True, True)}[output_stride]
         self.layer1 = self._make_layer(block, 64, layers[0], 1, attn)
         self.layer2 = self._make_layer(block, 128, layers[1], 2, attn)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, attn)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2, attn)
+        self.layer3 = self._make_layer(block, 256, layers[2], 2, attn, dilate[0])
+        self.layer4 = self._make_layer(block, 512, layers[3], 2, attn, dilate[1])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.num_features = 512 * block.expansion
         self.fc = nn.Linear(self.num_features, num_classes)
         self._init_weights(zero_init_residual)
 
+        reductions = [stem_reduction * min(2 ** i, output_stride // 4) for i in range(4)]
         self.feature_info = [
-            dict(num_chs=planes * block.expansion, reduction=stem_reduction * 2 ** i,
-                 module=f"layer{i + 1}")
-            for i, planes in enumerate((64, 128, 256, 512))
+            dict(num_chs=planes * block.expansion, reduction=r, module=f"layer{i + 1}")
+            for i, (planes, r) in enumerate(zip((64, 128, 256, 512), reductions, strict=True))
         ]
         self.cam_layer = "layer4"
         mean, std = imagenet_stats(in_chans)
@@ -188,17 +212,21 @@ class ResNet(Classifier):
                                 std=std, num_classes=num_classes, paper=paper)
 
     def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int,
-                    stride: int, attn: str | None) -> nn.Sequential:
+                    stride: int, attn: str | None, dilate: bool = False) -> nn.Sequential:
         out_chs = planes * block.expansion
+        previous_dilation = self.dilation
+        if dilate:  # torchvision's replace_stride_with_dilation
+            self.dilation *= stride
+            stride = 1
         downsample = None
         if stride != 1 or self.inplanes != out_chs:  # the shortcut must match shape
             downsample = nn.Sequential(conv1x1(self.inplanes, out_chs, stride),
                                        nn.BatchNorm2d(out_chs))
         mods = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
-                      attn)]
+                      attn, dilation=self.dilation, first_dilation=previous_dilation)]
         self.inplanes = out_chs
         mods += [block(out_chs, planes, groups=self.groups, base_width=self.base_width,
-                       attn=attn) for _ in range(1, blocks)]
+                       attn=attn, dilation=self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*mods)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -244,56 +272,62 @@ def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], num_classes
 @register_model
 def resnet18(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
              stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-             drop_rate: float = 0.0) -> ResNet:
+             drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
     """ResNet-18 (He et al. 2016): BasicBlocks [2, 2, 2, 2], 11.7M parameters."""
     return _resnet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, img_size, stem, attn,
-                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   output_stride=output_stride)
 
 
 @register_model
 def resnet34(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
              stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-             drop_rate: float = 0.0) -> ResNet:
+             drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
     """ResNet-34 (He et al. 2016): BasicBlocks [3, 4, 6, 3], 21.8M parameters."""
     return _resnet(BasicBlock, [3, 4, 6, 3], num_classes, in_chans, img_size, stem, attn,
-                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   output_stride=output_stride)
 
 
 @register_model
 def resnet50(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
              stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-             drop_rate: float = 0.0) -> ResNet:
+             drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
     """ResNet-50 v1.5 (He et al. 2016): Bottlenecks [3, 4, 6, 3], 25.6M parameters."""
     return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, img_size, stem, attn,
-                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   output_stride=output_stride)
 
 
 @register_model
 def resnet101(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
               stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-              drop_rate: float = 0.0) -> ResNet:
+              drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
     """ResNet-101 v1.5 (He et al. 2016): Bottlenecks [3, 4, 23, 3], 44.5M parameters."""
     return _resnet(Bottleneck, [3, 4, 23, 3], num_classes, in_chans, img_size, stem, attn,
-                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   output_stride=output_stride)
 
 
 @register_model
 def resnet152(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
               stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-              drop_rate: float = 0.0) -> ResNet:
+              drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
     """ResNet-152 v1.5 (He et al. 2016): Bottlenecks [3, 8, 36, 3], 60.2M parameters."""
     return _resnet(Bottleneck, [3, 8, 36, 3], num_classes, in_chans, img_size, stem, attn,
-                   zero_init_residual=zero_init_residual, drop_rate=drop_rate)
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   output_stride=output_stride)
 
 
 @register_model
 def wide_resnet50_2(num_classes: int = 1000, in_chans: int = 3,
                     img_size: int | tuple[int, int] = 224, stem: str = "auto",
                     attn: str | None = None, zero_init_residual: bool = False,
-                    drop_rate: float = 0.0) -> ResNet:
+                    drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
     """Wide ResNet-50-2 (Zagoruyko and Komodakis 2016): ResNet-50, bottleneck width x2."""
     return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, img_size, stem, attn,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   output_stride=output_stride,
                    width_per_group=128, paper=_WRN_PAPER)
 
 
@@ -301,8 +335,9 @@ def wide_resnet50_2(num_classes: int = 1000, in_chans: int = 3,
 def wide_resnet101_2(num_classes: int = 1000, in_chans: int = 3,
                      img_size: int | tuple[int, int] = 224, stem: str = "auto",
                      attn: str | None = None, zero_init_residual: bool = False,
-                     drop_rate: float = 0.0) -> ResNet:
+                     drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
     """Wide ResNet-101-2 (Zagoruyko and Komodakis 2016): ResNet-101, bottleneck width x2."""
     return _resnet(Bottleneck, [3, 4, 23, 3], num_classes, in_chans, img_size, stem, attn,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   output_stride=output_stride,
                    width_per_group=128, paper=_WRN_PAPER)

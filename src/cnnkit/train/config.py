@@ -11,9 +11,24 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "DEFAULT_MODEL"]
+__all__ = ["TrainConfig", "DEFAULT_MODEL", "DEFAULTS"]
 
 DEFAULT_MODEL = "tinyvgg_wide"
+# Per task: the model and data a bare `cnnkit train --task T` uses.
+# Segmentation learns per step, not per epoch: small batches and SGD at 0.05 took U-Net
+# to 0.99 mIoU on shapes in 10 epochs on 2 CPU cores; ESPCN needs Adam and no weight
+# decay to beat bicubic (docs/benchmarks.md). lr/weight_decay apply to the task's own
+# optimizer; None means the formula of the attribute docs.
+DEFAULTS = {
+    "classify": {"model": DEFAULT_MODEL, "data": "digits", "loss": "ce", "epochs": 30,
+                 "batch_size": 64, "optimizer": "sgd", "lr": None, "weight_decay": None},
+    "segment": {"model": "unet_small", "data": "shapes", "loss": "ce+dice", "epochs": 10,
+                "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "weight_decay": None},
+    "superres": {"model": "espcn", "data": "shapes", "loss": "mse", "epochs": 100,
+                 "batch_size": 16, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+}
+_LOSSES = {"classify": ("ce",), "segment": ("ce", "dice", "focal", "ce+dice", "focal+dice"),
+           "superres": ("mse", "l1")}
 
 _CHOICES = {
     "optimizer": ("sgd", "adamw"),
@@ -27,25 +42,35 @@ class TrainConfig:
     """Everything that determines a training run.
 
     Attributes:
-        model: registry name (``cnnkit models`` lists them).
+        task: ``"classify"`` (a label per image), ``"segment"`` (a label per pixel)
+            or ``"superres"`` (a ``scale`` times larger image).
+        model: registry name (``cnnkit models`` lists them); per task default
+            (:data:`DEFAULTS`) when None.
         model_kwargs: extra builder options, e.g. ``{"attn": "eca", "width": 32}``.
-        data: a built-in data set name or a folder / ``.csv`` / ``.npz`` path.
+        data: a built-in data set name or a folder / ``.csv`` / ``.npz`` path; per task
+            default when None.
         data_options: options of the data set (``{"n": 3000}`` for ``shapes``).
         image_size: resize user images to this size; the data set's own size when None.
         channels: force 1 or 3 input channels for user images.
         split: train/val/test fractions of the stratified split.
         augment: augmentation policy, ``"auto"`` for the data set's default.
-        epochs: passes over the training split.
-        batch_size: samples per optimisation step.
-        optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``.
-        lr: peak learning rate; ``None`` picks 0.1 x batch/256 for SGD and 2e-3 for AdamW.
+        epochs: passes over the training split; per task default when None.
+        batch_size: samples per optimisation step; per task default when None.
+        optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``; per task default
+            (AdamW for super-resolution, else SGD) when None.
+        lr: peak learning rate; ``None`` picks 0.1 x batch/256 for SGD (0.05 for
+            segmentation) and 2e-3 for AdamW.
         momentum: SGD momentum.
         weight_decay: applied to weights only, never to norms and biases; ``None``
             picks 5e-4 for SGD and 0.05 for AdamW.
         schedule: ``"cosine"`` (linear warm-up then cosine to zero), ``"onecycle"``
             (Smith and Topin 2019) or ``"constant"`` after warm-up.
         warmup_epochs: linear warm-up length in epochs (may be fractional).
-        label_smoothing: Szegedy et al. 2016 label smoothing.
+        label_smoothing: Szegedy et al. 2016 label smoothing (classification only).
+        loss: ``"auto"`` (the task's default) or, for segmentation, ``"ce"``,
+            ``"dice"``, ``"focal"``, ``"ce+dice"``, ``"focal+dice"`` (the sum); for
+            super-resolution ``"mse"`` (as ESPCN) or ``"l1"``.
+        scale: super-resolution factor (2, 3, 4 ...).
         grad_clip: clip the global gradient norm to this value (None: off).
         amp: mixed precision: ``"auto"`` (bf16 or fp16 on CUDA, bf16 on CPUs with native
             bf16, else off), ``"off"``,
@@ -63,23 +88,26 @@ class TrainConfig:
         strict: fail on unreadable images instead of skipping them.
     """
 
-    model: str = DEFAULT_MODEL
+    task: str = "classify"
+    model: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    data: str = "digits"
+    data: str | None = None
     data_options: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None
     channels: int | None = None
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     augment: str = "auto"
-    epochs: int = 30
-    batch_size: int = 64
-    optimizer: str = "sgd"
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float | None = None
     schedule: str = "onecycle"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
+    loss: str = "auto"
+    scale: int = 3
     grad_clip: float | None = None
     amp: str = "auto"
     channels_last: bool = False
@@ -94,6 +122,21 @@ class TrainConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        if self.task not in DEFAULTS:
+            raise ValueError(f"task must be one of {', '.join(DEFAULTS)}, got {self.task!r}")
+        defaults = DEFAULTS[self.task]
+        self.model = self.model or defaults["model"]
+        self.data = self.data or defaults["data"]
+        self.optimizer = self.optimizer or defaults["optimizer"]
+        self.epochs = defaults["epochs"] if self.epochs is None else self.epochs
+        self.batch_size = defaults["batch_size"] if self.batch_size is None else self.batch_size
+        if self.loss == "auto":
+            self.loss = defaults["loss"]
+        if self.loss not in _LOSSES[self.task]:
+            raise ValueError(f"loss {self.loss!r} does not fit task {self.task}; choose from "
+                             f"{', '.join(_LOSSES[self.task])}")
+        if int(self.scale) < 2:
+            raise ValueError(f"scale must be an integer >= 2, got {self.scale}")
         for key, choices in _CHOICES.items():
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key} must be one of {', '.join(choices)}, "
@@ -124,12 +167,18 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
+        own = DEFAULTS[self.task]
+        if self.optimizer == own["optimizer"] and own["lr"] is not None:
+            return own["lr"]
         return 0.1 * self.batch_size / 256 if self.optimizer == "sgd" else 2e-3
 
     @property
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:
             return self.weight_decay
+        own = DEFAULTS[self.task]
+        if self.optimizer == own["optimizer"] and own["weight_decay"] is not None:
+            return own["weight_decay"]
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
     def to_dict(self) -> dict[str, Any]:

@@ -121,6 +121,7 @@ class Preprocess:
     mean: list[float]
     std: list[float]
     classes: list[str] = field(default_factory=list)
+    task: str = "classify"
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
@@ -139,7 +140,7 @@ class Preprocess:
 
     def to_dict(self) -> dict[str, Any]:
         return {"input_size": list(self.input_size), "mean": list(self.mean),
-                "std": list(self.std), "classes": list(self.classes)}
+                "std": list(self.std), "classes": list(self.classes), "task": self.task}
 
 
 @dataclass
@@ -162,8 +163,12 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
     from cnnkit.models import create_model
 
     c, h, w = meta["input_size"]
+    kwargs = dict(meta.get("model_kwargs", {}))
+    if meta.get("task", "classify") == "superres":  # the image size is the low-res input's
+        s = kwargs["scale"]
+        return create_model(meta["model"], in_chans=c, img_size=(h // s, w // s), **kwargs)
     return create_model(meta["model"], num_classes=len(meta["classes"]), in_chans=c,
-                        img_size=(h, w), **meta.get("model_kwargs", {}))
+                        img_size=(h, w), **kwargs)
 
 
 def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu") -> Run:
@@ -192,6 +197,7 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
     model = build_model(meta)
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
-    prep = Preprocess(tuple(meta["input_size"]), meta["mean"], meta["std"], meta["classes"])
+    prep = Preprocess(tuple(meta["input_size"]), meta["mean"], meta["std"], meta["classes"],
+                      meta.get("task", "classify"))
     summary = json.loads(paths.summary.read_text()) if paths.summary.is_file() else None
     return Run(root, model, config, prep, summary)

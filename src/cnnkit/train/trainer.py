@@ -36,6 +36,7 @@ from .run import (
     write_json,
     write_yaml,
 )
+from .tasks import evaluate_classify, get_task
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "evaluate"]
 
@@ -53,27 +54,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None,
              label_smoothing: float = 0.0) -> dict[str, Any]:
-    """Loss, accuracy, predictions, probabilities and targets of ``model`` over ``loader``."""
-    was_training = model.training
-    model.eval()
-    crit = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="sum")
-    loss, preds, probs, targets = torch.zeros((), device=device), [], [], []
-    for x, y in loader:
-        with autocast(device, amp):
-            out = model(x)
-        loss += crit(out.float(), y)
-        p = out.float().softmax(1)
-        probs.append(p.cpu())
-        preds.append(p.argmax(1).cpu())
-        targets.append(y.cpu())
-    model.train(was_training)
-    preds_t, targets_t = torch.cat(preds), torch.cat(targets)
-    n = max(1, len(targets_t))
-    return {"loss": float(loss) / n, "accuracy": float((preds_t == targets_t).float().mean()),
-            "preds": preds_t, "probs": torch.cat(probs), "targets": targets_t}
+    """Loss, accuracy, predictions, probabilities and targets of a classifier over ``loader``."""
+    return evaluate_classify(model, loader, device, amp, label_smoothing)
 
 
 class Trainer:
@@ -118,41 +102,50 @@ class Trainer:
 
     def _setup(self) -> None:
         from cnnkit.data import TensorLoader, channel_stats, load_data, split_indices
-        from cnnkit.models import create_model
+        from cnnkit.models import create_model, model_info
 
         cfg = self.config
+        task = self.task = get_task(cfg)
+        info = model_info(cfg.model)
+        if info.task != task.name:
+            raise ValueError(f"model {cfg.model!r} is a {info.task} model but the task is "
+                             f"{task.name}; pass --task {info.task}, or pick a {task.name} model "
+                             f"(`cnnkit models --task {task.name}`)")
         seed_everything(cfg.seed, cfg.deterministic)
         self.device = resolve_device(cfg.device)
         self.amp = resolve_amp(cfg.amp, self.device)
         data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                         strict=cfg.strict, seed=cfg.seed, **cfg.data_options)
+                         strict=cfg.strict, seed=cfg.seed, task=task.name, **cfg.data_options)
         self.data = data
         self.split = split_indices(data.labels, cfg.split, seed=cfg.seed)
         train_idx, val_idx, test_idx = self.split
         mean, std = channel_stats(data.images[train_idx])
         std = [s if s > 0 else 1.0 for s in std]  # a constant channel: centre it, do not scale
         c, h, w = data.input_size
-        self.preprocess = Preprocess((c, h, w), mean, std, list(data.classes))
-        augment = data.augment if cfg.augment == "auto" else cfg.augment
+        self.preprocess = Preprocess((c, h, w), mean, std, task.classes(data), task.name)
+        augment = task.augment(data) if cfg.augment == "auto" else cfg.augment
+        self.model = create_model(cfg.model, **task.model_kwargs(data),
+                                  **cfg.model_kwargs).to(self.device)
+        # Dense models take sizes that are multiples of their stride: pad (or crop) once.
+        shaped = task.prepare(data, getattr(self.model, "size_multiple", 1))
+        targets = task.targets(shaped)
 
         def loader(idx: torch.Tensor, train: bool) -> TensorLoader:
-            return TensorLoader(data.images[idx], data.labels[idx], cfg.batch_size,
+            return TensorLoader(shaped.images[idx], targets[idx], cfg.batch_size,
                                 shuffle=train, drop_last=train and len(idx) > cfg.batch_size,
                                 mean=mean, std=std, augment=augment if train else "none",
                                 seed=cfg.seed, device=self.device,
-                                channels_last=cfg.channels_last)
+                                channels_last=cfg.channels_last, **task.loader_kwargs())
 
         self.train_loader = loader(train_idx, True)
         self.val_loader, self.test_loader = loader(val_idx, False), loader(test_idx, False)
-        self.model = create_model(cfg.model, num_classes=len(data.classes), in_chans=c,
-                                  img_size=(h, w), **cfg.model_kwargs).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.criterion = task.criterion()
         self.epoch, self.history = 0, []
         self.best_acc, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         if self.resuming:
@@ -161,8 +154,10 @@ class Trainer:
     @property
     def meta(self) -> dict[str, Any]:
         """Metadata saved inside every weights file: enough to rebuild the model."""
-        return {"model": self.config.model, "model_kwargs": self.config.model_kwargs,
-                **self.preprocess.to_dict()}
+        kwargs = dict(self.config.model_kwargs)
+        if self.task.name == "superres":
+            kwargs["scale"] = self.config.scale
+        return {"model": self.config.model, "model_kwargs": kwargs, **self.preprocess.to_dict()}
 
     # -- state for resume --------------------------------------------------------------------
 
@@ -214,8 +209,9 @@ class Trainer:
         self.train_loader.set_epoch(self.epoch)
         check_every = 1 if device.type == "cpu" else 32
         loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen, t0, last_draw = 0, time.perf_counter(), 0.0
+        correct = torch.zeros((), device=device)
+        seen, counted, t0, last_draw = 0, 0, time.perf_counter(), 0.0
+        tag = {"accuracy": "acc", "miou": "pix_acc", "psnr": "psnr"}[self.task.metric]
         for step, (x, y) in enumerate(self.train_loader):
             with autocast(device, self.amp):
                 out = model(x)
@@ -231,7 +227,9 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(model)
             loss_sum += loss.detach() * len(y)
-            correct += (out.detach().argmax(1) == y).sum()
+            score, count = self.task.batch_score(out, y)
+            correct += score
+            counted += count
             seen += len(y)
             if (step + 1) % check_every == 0 and not math.isfinite(float(loss_sum)):
                 self._nonfinite(step)
@@ -240,13 +238,15 @@ class Trainer:
             if now - last_draw > 0.5:
                 last_draw = now
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
-                                acc=f"{float(correct) / seen:.3f}",
+                                **{tag: f"{float(correct) / max(1, counted):.3f}"},
                                 sps=f"{seen / (now - t0):.0f}", refresh=False)
         if not math.isfinite(float(loss_sum)):
             self._nonfinite(len(self.train_loader) - 1)
         elapsed = time.perf_counter() - t0
+        train_score = {"accuracy": "train_accuracy", "miou": "train_pixel_accuracy",
+                       "psnr": "train_psnr"}[self.task.metric]
         return {"train_loss": float(loss_sum) / max(1, seen),
-                "train_accuracy": float(correct) / max(1, seen),
+                train_score: float(correct) / max(1, counted),
                 "samples_per_s": seen / elapsed, "epoch_time_s": elapsed}
 
     def _nonfinite(self, step: int) -> None:
@@ -260,11 +260,11 @@ class Trainer:
 
     def _evaluate(self, loader) -> dict[str, Any]:
         if self.ema is None:
-            return evaluate(self.model, loader, self.device, self.amp)
+            return self.task.evaluate(self.model, loader, self.device, self.amp)
         live = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(self.ema.state)
         try:
-            return evaluate(self.model, loader, self.device, self.amp)
+            return self.task.evaluate(self.model, loader, self.device, self.amp)
         finally:
             self.model.load_state_dict(live)
 
@@ -287,26 +287,28 @@ class Trainer:
                 metrics = self._train_epoch(bar)
                 val = self._evaluate(self.val_loader)
                 self.epoch += 1
+                key = self.task.metric
                 metrics = {"epoch": self.epoch, **metrics, "val_loss": val["loss"],
-                           "val_accuracy": val["accuracy"],
-                           "lr": self.optimizer.param_groups[0]["lr"]}
+                           f"val_{key}": val[key], "lr": self.optimizer.param_groups[0]["lr"]}
                 self.history.append(metrics)
-                improved = val["accuracy"] > self.best_acc
+                improved = val[key] > self.best_acc
                 if improved:
-                    self.best_acc, self.best_epoch, self.bad_epochs = val["accuracy"], self.epoch, 0
+                    self.best_acc, self.best_epoch, self.bad_epochs = val[key], self.epoch, 0
                     save_weights(paths.weights, self._eval_weights(), self.meta)
                 else:
                     self.bad_epochs += 1
                 save_weights(paths.last, self._eval_weights(), self.meta)
                 save_state(paths.state, self._state())
                 atomic_write(paths.metrics, "".join(json.dumps(m) + "\n" for m in self.history))
+                train_key = next(k for k in metrics if k.startswith("train_") and
+                                 k != "train_loss")
                 bar.write(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
-                          f"acc {metrics['train_accuracy']:.4f}  val_acc {val['accuracy']:.4f}  "
+                          f"{train_key[6:]} {metrics[train_key]:.4f}  val_{key} {val[key]:.4f}  "
                           f"{metrics['samples_per_s']:.0f} samples/s", file=sys.stderr)
                 for cb in self.callbacks:
                     cb(self, self.epoch, metrics)
                 if cfg.early_stopping and self.bad_epochs >= cfg.early_stopping:
-                    bar.write("early stopping: no better val_accuracy for "
+                    bar.write(f"early stopping: no better val_{key} for "
                               f"{self.bad_epochs} epochs", file=sys.stderr)
                     break
         finally:
@@ -319,12 +321,12 @@ class Trainer:
         best, _ = load_weights(self.paths.weights)
         self.model.load_state_dict(best)
         # The reference number is full precision, as `cnnkit eval` and users compute it.
-        test = evaluate(self.model, self.test_loader, self.device)
+        test = self.task.evaluate(self.model, self.test_loader, self.device)
         c, h, w = self.preprocess.input_size
         summary = {
-            "model": self.config.model, "data": self.config.data,
-            "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-            "best_val_accuracy": self.best_acc, "best_epoch": self.best_epoch,
+            "model": self.config.model, "data": self.config.data, "task": self.task.name,
+            **self.task.summary(test),
+            f"best_val_{self.task.metric}": self.best_acc, "best_epoch": self.best_epoch,
             "epochs_run": self.epoch, "stopped_early": self.epoch < self.config.epochs,
             "input_size": [c, h, w], "num_classes": len(self.preprocess.classes),
             "classes": self.preprocess.classes,
