@@ -101,3 +101,14 @@ def test_models_task_filter(cli):
     assert code == 0 and "unet" in names and "deeplabv3" in names and "resnet18" not in names
     code, out, _ = cli(["models", "--task", "superres"])
     assert [line.split()[0] for line in out.splitlines()] == ["espcn"]
+
+
+def test_summary_of_dense_models(cli, one_line_error):
+    code, out, err = cli(["summary", "espcn", "--json"])
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["output_shape"] == [1, 1, 51, 51] and res["total_params"] == 22_729
+    code, out, err = cli(["summary", "unet3d", "--input", "1x16x16x16"])
+    assert code == 0 and "Output: [1, 3, 16, 16, 16]" in out, err
+    code, _, err = cli(["summary", "resnet18", "--input", "3x16x16x16"])
+    assert "CxDxHxW is for volume models" in one_line_error(code, err)

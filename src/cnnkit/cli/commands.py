@@ -190,7 +190,13 @@ def summary(args: argparse.Namespace) -> int:
             kwargs["num_classes"] = args.num_classes
         if args.input:
             kwargs.update(in_chans=args.input[0], img_size=args.input[1:])
-        model = create_model(target, **kwargs)
+        try:
+            model = create_model(target, **kwargs)
+        except (ValueError, TypeError) as e:
+            if not args.input or len(args.input) == 3:
+                raise
+            raise ValueError(f"{target} takes images (--input CxHxW); CxDxHxW is for volume "
+                             "models such as unet3d") from e
         size = args.input or model.default_cfg["input_size"]
     try:
         result = model_summary(model, tuple(size))
@@ -202,6 +208,55 @@ def summary(args: argparse.Namespace) -> int:
                          "another --input (larger, or the size it was built for) or omit it"
                          ) from e
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return 0
+
+
+def compress(args: argparse.Namespace) -> int:
+    from cnnkit.compress.pipeline import compress_run
+
+    if args.criterion:
+        from cnnkit.compress.prune import criteria
+
+        if args.criterion not in criteria():
+            raise ValueError(f"unknown --criterion {args.criterion!r}; choose from "
+                             f"{', '.join(criteria())}")
+    with contextlib.redirect_stdout(sys.stderr):
+        result = compress_run(args.run, args.out, prune=args.prune, criterion=args.criterion,
+                              global_ranking=args.global_ranking, finetune=args.finetune,
+                              quantize=args.quantize, observer=args.observer,
+                              progress=False if args.no_progress else None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'model':<9} {'accuracy':>8} {'params':>10} {'MACs':>12} {'MB':>7} "
+          f"{'b1 ms':>7} {'b32 ms':>8} {'speed-up b32':>12}")
+    for name, r in result["models"].items():
+        macs = f"{r['macs']:,}" if r["macs"] is not None else "-"
+        print(f"{name:<9} {r['accuracy']:>8.4f} {r['params']:>10,} {macs:>12} "
+              f"{r['bytes'] / 1e6:>7.2f} {r['latency_b1'] * 1e3:>7.2f} "
+              f"{r['latency_b32'] * 1e3:>8.2f} {r['speedup_b32']:>11.2f}x")
+    print(f"wrote {result['out']} (compress.json)")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    import torch
+
+    from cnnkit.compress.export import export as export_model
+    from cnnkit.train import load_run
+
+    run = load_run(args.run)
+    c, h, w = run.preprocess.input_size
+    scale = int(getattr(run.model, "scale", 1))
+    x = torch.rand(2, c, h // scale, w // scale)
+    out = args.out or run.path / ("model.onnx" if args.format == "onnx" else "model.pt")
+    result = export_model(run.model, x, out, format=args.format)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        check = (f"outputs match {result['checked_with']} within {result['max_abs_diff']:.2g}"
+                 if result["checked_with"] else "not run: install onnxruntime to check it")
+        print(f"wrote {result['path']} ({result['bytes'] / 1e6:.2f} MB); {check}")
     return 0
 
 

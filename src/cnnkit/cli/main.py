@@ -25,19 +25,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-class _ExplainParser(_Parser):
-    """``cnnkit explain``: IMAGES is ``nargs="*"`` (optional with --benchmark), which argparse
-    binds, empty, before the options; files written after options (``RUN --method m a.png``)
-    come back unrecognised, so they are taken as IMAGES here."""
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        ns, extras = super().parse_known_args(args, namespace)
-        files = [a for a in extras if not a.startswith("-")]
-        if files:
-            ns.images = [*(getattr(ns, "images", None) or []), *files]
-        return ns, [a for a in extras if a.startswith("-")]
-
-
 def _kv(text: str) -> tuple[str, object]:
     """``key=value`` with the value parsed as YAML (numbers, booleans, lists)."""
     import yaml
@@ -51,16 +38,18 @@ def _kv(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _size(text: str) -> tuple[int, int, int]:
-    """``3x224x224`` -> (3, 224, 224)."""
+def _size(text: str) -> tuple[int, ...]:
+    """``3x224x224`` -> (3, 224, 224); volumes ``CxDxHxW`` (3D models) give four values."""
     try:
-        c, h, w = (int(v) for v in text.lower().split("x"))
+        size = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
-        msg = f"expected CxHxW such as 3x224x224, got {text!r}"
+        size = ()
+    if len(size) not in (3, 4):
+        msg = f"expected CxHxW such as 3x224x224 (CxDxHxW for volumes), got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
-    if min(c, h, w) < 1:
+    if min(size) < 1:
         raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return c, h, w
+    return size
 
 
 def _number(text: str, kind: type, low: float, low_ok: bool, high: float = math.inf):
@@ -145,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run on its test split or on other data")
     e.add_argument("run", metavar="RUN")
     e.add_argument("--data", help="evaluate on this data instead (all of it)")
-    e.add_argument("--weights", choices=["best", "last"], default="best")
+    e.add_argument("--weights", choices=["best", "last", "int8"], default="best",
+                   help="best (default), last, or the int8 model of a compressed run")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=commands.evaluate)
 
@@ -173,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Explain a run's predictions on image files: an overlay "
                        "with a colour bar per image and method, a grid comparing methods, "
                        "and the raw maps as .npy.")
-    x.__class__ = _ExplainParser  # add_parser always builds the subparsers' parser_class
     x.add_argument("run", metavar="RUN")
     x.add_argument("images", metavar="IMAGES", nargs="*",
                    help="image files (required unless --benchmark)")
@@ -196,6 +185,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --benchmark: also the model-randomisation check (slower)")
     x.set_defaults(func=commands.explain)
 
+    cp = sub.add_parser("compress", help="prune, fine-tune and quantise a run; measure "
+                        "accuracy, size and latency before and after")
+    cp.add_argument("run", metavar="RUN")
+    cp.add_argument("--prune", type=_fraction, metavar="RATIO",
+                    help="fraction of channels to remove (structured filter pruning)")
+    cp.add_argument("--criterion", default="l1", help="l1 (default), l2, bn_scale, random")
+    cp.add_argument("--global-ranking", action="store_true",
+                    help="one threshold over all layers instead of the same ratio per layer")
+    cp.add_argument("--finetune", type=_positive_int, metavar="EPOCHS", default=0,
+                    help="fine-tune the pruned model for this many epochs")
+    cp.add_argument("--quantize", choices=["int8"], help="post-training static int8")
+    cp.add_argument("--observer", choices=["minmax", "percentile", "entropy"],
+                    default="minmax", help="int8 activation calibration (default minmax)")
+    cp.add_argument("--out", required=True, metavar="RUN2", help="the new run folder")
+    cp.add_argument("--no-progress", action="store_true")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=commands.compress)
+
+    ex = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked "
+                        "against PyTorch's output")
+    ex.add_argument("run", metavar="RUN")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--out", help="file to write (default RUN/model.onnx or RUN/model.pt)")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=commands.export)
+
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("pattern", nargs="?", help="shell pattern such as 'resnet*'")
     m.add_argument("--task", choices=["classify", "segment", "superres"],
@@ -216,7 +231,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    # `cnnkit explain RUN --method m a.png`: IMAGES is nargs="*" (optional with --benchmark),
+    # which argparse binds, empty, before the options; files after them come back here.
+    if args.command == "explain" and extras and not any(e.startswith("-") for e in extras):
+        args.images, extras = [*args.images, *extras], []
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         parser.print_help()
         return 0

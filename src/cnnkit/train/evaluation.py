@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .run import Run, load_run
 from .trainer import evaluate
 
 __all__ = ["evaluate_run", "predict_files", "predict_dense_files", "run_test_data",
            "run_test_split"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's tensors live (an int8 model keeps its weights in buffers)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def run_test_data(run: Run):
@@ -69,7 +78,7 @@ def evaluate_run(run: str | os.PathLike | Run, data: str | None = None,
     if images.shape[1:] != (c, h, w):
         raise ValueError(f"data has images of size {list(images.shape[1:])} but the model takes "
                          f"{[c, h, w]}; pass a data set with that size")
-    device = next(run.model.parameters()).device
+    device = model_device(run.model)
     loader = TensorLoader(images, labels, batch_size, mean=run.preprocess.mean,
                           std=run.preprocess.std, device=device)
     res = evaluate(run.model, loader, device)
@@ -95,7 +104,7 @@ def _evaluate_dense(run: Run, data: str | None, batch_size: int) -> dict[str, An
                              f"run's model predicts {len(run.classes)}; evaluate on data labelled "
                              "with the run's classes")
     model = run.model
-    device = next(model.parameters()).device
+    device = model_device(model)
     shaped = task.prepare(loaded, getattr(model, "size_multiple", 1))
     loader = TensorLoader(shaped.images, task.targets(shaped), batch_size,
                           mean=run.preprocess.mean, std=run.preprocess.std, device=device,
@@ -116,7 +125,7 @@ def predict_files(run: str | os.PathLike | Run, files: list[str],
         raise ValueError(f"--topk must be at least 1, got {topk}")
     x = torch.stack([run.preprocess(f) for f in files])
     with torch.no_grad():
-        probs = run.model(x.to(next(run.model.parameters()).device)).float().softmax(1).cpu()
+        probs = run.model(x.to(model_device(run.model))).float().softmax(1).cpu()
     k = min(topk, probs.shape[1])
     top = probs.topk(k, dim=1)
     return [{"file": f, "predictions": [
@@ -164,7 +173,7 @@ def predict_dense_files(run: str | os.PathLike | Run, files: list[str], out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prep, model = run.preprocess, run.model
-    device = next(model.parameters()).device
+    device = model_device(model)
     c, h, w = prep.input_size
     scale = int(getattr(model, "scale", 1))
     tile = (h // scale, w // scale)

@@ -50,6 +50,10 @@ class RunPaths:
         return self.root / "model_last.safetensors"
 
     @property
+    def int8(self) -> Path:
+        return self.root / "model_int8.safetensors"
+
+    @property
     def state(self) -> Path:
         return self.root / "train_state.safetensors"
 
@@ -159,16 +163,23 @@ class Run:
 
 
 def build_model(meta: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from the metadata stored in its safetensors file."""
+    """Rebuild a model from the metadata stored in its safetensors file: the registered
+    architecture, then the pruning it went through (replayed, never unpickled)."""
     from cnnkit.models import create_model
 
     c, h, w = meta["input_size"]
     kwargs = dict(meta.get("model_kwargs", {}))
     if meta.get("task", "classify") == "superres":  # the image size is the low-res input's
         s = kwargs["scale"]
-        return create_model(meta["model"], in_chans=c, img_size=(h // s, w // s), **kwargs)
-    return create_model(meta["model"], num_classes=len(meta["classes"]), in_chans=c,
-                        img_size=(h, w), **kwargs)
+        model = create_model(meta["model"], in_chans=c, img_size=(h // s, w // s), **kwargs)
+    else:
+        model = create_model(meta["model"], num_classes=len(meta["classes"]), in_chans=c,
+                             img_size=(h, w), **kwargs)
+    if meta.get("pruning_history"):
+        from cnnkit.compress.prune import apply_history
+
+        model = apply_history(model, meta["pruning_history"])
+    return model
 
 
 def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu") -> Run:
@@ -178,7 +189,8 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
 
     Args:
         path: the run folder (or its name inside ``runs/``).
-        weights: ``"best"`` (by validation accuracy) or ``"last"``.
+        weights: ``"best"`` (by validation accuracy), ``"last"``, or ``"int8"``: the
+            int8 model ``cnnkit compress --quantize int8`` wrote (CPU only).
         device: where to put the model.
 
     Example:
@@ -187,10 +199,15 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
     """
     root = resolve_run(path)
     paths = RunPaths(root)
-    if weights not in ("best", "last"):
-        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    if weights not in ("best", "last", "int8"):
+        raise ValueError(f"weights must be 'best', 'last' or 'int8', got {weights!r}")
+    if weights == "int8" and not paths.int8.is_file():
+        raise ValueError(f"{root} has no int8 model; make one with `cnnkit compress {root} "
+                         "--quantize int8 --out NEW_RUN`")
+    if weights == "int8" and torch.device(device).type != "cpu":
+        raise ValueError("int8 models run on the CPU only; use --device cpu")
     config = read_config(paths.config)
-    state, meta = load_weights(paths.weights if weights == "best" else paths.last)
+    state, meta = load_weights(paths.last if weights == "last" else paths.weights)
     if not meta:
         raise ValueError(f"{paths.weights} carries no cnnkit metadata; "
                          "it was not written by cnnkit")
@@ -199,5 +216,9 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
     model.to(device).eval()
     prep = Preprocess(tuple(meta["input_size"]), meta["mean"], meta["std"], meta["classes"],
                       meta.get("task", "classify"))
+    if weights == "int8":
+        from cnnkit.compress.quantize import load_quantized
+
+        model = load_quantized(paths.int8, model, torch.zeros(1, *prep.input_size))
     summary = json.loads(paths.summary.read_text()) if paths.summary.is_file() else None
     return Run(root, model, config, prep, summary)

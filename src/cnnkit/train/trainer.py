@@ -9,12 +9,13 @@ and one per 32 steps on GPUs, and the progress bar redraws at most twice a secon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from .optim import ModelEma, build_optimizer, build_scheduler
 from .run import (
     Preprocess,
     RunPaths,
+    build_model,
     read_config,
     resolve_run,
     unique_run_dir,
@@ -45,13 +47,29 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run folder keeps the last good checkpoint."""
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels (warn-only) while training, the caller's settings afterwards:
+    a process that trains and then benchmarks or quantises must not keep the slow ones."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None,
@@ -69,6 +87,9 @@ class Trainer:
             raised to train longer).
         progress: show a progress bar (None: only when stderr is a terminal).
         callbacks: functions ``f(trainer, epoch, metrics)`` called after each epoch.
+        model: start from this model instead of a fresh ``create_model(config.model)``
+            (fine-tuning a pruned model: its ``pruning_history`` is saved with its
+            weights, so :func:`cnnkit.load_run` rebuilds it without pickling).
 
     Example:
         >>> from cnnkit.train import Trainer, TrainConfig
@@ -78,7 +99,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig | None = None, *, resume: str | Path | None = None,
                  progress: bool | None = None,
-                 callbacks: list[Callable[[Trainer, int, dict], None]] | None = None) -> None:
+                 callbacks: list[Callable[[Trainer, int, dict], None]] | None = None,
+                 model: nn.Module | None = None) -> None:
         if resume is not None:
             root = resolve_run(resume, config.runs_dir if config else "runs")
             saved = read_config(RunPaths(root).config)
@@ -96,6 +118,7 @@ class Trainer:
         self.resuming = resume is not None
         self.progress = progress
         self.callbacks = list(callbacks or [])
+        self._init_model = model
         self._setup()
 
     # -- setup -----------------------------------------------------------------------------
@@ -111,7 +134,7 @@ class Trainer:
             raise ValueError(f"model {cfg.model!r} is a {info.task} model but the task is "
                              f"{task.name}; pass --task {info.task}, or pick a {task.name} model "
                              f"(`cnnkit models --task {task.name}`)")
-        seed_everything(cfg.seed, cfg.deterministic)
+        seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.amp = resolve_amp(cfg.amp, self.device)
         data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
@@ -124,8 +147,15 @@ class Trainer:
         c, h, w = data.input_size
         self.preprocess = Preprocess((c, h, w), mean, std, task.classes(data), task.name)
         augment = task.augment(data) if cfg.augment == "auto" else cfg.augment
-        self.model = create_model(cfg.model, **task.model_kwargs(data),
-                                  **cfg.model_kwargs).to(self.device)
+        if self._init_model is None and self.resuming:  # a pruned run resumes pruned
+            _, meta = load_weights(self.paths.last)
+            if meta.get("pruning_history"):
+                self._init_model = build_model(meta)
+        if self._init_model is not None:
+            self.model = self._init_model.to(self.device)
+        else:
+            self.model = create_model(cfg.model, **task.model_kwargs(data),
+                                      **cfg.model_kwargs).to(self.device)
         # Dense models take sizes that are multiples of their stride: pad (or crop) once.
         shaped = task.prepare(data, getattr(self.model, "size_multiple", 1))
         targets = task.targets(shaped)
@@ -157,7 +187,10 @@ class Trainer:
         kwargs = dict(self.config.model_kwargs)
         if self.task.name == "superres":
             kwargs["scale"] = self.config.scale
-        return {"model": self.config.model, "model_kwargs": kwargs, **self.preprocess.to_dict()}
+        meta = {"model": self.config.model, "model_kwargs": kwargs, **self.preprocess.to_dict()}
+        if getattr(self.model, "pruning_history", None):
+            meta["pruning_history"] = self.model.pruning_history
+        return meta
 
     # -- state for resume --------------------------------------------------------------------
 
@@ -281,7 +314,7 @@ class Trainer:
         bar = tqdm(total=cfg.epochs * steps, initial=self.epoch * steps, unit="step",
                    disable=None if self.progress is None else not self.progress,
                    dynamic_ncols=True, leave=False)
-        try:
+        with deterministic_algorithms(cfg.deterministic), contextlib.closing(bar):
             while self.epoch < cfg.epochs:
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}")
                 metrics = self._train_epoch(bar)
@@ -311,9 +344,8 @@ class Trainer:
                     bar.write(f"early stopping: no better val_{key} for "
                               f"{self.bad_epochs} epochs", file=sys.stderr)
                     break
-        finally:
             bar.close()
-        return self._finish()
+            return self._finish()
 
     def _finish(self) -> dict[str, Any]:
         from .report import write_report

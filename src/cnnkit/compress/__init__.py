@@ -1,0 +1,32 @@
+"""Compression: structured and unstructured pruning, int8 quantisation, low-rank and binary
+layers, each judged by measured latency and accuracy.
+
+* :func:`prune` removes whole channels and returns a smaller dense model; the coupled
+  channels come from :func:`dependency_groups`, a read-only trace of the model.
+* :func:`quantize` makes a static int8 model (per-channel weights, calibrated observers,
+  BatchNorm folded, conv-BN-ReLU fused); :func:`search_calibration` keeps the most
+  accurate calibration setting.
+* :func:`decompose` factorises convolutions (Tucker-2, CP) and linear layers (SVD);
+  :func:`factorize_model` builds factorised layers for training from the start.
+* :func:`binarize` swaps convolutions for binary-weight or XNOR layers.
+* :func:`magnitude_prune` and :func:`lottery_ticket` for unstructured sparsity.
+* :func:`export` writes ONNX or TorchScript and checks the outputs agree;
+  :func:`compress_run` is ``cnnkit compress``.
+"""
+
+from .binary import BinaryWeightConv2d, XNORConv2d, binarize
+from .export import export
+from .graph import Group, Member, dependency_groups
+from .lowrank import decompose, factorize_model
+from .pipeline import compress_run, measure_latency
+from .prune import apply_history, criteria, prune, register_criterion
+from .quantize import freeze_quantized, load_quantized, quantize, save_quantized, search_calibration
+from .unstructured import lottery_ticket, magnitude_prune, remove_masks, sparsity_report
+
+__all__ = [
+    "BinaryWeightConv2d", "Group", "Member", "XNORConv2d", "apply_history", "binarize",
+    "compress_run", "criteria", "decompose", "dependency_groups", "export",
+    "factorize_model", "freeze_quantized", "load_quantized", "lottery_ticket",
+    "magnitude_prune", "measure_latency", "prune", "quantize", "register_criterion",
+    "remove_masks", "save_quantized", "search_calibration", "sparsity_report",
+]

@@ -1,0 +1,357 @@
+"""Channel dependency analysis: which channels of which layers must be pruned together.
+
+Removing output channel ``c`` of a convolution is only valid if every layer that sees that
+channel drops it too: the BatchNorm after it, the next convolution's input channel ``c``,
+a depthwise convolution (whose input and output channel are one), every operand of a
+residual addition (``a + b`` pairs channel ``c`` of ``a`` with channel ``c`` of ``b``), the
+slice ``[offset + c]`` of a concatenation's consumer, and the ``h * w`` features that
+channel becomes after a flatten into a linear layer. Such a set of coupled channels is a
+:class:`Group` (the "dependency graph" of Fang, Ma, Song, Mi, Wang 2023, "DepGraph:
+Towards any structural pruning").
+
+The analysis is read-only: one forward pass in eval mode under a
+:class:`~torch.overrides.TorchFunctionMode` gives every tensor a channel *layout* (which
+source groups its dim 1 is made of, in order) and records, for each convolution /
+BatchNorm / linear call, which group segment sits at which offset of its channels.
+Layers are recognised by their weight tensors, so no per-architecture code is needed.
+Anything the analysis does not understand (attention gates, channel slicing, grouped
+convolutions, normalisations other than BatchNorm) makes the groups it touches
+unprunable instead of producing a wrong plan; the model's outputs are never pruned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["Group", "Member", "dependency_groups"]
+
+# Ops that keep every channel where it was and map an all-zero channel to zeros, so a
+# removed (zeroed) channel stays removed: activations with f(0) = 0, pools, dropout.
+_PASS = frozenset({
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "gelu",
+    "silu", "silu_", "elu", "elu_", "tanh", "hardswish", "mish", "dropout", "dropout2d",
+    "alpha_dropout", "feature_alpha_dropout", "max_pool1d", "max_pool2d", "max_pool3d",
+    "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "adaptive_max_pool2d_with_indices", "contiguous", "clone", "detach", "to", "float",
+})
+_ADD = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__",
+                  "sub", "sub_", "__sub__", "__rsub__", "__isub__"})
+_CAT = frozenset({"cat", "concat", "concatenate"})
+_CONV = frozenset({"conv1d", "conv2d", "conv3d"})
+_RESHAPE = frozenset({"flatten", "view", "reshape"})
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer's share of a group: channels ``offset + c * span + [0, span)``, c < channels.
+
+    ``kind`` is ``"out"`` (output channels of a conv / rows of a linear), ``"in"`` (input
+    channels of a conv / input features of a linear), ``"bn"`` (a BatchNorm's channels) or
+    ``"dw"`` (a depthwise conv, whose input and output channel are the same). ``span`` is
+    1 except for a linear layer after a flatten, where one channel is ``h * w`` features.
+    """
+
+    name: str
+    kind: str
+    offset: int = 0
+    span: int = 1
+
+
+@dataclass(frozen=True)
+class Group:
+    """Channels that must be pruned together: ``channels`` indices shared by all members."""
+
+    channels: int
+    members: tuple[Member, ...]
+    prunable: bool
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A tensor's dim 1 as a sequence of whole source nodes, each channel ``span`` wide."""
+
+    nodes: tuple[int, ...]
+    span: int = 1
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+class _ChannelTracer(TorchFunctionMode):
+    """Propagates channel layouts through one forward pass and records group members."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.owner: dict[int, tuple[str, nn.Module]] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, (_ConvNd, nn.Linear, _BatchNorm)):
+                for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                    self.owner[id(t)] = (name, module)
+        self.layouts = WeakIdKeyDictionary()
+        self.length: list[int] = []
+        self.parent: list[int] = []
+        self.blocked: set[int] = set()
+        self.members: dict[int, list[Member]] = defaultdict(list)
+        self.out_nodes: dict[str, int] = {}
+
+    # -- union-find over source nodes -------------------------------------------------
+    def new_node(self, length: int) -> int:
+        self.length.append(length)
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, n: int) -> int:
+        while self.parent[n] != n:
+            self.parent[n] = self.parent[self.parent[n]]
+            n = self.parent[n]
+        return n
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+            if max(a, b) in self.blocked:
+                self.blocked.add(min(a, b))
+
+    def block(self, layout: _Layout | None) -> None:
+        for n in layout.nodes if layout else ():
+            self.blocked.add(self.find(n))
+
+    def add_members(self, layout: _Layout, name: str, kind: str, span: int = 1) -> None:
+        offset = 0
+        for n in layout.nodes:
+            self.members[n].append(Member(name, kind, offset * span, span))
+            offset += self.length[n]
+
+    # -- the mode ---------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        ins = [t for t in _tensors((args, kwargs)) if t in self.layouts]
+        first = next(_tensors(out), None)
+        if first is None:  # sizes, shapes, dims: nothing flows
+            return out
+        if name in _CONV:
+            self._conv(args, kwargs, first)
+        elif name == "batch_norm":
+            self._batch_norm(args, kwargs, first)
+        elif name == "linear":
+            self._linear(args, kwargs, first)
+        elif not ins:
+            pass
+        elif name in _PASS or name.lstrip("_") in _PASS:
+            for t in _tensors(out):  # pooling indices too: max_unpool pairs them with x
+                self._unary(args[0], t)
+        elif name in _ADD:
+            self._add(args, first)
+        elif name in _CAT:
+            self._cat(args, kwargs, first)
+        elif name in _RESHAPE:
+            self._reshape(args[0], first)
+        else:
+            for t in ins:  # an op we do not understand: keep its channels whole
+                self.block(self.layouts[t])
+        return out
+
+    def _out_node(self, name: str, channels: int) -> int:
+        if name not in self.out_nodes:
+            self.out_nodes[name] = self.new_node(channels)
+        return self.out_nodes[name]
+
+    def _layer(self, weight: Any, kind: type) -> str | None:
+        owner = self.owner.get(id(weight))
+        return owner[0] if owner and isinstance(owner[1], kind) else None
+
+    def _conv(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x, weight = args[0], _arg(args, kwargs, 1, "weight")
+        groups = _arg(args, kwargs, 6, "groups", 1)
+        layout = self.layouts.get(x)
+        name = self._layer(weight, _ConvNd)
+        if name is None or (layout is not None and layout.span != 1):
+            self.block(layout)
+            return
+        if groups == 1:
+            if layout is not None:
+                self.add_members(layout, name, "in")
+            node = self._out_node(name, weight.shape[0])
+            self.members[node].append(Member(name, "out"))
+            self.layouts[out] = _Layout((node,))
+        elif groups == x.shape[1] == weight.shape[0] and layout is not None:
+            self.add_members(layout, name, "dw")
+            self.layouts[out] = layout
+        else:  # grouped or channel-multiplying convolutions are not pruned
+            self.block(layout)
+
+    def _batch_norm(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        layout = self.layouts.get(args[0])
+        name = self._layer(_arg(args, kwargs, 1, "running_mean"), _BatchNorm)
+        if name is None:
+            name = self._layer(_arg(args, kwargs, 3, "weight"), _BatchNorm)
+        if layout is None or name is None or layout.span != 1:
+            self.block(layout)
+            return
+        self.add_members(layout, name, "bn")
+        self.layouts[out] = layout
+
+    def _linear(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x, weight = args[0], _arg(args, kwargs, 1, "weight")
+        layout = self.layouts.get(x)
+        name = self._layer(weight, nn.Linear)
+        if name is None or x.dim() != 2:
+            self.block(layout)
+            return
+        if layout is not None:
+            self.add_members(layout, name, "in", layout.span)
+        node = self._out_node(name, weight.shape[0])
+        self.members[node].append(Member(name, "out"))
+        self.layouts[out] = _Layout((node,))
+
+    def _unary(self, x: Any, out: torch.Tensor) -> None:
+        layout = self.layouts.get(x) if isinstance(x, torch.Tensor) else None
+        if layout is None:
+            return
+        if out.dim() == x.dim() and out.shape[1] == x.shape[1]:
+            self.layouts[out] = layout
+        else:
+            self.block(layout)
+
+    def _merge(self, layouts: Sequence[_Layout | None], out: torch.Tensor) -> None:
+        """Operands whose channels meet element-wise: pair their segments or give up."""
+        first = layouts[0]
+        same = all(
+            lay is not None and lay.span == first.span
+            and [self.length[n] for n in lay.nodes] == [self.length[n] for n in first.nodes]
+            for lay in layouts
+        ) if first is not None else False
+        if not same:
+            for lay in layouts:
+                self.block(lay)
+            return
+        for lay in layouts[1:]:
+            for a, b in zip(first.nodes, lay.nodes, strict=True):
+                self.union(a, b)
+        self.layouts[out] = first
+
+    def _add(self, args: tuple, out: torch.Tensor) -> None:
+        operands = args[:2]
+        if not all(isinstance(t, torch.Tensor) for t in operands):
+            # x + scalar shifts a zeroed channel away from zero
+            for t in _tensors(operands):
+                self.block(self.layouts.get(t))
+            return
+        if any(t.dim() < 2 or t.shape[1] != out.shape[1] for t in operands):
+            for t in operands:
+                self.block(self.layouts.get(t))
+            return
+        self._merge([self.layouts.get(t) for t in operands], out)
+
+    def _cat(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        parts = list(_arg(args, kwargs, 0, "tensors"))
+        dim = _arg(args, kwargs, 1, "dim", 0)
+        dim = dim + out.dim() if dim < 0 else dim
+        layouts = [self.layouts.get(t) for t in parts]
+        if dim != 1:
+            self._merge(layouts, out)
+        elif all(lay is not None and lay.span == 1 for lay in layouts):
+            self.layouts[out] = _Layout(tuple(n for lay in layouts for n in lay.nodes))
+        else:
+            for lay in layouts:
+                self.block(lay)
+
+    def _reshape(self, x: Any, out: torch.Tensor) -> None:
+        layout = self.layouts.get(x) if isinstance(x, torch.Tensor) else None
+        if layout is None:
+            return
+        if out.shape == x.shape:
+            self.layouts[out] = layout
+        elif (x.dim() > 2 and out.dim() == 2 and out.shape[0] == x.shape[0]
+              and layout.span == 1):  # flatten(x, 1): channel c -> features c*hw + [0, hw)
+            self.layouts[out] = _Layout(layout.nodes, math.prod(x.shape[2:]))
+        else:
+            self.block(layout)
+
+    # -- result -----------------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        by_root: dict[int, list[Member]] = defaultdict(list)
+        for node, members in sorted(self.members.items()):
+            by_root[self.find(node)].extend(members)
+        blocked = {self.find(n) for n in self.blocked}
+        # A layer dimension claimed by two groups at overlapping indices (a layer called
+        # twice on different inputs) cannot follow both plans: keep both whole.
+        claims: dict[tuple[str, str], list[tuple[int, int, int]]] = defaultdict(list)
+        for root, members in by_root.items():
+            for m in members:
+                dim = "in" if m.kind == "in" else "out"
+                span = (m.offset, m.offset + self.length[root] * m.span)
+                claims[(m.name, dim)].append((root, *span))
+        for spans in claims.values():
+            for i, (ra, a0, a1) in enumerate(spans):
+                for rb, b0, b1 in spans[i + 1:]:
+                    if ra != rb and a0 < b1 and b0 < a1:
+                        blocked |= {ra, rb}
+        result = []
+        for root, members in by_root.items():
+            unique = tuple(dict.fromkeys(members))
+            has_out = any(m.kind == "out" for m in unique)
+            result.append(Group(self.length[root], unique, has_out and root not in blocked))
+        return result
+
+
+def dependency_groups(model: nn.Module,
+                      example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[Group]:
+    """Groups of coupled channels of ``model``, found by tracing one forward pass.
+
+    Args:
+        model: the network; left untouched (traced in eval mode without gradients, its
+            training flag restored).
+        example_inputs: one input tensor or a tuple of positional inputs.
+
+    Returns:
+        Every group in order of first appearance; ``prunable`` is False for groups that
+        reach the model output or an operation the analysis does not model.
+
+    Example:
+        >>> from cnnkit.models import create_model
+        >>> m = create_model("tinyvgg", img_size=32)
+        >>> [g.channels for g in dependency_groups(m, torch.randn(1, 3, 32, 32))]
+        [10, 10, 10, 10, 10]
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    training = model.training
+    model.eval()
+    tracer = _ChannelTracer(model)
+    try:
+        with torch.no_grad(), tracer:
+            out = model(*inputs)
+    finally:
+        model.train(training)
+    for t in _tensors(out):  # the model's outputs (logits) are never pruned
+        tracer.block(tracer.layouts.get(t))
+    return tracer.groups()

@@ -1,0 +1,500 @@
+"""Post-training static int8 quantisation that runs faster on a CPU.
+
+Scheme: Jacob, Kligys, Chen, Zhu, Tang, Howard, Adam and Kalenichenko (2018), "Quantization
+and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR:
+BatchNorm is folded into the preceding convolution, conv(-BN)-ReLU runs as one integer kernel,
+weights are symmetric int8 (one scale per output channel by default, as in Krishnamoorthi
+2018, "Quantizing deep convolutional networks for efficient inference: A whitepaper") and
+activations are affine uint8 with a range chosen on calibration batches by one of three
+observers: ``"minmax"`` (the observed range), ``"percentile"`` (a percentile of ``|x|``;
+McKinstry et al. 2019 / Wu, Judd, Zhang, Isaev and Micikevicius 2020, "Integer Quantization for
+Deep Learning Inference: Principles and Empirical Evaluation") or ``"entropy"`` (the clipping
+threshold minimising the KL divergence between the clipped and the quantised histogram:
+Migacz 2017, "8-bit Inference with TensorRT", GTC).
+
+Execution: torch.ao.quantization's FX graph mode (``prepare_fx`` / ``convert_fx``) with the
+``x86`` engine (fbgemm + oneDNN kernels). Measured on this 2-core CPU (bench/quantize_latency.py)
+it was the fastest working path; torch marks torch.ao.quantization deprecated in favour of
+torchao's PT2E, which is not installed here, so its DeprecationWarnings are silenced locally.
+
+The engine is process-wide torch state (``torch.backends.quantized.engine``): :func:`quantize`
+sets it, and a quantised model must run under the engine it was built with.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import itertools
+import json
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+try:  # the eager/FX quantisation API is deprecated; fail clearly the day it is removed
+    from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
+    from torch.ao.quantization.observer import (
+        MinMaxObserver,
+        PerChannelMinMaxObserver,
+        UniformQuantizationObserverBase,
+    )
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+except ImportError as err:  # pragma: no cover - depends on the installed torch
+    raise ImportError(f"cnnkit.compress.quantize needs torch.ao.quantization's FX API, "
+                      f"which torch {torch.__version__} lacks ({err}); install torch<=2.13"
+                      ) from err
+
+__all__ = ["EntropyObserver", "PercentileObserver", "fold_batchnorm", "freeze_quantized",
+           "load_quantized", "quantize", "save_quantized", "search_calibration"]
+
+OBSERVERS = ("minmax", "percentile", "entropy")
+_BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
+
+
+class _AbsHistogramObserver(UniformQuantizationObserverBase):
+    """Keeps a histogram of ``|x|`` on ``[0, abs_max]``; subclasses pick a threshold ``T``.
+
+    The activation range is the observed ``[min, max]`` clipped to ``[-T, T]``.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None, bins: int = 2048,
+                 **kwargs) -> None:
+        super().__init__(dtype=dtype, qscheme=qscheme, reduce_range=reduce_range,
+                         quant_min=quant_min, quant_max=quant_max, **kwargs)
+        self.bins = bins
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("abs_max", torch.tensor(0.0))
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        x = x_orig.detach().float()
+        self.min_val = torch.minimum(self.min_val, x.min())
+        self.max_val = torch.maximum(self.max_val, x.max())
+        a = x.abs().flatten()
+        new_max = a.max()
+        if new_max > self.abs_max:
+            if self.histogram.sum() > 0:  # rebin the old counts (by bin centre) onto the new range
+                centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * self.abs_max
+                idx = (centres / new_max).mul(self.bins).long().clamp_(max=self.bins - 1)
+                self.histogram = torch.zeros_like(self.histogram).index_add_(0, idx,
+                                                                             self.histogram)
+            self.abs_max = new_max.clone()
+        if self.abs_max == 0:
+            self.histogram[0] += a.numel()
+        else:
+            idx = (a / self.abs_max * self.bins).long().clamp_(max=self.bins - 1)
+            self.histogram += torch.bincount(idx, minlength=self.bins).double()
+        return x_orig
+
+    def threshold(self) -> float:
+        """The clipping threshold ``T`` on ``|x|``."""
+        raise NotImplementedError
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.histogram.sum() == 0:
+            raise ValueError(f"{type(self).__name__} saw no data; pass calibration batches")
+        t = torch.tensor(self.threshold())
+        lo = torch.maximum(self.min_val, -t)
+        hi = torch.minimum(self.max_val, t)
+        return self._calculate_qparams(lo, hi)
+
+    def _levels(self) -> int:
+        """Quantisation levels available on one side of zero (all of them if ``x >= 0``)."""
+        levels = int(self.quant_max) - int(self.quant_min) + 1
+        return levels if float(self.min_val) >= 0 else levels // 2
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, abs_max={float(self.abs_max):.4g}"
+
+
+class PercentileObserver(_AbsHistogramObserver):
+    """Clips activations at the ``percentile``-th percentile of ``|x|`` (default 99.99).
+
+    Wu, Judd, Zhang, Isaev and Micikevicius (2020), "Integer Quantization for Deep Learning
+    Inference: Principles and Empirical Evaluation" (percentile calibration).
+    """
+
+    def __init__(self, percentile: float = 99.99, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        self.percentile = percentile
+
+    def threshold(self) -> float:
+        cdf = torch.cumsum(self.histogram, 0) / self.histogram.sum()
+        i = int(torch.searchsorted(cdf, torch.tensor(self.percentile / 100, dtype=cdf.dtype)))
+        return min(i + 1, self.bins) * float(self.abs_max) / self.bins
+
+
+class EntropyObserver(_AbsHistogramObserver):
+    """KL-divergence ("entropy") calibration of Migacz (2017), "8-bit Inference with TensorRT".
+
+    For every candidate threshold of ``i`` histogram bins (from the number of quantisation
+    levels up to all bins), the reference ``P`` is the histogram clipped at ``i`` with the
+    outliers added to its last bin, and ``Q`` is the first ``i`` bins merged into as many
+    groups as there are quantisation levels and expanded back (each group's count spread
+    evenly over its non-empty bins). The threshold with the smallest ``KL(P || Q)`` wins.
+    The number of levels is the quantised range (128 with the x86 engine's 7-bit
+    activations, 256 otherwise), halved when the tensor has negative values since the range
+    is then split around zero. Unlike the paper's 8-bit symmetric int8 (128 positive levels),
+    torch's activations are affine uint8. This is not torch's ``HistogramObserver``, which
+    minimises an L2 quantisation error (Norm-minimisation search), not a KL divergence.
+    """
+
+    def threshold(self) -> float:
+        # convert_fx asks twice per observer; the O(bins^2) search is worth remembering
+        key = (float(self.histogram.sum()), float(self.abs_max), float(self.min_val))
+        if getattr(self, "_cache", (None,))[0] != key:
+            self._cache = (key, self._search())
+        return self._cache[1]
+
+    def _search(self) -> float:
+        hist = self.histogram.numpy()
+        levels = self._levels()
+        if levels >= self.bins:  # no clipping can help with as many levels as bins
+            return float(self.abs_max)
+        best_i, best_kl = self.bins, float("inf")
+        total = hist.sum()
+        tail = total - np.cumsum(hist)  # counts beyond bin i-1, indexed by i-1
+        for i in range(levels, self.bins + 1):
+            kept = hist[:i]
+            p = kept.copy()
+            p[-1] += tail[i - 1]
+            nonzero = p > 0
+            group = np.arange(i) * levels // i
+            sums = np.bincount(group, weights=kept, minlength=levels)
+            counts = np.bincount(group, weights=nonzero, minlength=levels)
+            q = np.where(nonzero, sums[group] / np.maximum(counts[group], 1), 0.0)
+            p_n, q_n = p[nonzero] / total, q[nonzero] / max(q.sum(), 1e-12)
+            kl = float(np.sum(p_n * np.log(p_n / np.maximum(q_n, 1e-12))))
+            if kl < best_kl:
+                best_i, best_kl = i, kl
+        return best_i * float(self.abs_max) / self.bins
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, tracing through modules built on the fly in ``forward``.
+
+    A slice such as ``self.classifier[:-1]`` (MobileNet's head) is a new ``Sequential`` that
+    is not a registered submodule; its children are, so tracing inside it records them.
+    """
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+    except Exception as err:  # torch.fx raises TraceError, TypeError, ... on dynamic code
+        raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx ({err}); "
+                         "quantize models without data-dependent control flow") from err
+
+
+def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
+    """A float copy of ``model`` (eval mode) with each BatchNorm folded into its convolution.
+
+    ``W' = W * g / sqrt(var + eps)`` per output channel and
+    ``b' = (b - mean) * g / sqrt(var + eps) + beta`` (Jacob et al. 2018, section 3.2, eval
+    form): only a BatchNorm directly fed by a convolution whose output nothing else reads,
+    neither module being called elsewhere, is folded; others are left in place.
+    """
+    gm = _trace(copy.deepcopy(model).eval())
+    modules = dict(gm.named_modules())
+    # a module called at several places (shared weights) must not be changed for one of them
+    calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for node in list(gm.graph.nodes):
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
+            continue
+        prev = node.args[0]
+        conv = modules.get(prev.target) if isinstance(prev, fx.Node) and \
+            prev.op == "call_module" else None
+        if not isinstance(conv, nn.modules.conv._ConvNd) or len(prev.users) != 1 \
+                or isinstance(conv, nn.modules.conv._ConvTransposeNd) \
+                or calls[prev.target] != 1 or calls[node.target] != 1:
+            continue
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean * scale
+            if bn.affine:
+                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+            conv.weight.mul_(scale.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+            conv.bias = nn.Parameter(bias * scale + shift)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _resolve_backend(backend: str) -> str:
+    engines = torch.backends.quantized.supported_engines
+    if backend == "auto":
+        for name in _BACKENDS:
+            if name in engines:
+                return name
+        raise ValueError(f"no int8 engine in this torch build (supported: {engines}); "
+                         "use a torch build with fbgemm/x86 or qnnpack")
+    if backend not in _BACKENDS or backend not in engines:
+        valid = [b for b in _BACKENDS if b in engines]
+        raise ValueError(f"unsupported backend {backend!r}; choose 'auto' or one of {valid}")
+    return backend
+
+
+def _qconfig_mapping(backend: str, observer: str, per_channel: bool) -> QConfigMapping:
+    if observer not in OBSERVERS:
+        raise ValueError(f"unknown observer {observer!r}; choose one of {OBSERVERS}")
+    # fbgemm/x86 int8 kernels accumulate pairs of u8*s8 products in int16: activations keep
+    # 7 bits so the sum cannot saturate (torch's own default for these engines).
+    reduce = backend in ("x86", "fbgemm")
+    act_cls = {"minmax": MinMaxObserver, "percentile": PercentileObserver,
+               "entropy": EntropyObserver}[observer]
+    act = act_cls.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+                            reduce_range=reduce)
+    if per_channel:
+        weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
+                                                    qscheme=torch.per_channel_symmetric)
+    else:
+        weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    # torch's default mapping keeps its fixed-range settings for sigmoid, softmax, ...
+    return get_default_qconfig_mapping(backend).set_global(QConfig(activation=act, weight=weight))
+
+
+def _batches(data: torch.Tensor | Iterable, batch_size: int = 64) -> Iterator[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        yield from data.split(batch_size)
+        return
+    for item in data:
+        yield item[0] if isinstance(item, list | tuple) else item
+
+
+def quantize(model: nn.Module, calibration_data: torch.Tensor | Iterable, *,
+             backend: str = "auto", observer: str = "minmax", per_channel: bool = True,
+             example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
+    """Post-training static int8 quantisation of a float CNN (Jacob et al. 2018).
+
+    Args:
+        model: a float model torch.fx can trace (all cnnkit classifiers without
+            data-dependent control flow). It is not modified.
+        calibration_data: normalised input batches: a tensor ``[N, C, H, W]`` (split in
+            batches of 64) or an iterable of tensors or ``(images, labels)`` pairs.
+        backend: int8 engine, ``"auto"`` (x86 when available) or one of
+            ``torch.backends.quantized.supported_engines``; it is made the current engine.
+        observer: activation range: ``"minmax"``, ``"percentile"`` (99.99th of ``|x|``) or
+            ``"entropy"`` (KL divergence, Migacz 2017).
+        per_channel: one weight scale per output channel (else one per tensor).
+        example_inputs: an input for tracing; defaults to the first calibration batch.
+
+    Returns:
+        The int8 ``GraphModule`` (float in, float out), with ``num_classes`` and
+        ``default_cfg`` copied from ``model`` when it has them.
+    """
+    backend = _resolve_backend(backend)
+    mapping = _qconfig_mapping(backend, observer, per_channel)
+    batches = _batches(calibration_data)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("calibration_data is empty; pass at least one batch of inputs")
+    example = first[:1] if example_inputs is None else example_inputs
+    torch.backends.quantized.engine = backend
+    folded = fold_batchnorm(model)
+    with warnings.catch_warnings():  # torch.ao.quantization deprecation notices (see module doc)
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(folded, mapping, (example,))
+        with torch.no_grad():
+            for x in itertools.chain([first], batches):
+                prepared(x)
+        qmodel = convert_fx(prepared)
+    for attr in ("num_classes", "default_cfg"):
+        if hasattr(model, attr):
+            setattr(qmodel, attr, copy.deepcopy(getattr(model, attr)))
+    qmodel.quant_config = dict(backend=backend, observer=observer, per_channel=per_channel)
+    return qmodel
+
+
+def freeze_quantized(qmodel: fx.GraphModule, example_inputs: torch.Tensor
+                     ) -> torch.jit.ScriptModule:
+    """Trace and freeze an int8 model with TorchScript for lower per-call overhead.
+
+    The FX ``GraphModule`` dispatches every quantised op from Python; on small inputs
+    (tinyvgg_wide at 8x8, batch 1) that overhead makes int8 no faster than fp32, while the
+    frozen TorchScript graph is about 2.5x faster (bench/quantize_latency.py). TorchScript is
+    deprecated in torch but works in 2.13; the result is for inference in this process (save
+    the model with :func:`save_quantized`, not ``torch.jit.save``, to stay pickle-free).
+    """
+    with warnings.catch_warnings(), torch.no_grad():  # TorchScript deprecation notices
+        warnings.simplefilter("ignore")
+        return torch.jit.freeze(torch.jit.trace(qmodel.eval(), example_inputs))
+
+
+def _accuracy(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor] | Iterable) -> float:
+    if isinstance(val, tuple) and len(val) == 2 and isinstance(val[0], torch.Tensor):
+        val = zip(val[0].split(256), val[1].split(256), strict=True)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in val:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    if total == 0:
+        raise ValueError("the validation data is empty; pass (images, labels) batches")
+    return correct / total
+
+
+def search_calibration(model: nn.Module, calibration_data: torch.Tensor | Iterable,
+                       val: tuple[torch.Tensor, torch.Tensor] | Iterable, *,
+                       backend: str = "auto", observers: Iterable[str] = OBSERVERS,
+                       per_channel: Iterable[bool] = (True, False),
+                       example_inputs: torch.Tensor | None = None,
+                       ) -> tuple[fx.GraphModule, list[dict]]:
+    """Quantise with every (observer, per-channel) setting and keep the most accurate.
+
+    Quantune (Lee, Kim, Lee, Park and Kim 2023, "Quantune: Post-training quantization of
+    convolutional neural networks using extreme gradient boosting for fast deployment")
+    searches the calibration configuration per model with a learned cost model; our grid is
+    small (3 observers x 2 weight granularities), so this is a plain exhaustive search.
+
+    Args:
+        model: float model, as for :func:`quantize`.
+        calibration_data: calibration batches, as for :func:`quantize` (a tensor or a
+            re-iterable, since it is read once per setting).
+        val: ``(images, labels)`` tensors or an iterable of ``(images, labels)`` batches
+            (re-iterable), images normalised like the calibration data.
+        backend: int8 engine, as for :func:`quantize`.
+        observers: activation observers to try.
+        per_channel: weight granularities to try.
+        example_inputs: as for :func:`quantize`.
+
+    Returns:
+        The most accurate int8 model (first in grid order on ties) and one row per setting:
+        ``{"observer", "per_channel", "accuracy"}`` plus a first row ``observer="float"``
+        with the float model's accuracy.
+    """
+    if isinstance(val, Iterator):
+        raise ValueError("val is a one-shot iterator; pass tensors or a re-iterable loader")
+    table = [dict(observer="float", per_channel=None, accuracy=_accuracy(model.eval(), val))]
+    best, best_acc = None, -1.0
+    for obs, pc in itertools.product(list(observers), list(per_channel)):
+        qmodel = quantize(model, calibration_data, backend=backend, observer=obs,
+                          per_channel=pc, example_inputs=example_inputs)
+        acc = _accuracy(qmodel, val)
+        table.append(dict(observer=obs, per_channel=pc, accuracy=acc))
+        if acc > best_acc:
+            best, best_acc = qmodel, acc
+    if best is None:
+        raise ValueError("empty search grid; pass at least one observer and per_channel value")
+    return best, table
+
+
+def save_quantized(qmodel: fx.GraphModule, path: str | Path) -> Path:
+    """Save an int8 model's state as safetensors (int8 codes, scales, zero points), no pickle,
+    written atomically.
+
+    The graph is not stored: :func:`load_quantized` rebuilds it from the float architecture.
+    """
+    from cnnkit.train.checkpoint import atomic_write
+
+    path = Path(path)
+    atomic_write(path, quantized_bytes(qmodel))
+    return path
+
+
+def quantized_bytes(qmodel: fx.GraphModule) -> bytes:
+    """The safetensors bytes :func:`save_quantized` writes."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    spec: dict[str, dict] = {}
+
+    def put(key: str, value: object) -> dict:
+        if value is None:
+            return dict(kind="none")
+        if isinstance(value, torch.dtype):
+            return dict(kind="dtype", value=str(value).removeprefix("torch."))
+        if isinstance(value, tuple | list):
+            return dict(kind="tuple", items=[put(f"{key}::{i}", v) for i, v in enumerate(value)])
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"cannot save state entry {key!r} of type {type(value).__name__}")
+        value = value.detach()
+        if not value.is_quantized:
+            tensors[key] = value.contiguous().clone()
+            return dict(kind="tensor")
+        tensors[key] = value.int_repr().contiguous()
+        dtype = str(value.dtype).removeprefix("torch.")
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            tensors[f"{key}::scales"] = value.q_per_channel_scales().contiguous()
+            tensors[f"{key}::zero_points"] = value.q_per_channel_zero_points().contiguous()
+            return dict(kind="per_channel", dtype=dtype, axis=value.q_per_channel_axis())
+        return dict(kind="per_tensor", dtype=dtype, scale=value.q_scale(),
+                    zero_point=value.q_zero_point())
+
+    for key, value in qmodel.state_dict().items():
+        spec[key] = put(key, value)
+    meta = dict(spec=spec, quant_config=getattr(qmodel, "quant_config", {}))
+    return save(tensors, metadata={"cnnkit_quantized": json.dumps(meta)})
+
+
+def load_quantized(path: str | Path, model: nn.Module,
+                   example_inputs: torch.Tensor) -> fx.GraphModule:
+    """Load :func:`save_quantized` output into the int8 graph of ``model``'s architecture.
+
+    Args:
+        path: the ``.safetensors`` file.
+        model: a float model of the same architecture (its weights are not used).
+        example_inputs: one input batch of the right shape (traces and builds the graph).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no quantised model at {path}; save one with save_quantized")
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("cnnkit_quantized")
+        if raw is None:
+            raise ValueError(f"{path} was not written by save_quantized; re-save the model")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(raw)
+
+    def get(key: str, s: dict) -> object:
+        kind = s["kind"]
+        if kind == "none":
+            return None
+        if kind == "dtype":
+            return getattr(torch, s["value"])
+        if kind == "tuple":
+            return tuple(get(f"{key}::{i}", item) for i, item in enumerate(s["items"]))
+        if kind == "tensor":
+            return tensors[key]
+        if kind == "per_channel":
+            return torch._make_per_channel_quantized_tensor(
+                tensors[key], tensors[f"{key}::scales"], tensors[f"{key}::zero_points"],
+                s["axis"])
+        return torch._make_per_tensor_quantized_tensor(tensors[key], s["scale"], s["zero_point"])
+
+    cfg = meta["quant_config"]
+    qmodel = quantize(model, example_inputs, backend=cfg.get("backend", "auto"),
+                      per_channel=cfg.get("per_channel", True))
+    state = collections.OrderedDict((k, get(k, s)) for k, s in meta["spec"].items())
+    # torch's quantised modules read their format version from the state's _metadata
+    state._metadata = qmodel.state_dict()._metadata  # type: ignore[attr-defined]
+    qmodel.load_state_dict(state)
+    qmodel.quant_config = cfg
+    return qmodel

@@ -1,0 +1,46 @@
+"""`cnnkit compress RUN`: a pruned and int8 run that reloads and reproduces its numbers."""
+
+import json
+
+import pytest
+import torch
+
+
+def test_compress_prune_quantize_reloads(cli, shared_run, tmp_path):
+    from cnnkit.train import load_run
+
+    out = tmp_path / "small"
+    code, stdout, err = cli(["compress", str(shared_run.path), "--prune", "0.5", "--quantize",
+                             "int8", "--out", str(out), "--no-progress", "--json"])
+    assert code == 0, err
+    res = json.loads(stdout)
+    rows = res["models"]
+    assert set(rows) == {"original", "pruned", "int8"}
+    # Half the channels of every layer: roughly a quarter of the conv weights remain.
+    assert rows["pruned"]["params"] < rows["original"]["params"] / 2
+    assert rows["int8"]["bytes"] == (out / "model_int8.safetensors").stat().st_size
+    # The pruned run reloads from base architecture + history, with the measured params
+    # and accuracy; the int8 model reloads from its safetensors file.
+    pruned = load_run(out)
+    assert sum(p.numel() for p in pruned.model.parameters()) == rows["pruned"]["params"]
+    assert pruned.model.pruning_history
+    for weights, row in (("best", "pruned"), ("int8", "int8")):
+        code, stdout, err = cli(["eval", str(out), "--weights", weights, "--json"])
+        assert code == 0, err
+        assert json.loads(stdout)["test_accuracy"] == pytest.approx(rows[row]["accuracy"],
+                                                                    abs=1e-9)
+    q = load_run(out, weights="int8").model
+    x = torch.rand(4, *pruned.preprocess.input_size)
+    with torch.no_grad():  # int8 tracks the float model it was made from
+        assert torch.corrcoef(torch.stack([q(x).flatten(),
+                                           pruned.model(x).flatten()]))[0, 1] > 0.99
+
+
+def test_compress_bad_input(cli, one_line_error, shared_run, tmp_path):
+    code, _, err = cli(["compress", str(shared_run.path), "--out", str(tmp_path / "o")])
+    assert "nothing to do" in one_line_error(code, err)
+    code, _, err = cli(["compress", str(shared_run.path), "--prune", "0.5", "--out",
+                        str(shared_run.path)])
+    assert "already exists" in one_line_error(code, err)
+    code, _, err = cli(["eval", str(shared_run.path), "--weights", "int8"])
+    assert "no int8 model" in one_line_error(code, err)
