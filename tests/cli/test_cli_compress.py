@@ -44,3 +44,28 @@ def test_compress_bad_input(cli, one_line_error, shared_run, tmp_path):
     assert "already exists" in one_line_error(code, err)
     code, _, err = cli(["eval", str(shared_run.path), "--weights", "int8"])
     assert "no int8 model" in one_line_error(code, err)
+
+
+def test_compress_sweep_pareto(cli, shared_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(shared_run.path, run)
+    code, stdout, err = cli(["compress", str(run), "--sweep", "--ratios", "0.5",
+                             "--no-progress", "--json"])
+    assert code == 0, err
+    res = json.loads(stdout)
+    rows = res["rows"]
+    assert set(rows) == {"original", "original int8", "prune 0.5", "prune 0.5 int8"}
+    assert rows["prune 0.5"]["params"] < rows["original"]["params"]
+    assert rows["prune 0.5 int8"]["macs"] == rows["prune 0.5"]["macs"]
+    # The front: sorted by latency, accuracy rising along it, and nobody off it beats a
+    # member on both axes; the fastest point of all is always on it.
+    front = res["pareto"]
+    assert front and front[0] == min(rows, key=lambda n: rows[n]["latency_b32"])
+    accs = [rows[n]["accuracy"] for n in front]
+    assert accs == sorted(accs) and len(set(accs)) == len(accs)
+    for n, r in rows.items():
+        assert r["pareto"] == (n in front)
+    assert (run / "compress_sweep.png").is_file()
+    assert "Compression sweep" in (run / "report.html").read_text()

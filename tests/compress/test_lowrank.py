@@ -246,3 +246,24 @@ def test_cp_record_error_is_the_kernel_error():
     expected = ((w_hat - conv.weight).norm() / conv.weight.norm()).item()
     assert [r.layer for r in records] == ["1"] and records[0].rank == 4
     assert records[0].rel_error == pytest.approx(expected, rel=1e-4)
+
+
+def test_create_model_conv_cp_trains_and_reloads(tmp_path):
+    # A-priori compression: the factorised network is what the trainer builds and saves,
+    # and load_run rebuilds the same structure from the saved options.
+    from cnnkit.train import load_run, train
+
+    std = create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8, width=16)
+    cp = create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8, width=16, conv="cp")
+    n_std, n_cp = (sum(p.numel() for p in m.parameters()) for m in (std, cp))
+    assert n_cp < n_std
+    # rank r = 0.25 * 16 = 4 for each 16->16 3x3 conv: 16*4 + 4*3 + 4*3 + 4*16 (+16 bias)
+    assert cp.features.conv_1_2[1].out_channels == 4
+    result = train(model="tinyvgg", data="digits", epochs=5, batch_size=32,
+                   model_kwargs={"width": 16, "conv": "cp"}, runs_dir=str(tmp_path),
+                   name="cp", progress=False)
+    run = load_run(tmp_path / "cp")
+    assert sum(p.numel() for p in run.model.parameters()) == n_cp
+    assert result["test_accuracy"] > 0.3  # it learns (10 classes: chance is 0.1)
+    with pytest.raises(ValueError, match="unknown conv"):
+        create_model("tinyvgg", conv="svd")

@@ -212,30 +212,44 @@ def summary(args: argparse.Namespace) -> int:
 
 
 def compress(args: argparse.Namespace) -> int:
-    from cnnkit.compress.pipeline import compress_run
+    from cnnkit.compress.pipeline import compress_run, sweep_run
+    from cnnkit.compress.prune import criteria
 
-    if args.criterion:
-        from cnnkit.compress.prune import criteria
-
-        if args.criterion not in criteria():
-            raise ValueError(f"unknown --criterion {args.criterion!r}; choose from "
-                             f"{', '.join(criteria())}")
-    with contextlib.redirect_stdout(sys.stderr):
-        result = compress_run(args.run, args.out, prune=args.prune, criterion=args.criterion,
-                              global_ranking=args.global_ranking, finetune=args.finetune,
-                              quantize=args.quantize, observer=args.observer,
-                              progress=False if args.no_progress else None)
+    if args.criterion not in criteria():
+        raise ValueError(f"unknown --criterion {args.criterion!r}; choose from "
+                         f"{', '.join(criteria())}")
+    progress = False if args.no_progress else None
+    if args.sweep:
+        if args.out or args.prune is not None or args.quantize:
+            raise ValueError("--sweep measures its own grid into RUN's report; drop --out, "
+                             "--prune and --quantize (choose ratios with --ratios)")
+        with contextlib.redirect_stdout(sys.stderr):
+            result = sweep_run(args.run, ratios=args.ratios, criterion=args.criterion,
+                               finetune=args.finetune, observer=args.observer,
+                               progress=progress)
+        rows, where = result["rows"], f"{result['run']} (compress_sweep.json, report.html)"
+    else:
+        if not args.out:
+            raise ValueError("give the new run folder with --out RUN2 (or use --sweep)")
+        with contextlib.redirect_stdout(sys.stderr):
+            result = compress_run(args.run, args.out, prune=args.prune,
+                                  criterion=args.criterion, global_ranking=args.global_ranking,
+                                  finetune=args.finetune, quantize=args.quantize,
+                                  observer=args.observer, progress=progress)
+        rows, where = result["models"], f"{result['out']} (compress.json)"
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{'model':<9} {'accuracy':>8} {'params':>10} {'MACs':>12} {'MB':>7} "
-          f"{'b1 ms':>7} {'b32 ms':>8} {'speed-up b32':>12}")
-    for name, r in result["models"].items():
+    width = max(9, *(len(n) for n in rows))
+    print(f"{'model':<{width}} {'accuracy':>8} {'params':>10} {'MACs':>12} {'MB':>7} "
+          f"{'b1 ms':>7} {'b32 ms':>8} {'speed-up b32':>12}" + ("  Pareto" if args.sweep else ""))
+    for name, r in rows.items():
         macs = f"{r['macs']:,}" if r["macs"] is not None else "-"
-        print(f"{name:<9} {r['accuracy']:>8.4f} {r['params']:>10,} {macs:>12} "
+        print(f"{name:<{width}} {r['accuracy']:>8.4f} {r['params']:>10,} {macs:>12} "
               f"{r['bytes'] / 1e6:>7.2f} {r['latency_b1'] * 1e3:>7.2f} "
-              f"{r['latency_b32'] * 1e3:>8.2f} {r['speedup_b32']:>11.2f}x")
-    print(f"wrote {result['out']} (compress.json)")
+              f"{r['latency_b32'] * 1e3:>8.2f} {r['speedup_b32']:>11.2f}x"
+              + (("  *" if r["pareto"] else "") if args.sweep else ""))
+    print(f"wrote {where}")
     return 0
 
 

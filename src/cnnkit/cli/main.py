@@ -82,6 +82,11 @@ def _fraction(text: str) -> float:
     return _number(text, float, 0, True, 1)
 
 
+def _ratio_list(text: str) -> tuple[float, ...]:
+    """Comma-separated fractions in (0, 1), such as ``0.25,0.5``."""
+    return tuple(_number(part.strip(), float, 0, False, 1) for part in text.split(","))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cnnkit", description="Build, train, evaluate and analyse CNNs.")
     p.add_argument("--version", action="version", version=f"cnnkit {__version__}")
@@ -198,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--quantize", choices=["int8"], help="post-training static int8")
     cp.add_argument("--observer", choices=["minmax", "percentile", "entropy"],
                     default="minmax", help="int8 activation calibration (default minmax)")
-    cp.add_argument("--out", required=True, metavar="RUN2", help="the new run folder")
+    cp.add_argument("--out", metavar="RUN2", help="the new run folder (not with --sweep)")
+    cp.add_argument("--sweep", action="store_true",
+                    help="measure a grid of pruning ratios, float and int8; write a Pareto "
+                         "table and plot into RUN's report")
+    cp.add_argument("--ratios", type=_ratio_list, default=(0.25, 0.5, 0.75), metavar="R,R,..",
+                    help="pruning ratios for --sweep (default 0.25,0.5,0.75)")
     cp.add_argument("--no-progress", action="store_true")
     cp.add_argument("--json", action="store_true")
     cp.set_defaults(func=commands.compress)

@@ -12,6 +12,7 @@ before/after table.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compress_run", "measure_latency", "file_bytes"]
+__all__ = ["compress_run", "sweep_run", "pareto_front", "measure_latency", "file_bytes"]
 
 
 @torch.no_grad()
@@ -67,6 +68,76 @@ def _facts(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, Any]:
     return {"params": s.total_params, "macs": s.total_macs}
 
 
+def _test_tensors(run: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from cnnkit.train.evaluation import run_test_data
+
+    test = run_test_data(run)
+    prep = run.preprocess
+    return torch.stack([prep.normalize(img.float() / 255) for img in test.images]), test.labels
+
+
+def _calibration(run: Any, n: int = 512) -> torch.Tensor:
+    """Up to ``n`` normalised training images of the run's own split (never test images)."""
+    from cnnkit.data import load_data, split_indices
+
+    cfg, prep = run.config, run.preprocess
+    data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
+                     strict=cfg.strict, seed=cfg.seed, **cfg.data_options)
+    train_idx = split_indices(data.labels, cfg.split, seed=cfg.seed)[0][:n]
+    return torch.stack([prep.normalize(img.float() / 255) for img in data.images[train_idx]])
+
+
+def _finetune(run: Any, model: nn.Module, out: Path, epochs: int,
+              progress: bool | None) -> nn.Module:
+    """Fine-tune ``model`` with the run's own recipe at a tenth of its learning rate, as the
+    run folder ``out``; returns the reloaded best weights."""
+    from cnnkit.train import TrainConfig, Trainer, load_run
+    from cnnkit.train.run import RunPaths
+
+    cfg = TrainConfig.from_dict({**run.config.to_dict(), "epochs": epochs,
+                                 "lr": run.config.resolved_lr / 10, "warmup_epochs": 0.0,
+                                 "name": out.name, "runs_dir": str(out.parent)})
+    trainer = Trainer(cfg, model=model, progress=progress)
+    trainer.paths = RunPaths(out)
+    trainer.fit()
+    return load_run(out).model
+
+
+def _measure(models: dict[str, nn.Module], x_test: torch.Tensor, y_test: torch.Tensor,
+             input_size: tuple[int, ...], same_as: dict[str, str] | None = None,
+             base: str = "original") -> dict[str, dict[str, Any]]:
+    """Accuracy, params, MACs, bytes and latency (batch 1 and 32, interleaved) of each model,
+    with ratios against ``base``. ``same_as`` maps an int8 model to the float model whose
+    parameters and MACs it has (the same multiply-adds, in int8)."""
+    same_as = same_as or {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, m in models.items():
+        if name in same_as:
+            prev = rows[same_as[name]]
+            facts = {"params": prev["params"], "macs": prev["macs"]}
+        else:
+            facts = _facts(m, input_size)
+        rows[name] = {"accuracy": _accuracy(m, x_test, y_test), **facts,
+                      "bytes": file_bytes(m)}
+    for batch in (1, 32):
+        x = x_test[:batch] if len(x_test) >= batch else x_test[:1].expand(batch, -1, -1, -1)
+        for name, t in measure_latency(models, x.contiguous()).items():
+            rows[name][f"latency_b{batch}"] = t
+    ref = rows[base]
+    for r in rows.values():
+        r["speedup_b1"] = ref["latency_b1"] / r["latency_b1"]
+        r["speedup_b32"] = ref["latency_b32"] / r["latency_b32"]
+        r["params_ratio"] = ref["params"] / r["params"]
+        r["bytes_ratio"] = ref["bytes"] / r["bytes"]
+    return rows
+
+
+def _check_classify(run: Any) -> None:
+    if run.preprocess.task != "classify":
+        raise ValueError(f"cnnkit compress works on classification runs so far; {run.path} is "
+                         f"a {run.preprocess.task} run")
+
+
 def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None,
                  criterion: str = "l1", global_ranking: bool = False, finetune: int = 0,
                  quantize: str | None = None, observer: str = "minmax",
@@ -89,19 +160,16 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
         The ``compress.json`` contents: one row per model (``original``, ``pruned``,
         ``int8``) with accuracy, params, MACs, bytes and latency, and the speed-ups.
     """
-    from cnnkit.train import TrainConfig, Trainer, load_run
+    from cnnkit.train import load_run
     from cnnkit.train.checkpoint import save_weights
-    from cnnkit.train.evaluation import run_test_data
     from cnnkit.train.run import RunPaths, write_json
 
     from .prune import prune as prune_model
 
     run = run if hasattr(run, "preprocess") else load_run(run)
-    if run.preprocess.task != "classify":
-        raise ValueError(f"cnnkit compress works on classification runs so far; {run.path} is "
-                         f"a {run.preprocess.task} run")
+    _check_classify(run)
     if prune is None and quantize is None:
-        raise ValueError("nothing to do: give --prune RATIO and/or --quantize int8")
+        raise ValueError("nothing to do: give --prune RATIO and/or --quantize int8 (or --sweep)")
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown --quantize {quantize!r}; the supported one is int8")
     out = Path(out)
@@ -109,71 +177,32 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
         raise ValueError(f"{out} already exists; give a new folder with --out")
     if finetune and prune is None:
         raise ValueError("--finetune fine-tunes a pruned model; give --prune too")
-    test = run_test_data(run)
+    x_test, y_test = _test_tensors(run)
     prep = run.preprocess
-    x_test = torch.stack([prep.normalize(img.float() / 255) for img in test.images])
-    y_test = test.labels
-    c, h, w = prep.input_size
     original = run.model.eval()
     models: dict[str, nn.Module] = {"original": original}
-    current = original
+    current, state = original, original.state_dict()
+    meta = {"model": run.config.model, "model_kwargs": run.config.model_kwargs,
+            **prep.to_dict()}
     if prune is not None:
         pruned = prune_model(original, prune, criterion, example_inputs=x_test[:1],
                              global_ranking=global_ranking)
         if finetune:
-            cfg = TrainConfig.from_dict({**run.config.to_dict(), "epochs": finetune,
-                                         "lr": run.config.resolved_lr / 10,
-                                         "warmup_epochs": 0.0, "name": out.name,
-                                         "runs_dir": str(out.parent)})
-            trainer = Trainer(cfg, model=pruned, progress=progress)
-            trainer.paths = RunPaths(out)
-            trainer.fit()
-            pruned = load_run(out).model
-        else:
-            out.mkdir(parents=True)
-            shutil.copy(RunPaths(run.path).config, RunPaths(out).config)
-            meta = {"model": run.config.model, "model_kwargs": run.config.model_kwargs,
-                    **prep.to_dict(), "pruning_history": pruned.pruning_history}
-            save_weights(RunPaths(out).weights, pruned.state_dict(), meta)
+            pruned = _finetune(run, pruned, out, finetune, progress)
         models["pruned"] = current = pruned.eval()
-    else:
+        state, meta = pruned.state_dict(), {**meta, "pruning_history": pruned.pruning_history}
+    if not out.exists():  # fine-tuning wrote a whole run folder already
         out.mkdir(parents=True)
         shutil.copy(RunPaths(run.path).config, RunPaths(out).config)
-        save_weights(RunPaths(out).weights, original.state_dict(),
-                     {"model": run.config.model, "model_kwargs": run.config.model_kwargs,
-                      **prep.to_dict()})
+        save_weights(RunPaths(out).weights, state, meta)
     if quantize == "int8":
-        from cnnkit.data import load_data, split_indices
-
         from .quantize import quantize as quantize_model
         from .quantize import save_quantized
 
-        cfg = run.config
-        data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                         strict=cfg.strict, seed=cfg.seed, **cfg.data_options)
-        train_idx = split_indices(data.labels, cfg.split, seed=cfg.seed)[0][:512]
-        calib = torch.stack([prep.normalize(img.float() / 255) for img in data.images[train_idx]])
-        models["int8"] = quantize_model(current, calib, observer=observer)
+        models["int8"] = quantize_model(current, _calibration(run), observer=observer)
         save_quantized(models["int8"], RunPaths(out).int8)
-    rows: dict[str, dict[str, Any]] = {}
-    for name, m in models.items():
-        if name == "int8":  # the same multiply-adds, in int8
-            prev = rows["pruned" if "pruned" in rows else "original"]
-            facts = {"params": prev["params"], "macs": prev["macs"]}
-        else:
-            facts = _facts(m, (c, h, w))
-        rows[name] = {"accuracy": _accuracy(m, x_test, y_test), **facts,
-                      "bytes": file_bytes(m)}
-    for batch in (1, 32):
-        x = x_test[:batch] if len(x_test) >= batch else x_test[:1].expand(batch, -1, -1, -1)
-        for name, t in measure_latency(models, x.contiguous()).items():
-            rows[name][f"latency_b{batch}"] = t
-    base = rows["original"]
-    for r in rows.values():
-        r["speedup_b1"] = base["latency_b1"] / r["latency_b1"]
-        r["speedup_b32"] = base["latency_b32"] / r["latency_b32"]
-        r["params_ratio"] = base["params"] / r["params"]
-        r["bytes_ratio"] = base["bytes"] / r["bytes"]
+    rows = _measure(models, x_test, y_test, prep.input_size,
+                    same_as={"int8": "pruned" if "pruned" in models else "original"})
     result = {"run": str(run.path), "out": str(out), "prune": prune, "criterion": criterion,
               "global_ranking": global_ranking, "finetune": finetune, "quantize": quantize,
               "observer": observer if quantize else None, "threads": torch.get_num_threads(),
@@ -185,3 +214,151 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
                                           "compressed_from": str(run.path),
                                           "test_accuracy": kept["accuracy"]})
     return json.loads(json.dumps(result))
+
+
+def pareto_front(rows: dict[str, dict[str, Any]], cost: str = "latency_b32",
+                 gain: str = "accuracy") -> list[str]:
+    """Names of the rows no other row beats: none has lower-or-equal ``cost`` and
+    higher-or-equal ``gain`` with one of them strictly better. Sorted by ``cost``."""
+    front = [a for a, ra in rows.items()
+             if not any(rb[cost] <= ra[cost] and rb[gain] >= ra[gain]
+                        and (rb[cost] < ra[cost] or rb[gain] > ra[gain])
+                        for b, rb in rows.items() if b != a)]
+    return sorted(front, key=lambda n: rows[n][cost])
+
+
+def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
+              quantize: bool = True, criterion: str = "l1", finetune: int = 0,
+              observer: str = "minmax", progress: bool | None = None) -> dict[str, Any]:
+    """Measure a grid of compressions of a classification run and find its Pareto front.
+
+    Every pruning ratio (0 included), each in float and, with ``quantize``, in int8, is
+    measured side by side in this process: test accuracy, parameters, MACs, file size and
+    latency at batch 1 and 32 (interleaved repeats). The points no other point beats on
+    both accuracy and batch-32 latency form the Pareto front. Written into the run folder:
+    ``compress_sweep.json``, ``compress_sweep.png`` and a "Compression sweep" section of
+    ``report.html``.
+
+    Args:
+        run: a run folder or a loaded run.
+        ratios: structured pruning ratios to try besides 0.
+        quantize: also measure the int8 model of every point.
+        criterion: the pruning criterion.
+        finetune: epochs of fine-tuning of each pruned model (0: none; the fine-tuned
+            runs go to a temporary folder).
+        observer: int8 activation calibration.
+
+    Returns:
+        The ``compress_sweep.json`` contents: ``rows`` (name -> measurements, ``pareto``)
+        and ``pareto`` (names on the front, fastest first).
+    """
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from cnnkit.train import load_run
+
+    from .prune import prune as prune_model
+    from .quantize import quantize as quantize_model
+
+    run = run if hasattr(run, "preprocess") else load_run(run)
+    _check_classify(run)
+    ratios = tuple(sorted({float(r) for r in ratios}))
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise ValueError(f"sweep ratios must lie in (0, 1), got {list(ratios)}")
+    x_test, y_test = _test_tensors(run)
+    calib = _calibration(run) if quantize else None
+    original = run.model.eval()
+    models: dict[str, nn.Module] = {}
+    same_as: dict[str, str] = {}
+    points = (0.0, *ratios)
+    with tempfile.TemporaryDirectory() as tmp, tqdm(
+            total=len(points), desc="compress sweep", unit="point",
+            disable=None if progress is None else not progress, leave=False) as bar:
+        for ratio in points:
+            name = "original" if ratio == 0 else f"prune {ratio:g}"
+            m = original
+            if ratio:
+                m = prune_model(original, ratio, criterion, example_inputs=x_test[:1])
+                if finetune:
+                    m = _finetune(run, m, Path(tmp) / f"p{ratio:g}", finetune, False)
+            models[name] = m.eval()
+            if quantize:
+                models[f"{name} int8"] = quantize_model(m, calib, observer=observer)
+                same_as[f"{name} int8"] = name
+            bar.update(1)
+        rows = _measure(models, x_test, y_test, run.preprocess.input_size, same_as)
+    front = pareto_front(rows)
+    for name, r in rows.items():
+        r["pareto"] = name in front
+    result = {"run": str(run.path), "criterion": criterion, "finetune": finetune,
+              "observer": observer if quantize else None, "threads": torch.get_num_threads(),
+              "test_images": len(y_test), "rows": rows, "pareto": front}
+    result = json.loads(json.dumps(result))
+    _write_sweep(Path(run.path), result)
+    return result
+
+
+def _write_sweep(root: Path, result: dict[str, Any]) -> None:
+    import base64
+    import html
+
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnnkit.train.checkpoint import atomic_write
+    from cnnkit.train.report import put_section
+    from cnnkit.train.run import write_json
+
+    rows, front = result["rows"], result["pareto"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "latency_b32", "batch-32 latency (ms)"),
+                           (axes[1], "bytes", "file size (MB)")):
+        scale = 1e3 if key == "latency_b32" else 1e-6
+        for name, r in rows.items():
+            int8 = name.endswith("int8")
+            ax.scatter(r[key] * scale, r["accuracy"], marker="s" if int8 else "o",
+                       color="#dd8452" if int8 else "#4c72b0", zorder=3)
+            ax.annotate(name, (r[key] * scale, r["accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        if key == "latency_b32":
+            ax.plot([rows[n][key] * scale for n in front], [rows[n]["accuracy"] for n in front],
+                    color="#55a868", lw=1.5, zorder=2, label="Pareto front")
+            ax.legend(fontsize=8)
+        ax.set(xscale="log", xlabel=f"{label}, log scale", ylabel="test accuracy")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(alpha=0.3)
+    axes[0].set_title("accuracy vs speed (circles float, squares int8)", fontsize=9)
+    axes[1].set_title("accuracy vs size", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    png = buf.getvalue()
+    write_json(root / "compress_sweep.json", result)
+    atomic_write(root / "compress_sweep.png", png)
+    cols = [("accuracy", "accuracy", "{:.4f}"), ("params", "params", "{:,}"),
+            ("macs", "MACs", "{:,}"), ("bytes", "MB", "{:.3f}"),
+            ("latency_b1", "b1 ms", "{:.3f}"), ("latency_b32", "b32 ms", "{:.2f}"),
+            ("speedup_b32", "speed-up b32", "{:.2f}x")]
+    scale = {"bytes": 1e-6, "latency_b1": 1e3, "latency_b32": 1e3}
+    head = "<th>model</th>" + "".join(f"<th>{t}</th>" for _, t, _ in cols) + "<th>Pareto</th>"
+    body = "".join(
+        f"<tr><td>{html.escape(n)}</td>" + "".join(
+            "<td>" + (f.format(r[k] * scale.get(k, 1)) if r[k] is not None else "-") + "</td>"
+            for k, _, f in cols) + f"<td>{'yes' if r['pareto'] else ''}</td></tr>"
+        for n, r in rows.items())
+    src = base64.b64encode(png).decode("ascii")
+    tuned = f", fine-tuned {result['finetune']} epochs" if result["finetune"] else ""
+    kinds = " and int8" if result["observer"] else ""
+    put_section(root / "report.html", "compress-sweep", (
+        "<h2>Compression sweep</h2>\n"
+        f"<p>Structured pruning ({html.escape(result['criterion'])} criterion"
+        f"{tuned}){kinds}, measured side by side on this machine ({result['threads']} threads, "
+        f"{result['test_images']} test images). The Pareto front: no other point is both "
+        "more accurate and faster at batch 32.</p>\n"
+        f"<table><tr>{head}</tr>{body}</table>\n"
+        f"<img alt='Compression sweep' src='data:image/png;base64,{src}'>"))

@@ -49,7 +49,6 @@ SCORES: dict[str, tuple[str, bool]] = {
     "sanity_correlation": ("randomised corr ↓", False),
 }
 ROW_KEYS = ("method", "rank", "mean_rank", "maps_per_s", *SCORES, "n_images", "note")
-_START, _END = "<!-- cnnkit:explain-benchmark:start -->", "<!-- cnnkit:explain-benchmark:end -->"
 
 
 def _pick(n_total: int, n: int) -> torch.Tensor:
@@ -273,37 +272,27 @@ def _section(rows: list[dict[str, Any]], png: bytes) -> str:
                    + "</tr>" for r in rows)
     n = next((r["n_images"] for r in rows), 0)
     src = base64.b64encode(png).decode("ascii")
-    return (f"{_START}\n<h2>Explanation benchmark</h2>\n<p>{n} test images, target the true "
+    return (f"<h2>Explanation benchmark</h2>\n<p>{n} test images, target the true "
             "label. Methods are ranked by their mean rank over the quality scores (deletion "
             "AUC lower is better, the others higher, randomised correlation lower); ties go "
             "to the faster method.</p>\n"
             f"<table><tr>{head}</tr>{body}</table>\n"
-            f"<img alt='Explanation benchmark' src='data:image/png;base64,{src}'>\n{_END}")
+            f"<img alt='Explanation benchmark' src='data:image/png;base64,{src}'>")
 
 
 def write_benchmark(run_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Write ``benchmark.json``, ``explain_benchmark.png`` and the report section.
 
-    The section "Explanation benchmark" of ``report.html`` sits between marker comments
-    before ``</body>``: a later benchmark replaces it, the rest of the report is kept.
+    The section "Explanation benchmark" of ``report.html`` replaces an earlier one; the rest
+    of the report is kept.
     """
     from cnnkit.train.checkpoint import atomic_write
+    from cnnkit.train.report import put_section
 
     root = Path(run_dir)
     png = _plot(rows)
     atomic_write(root / "benchmark.json", json.dumps(rows, indent=2) + "\n")
     atomic_write(root / "explain_benchmark.png", png)
     report = root / "report.html"
-    page = (report.read_text(encoding="utf-8") if report.is_file() else
-            "<!doctype html><html><head><meta charset='utf-8'></head><body></body></html>")
-    section = _section(rows, png)
-    if _START in page and _END in page:
-        before, rest = page.split(_START, 1)
-        page = before + section + rest.split(_END, 1)[1]
-    elif "</body>" in page:
-        at = page.rindex("</body>")
-        page = page[:at] + section + "\n" + page[at:]
-    else:
-        page += section
-    atomic_write(report, page)
+    put_section(report, "explain-benchmark", _section(rows, png))
     return [root / "benchmark.json", root / "explain_benchmark.png", report]

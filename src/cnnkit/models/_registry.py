@@ -107,7 +107,7 @@ def list_models(pattern: str | None = None, task: str | None = None) -> list[str
 
 
 def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None,
-                 **kwargs) -> nn.Module:
+                 conv: str = "standard", conv_rank: float = 0.25, **kwargs) -> nn.Module:
     """Create a registered model.
 
     Args:
@@ -115,6 +115,11 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
         num_classes: classifier outputs; the builder's default (1000 for ImageNet
             architectures) when None.
         in_chans: input channels; the builder's default when None.
+        conv: ``"standard"``, or ``"cp"`` / ``"tucker"`` for a network whose ``kxk``
+            convolutions (all but the first) are low-rank factor sequences from the start
+            (a-priori compression, Lebedev et al. 2015 / Kim et al. 2016; see
+            :func:`cnnkit.compress.lowrank.factorize_model`).
+        conv_rank: the factorised convolutions' rank as a fraction of their channels.
         **kwargs: passed to the builder (``img_size``, ``stem``, ``attn``, widths ...).
 
     Raises:
@@ -137,6 +142,12 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
         if unknown:
             raise ValueError(f"model {name!r} has no option {', '.join(unknown)}; "
                              f"its options: {', '.join(params)}")
+    if conv not in ("standard", "cp", "tucker"):
+        raise ValueError(f"unknown conv {conv!r}; choose 'standard', 'cp' or 'tucker'")
     model = info.builder(**kwargs)
+    if conv != "standard":
+        from cnnkit.compress.lowrank import factorize_model
+
+        model = factorize_model(model, kind=conv, rank_ratio=conv_rank, inplace=True)
     model.model_name = name
     return model

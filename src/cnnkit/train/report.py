@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,29 @@ import torch
 from .checkpoint import atomic_write
 from .run import RunPaths
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "put_section"]
+
+
+def put_section(report: Path, key: str, body: str) -> None:
+    """Put ``body`` into ``report`` (an HTML page) as the section named ``key``.
+
+    The section sits between marker comments before ``</body>``: writing the same key again
+    replaces it, the rest of the page is kept (a run's report gains the explanation
+    benchmark, the compression sweep ...). A missing page is started.
+    """
+    start, end = f"<!-- cnnkit:{key}:start -->", f"<!-- cnnkit:{key}:end -->"
+    section = f"{start}\n{body}\n{end}"
+    page = (report.read_text(encoding="utf-8") if report.is_file() else
+            "<!doctype html><html><head><meta charset='utf-8'></head><body></body></html>")
+    if start in page and end in page:
+        before, rest = page.split(start, 1)
+        page = before + section + rest.split(end, 1)[1]
+    elif "</body>" in page:
+        at = page.rindex("</body>")
+        page = page[:at] + section + "\n" + page[at:]
+    else:
+        page += section
+    atomic_write(report, page)
 
 
 def _png(fig) -> str:
