@@ -173,3 +173,16 @@ def test_xnor_conv_gradients_match_clamp_reference():
     torch.testing.assert_close(x.grad, xr.grad)
     torch.testing.assert_close(conv.weight.grad, w.grad)
     assert (x.grad[x.abs() > 1] != 0).any()  # |x| > 1 still gets gradient through K
+
+
+def test_binary_model_trains_through_the_trainer(tmp_path):
+    # `cnnkit train --model-opt binary=bwn`: the trainer builds, trains, saves and reloads
+    # the binary network like any other model.
+    from cnnkit.train import load_run, train
+
+    result = train(model="lenet5", data="digits", epochs=3, batch_size=32, optimizer="adamw",
+                   lr=1e-2, model_kwargs={"binary": "bwn"}, runs_dir=str(tmp_path),
+                   name="bwn", progress=False)
+    run = load_run(tmp_path / "bwn")
+    assert sum(isinstance(m, BinaryWeightConv2d) for m in run.model.modules()) == 1
+    assert result["test_accuracy"] > 0.6  # chance is 0.1

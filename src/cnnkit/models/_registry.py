@@ -107,7 +107,8 @@ def list_models(pattern: str | None = None, task: str | None = None) -> list[str
 
 
 def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None,
-                 conv: str = "standard", conv_rank: float = 0.25, **kwargs) -> nn.Module:
+                 conv: str = "standard", conv_rank: float = 0.25, binary: str | None = None,
+                 **kwargs) -> nn.Module:
     """Create a registered model.
 
     Args:
@@ -120,6 +121,10 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
             (a-priori compression, Lebedev et al. 2015 / Kim et al. 2016; see
             :func:`cnnkit.compress.lowrank.factorize_model`).
         conv_rank: the factorised convolutions' rank as a fraction of their channels.
+        binary: ``"bwn"`` (binary weights) or ``"xnor"`` (binary weights and inputs,
+            Rastegari et al. 2016) for a network whose convolutions, all but the first and
+            the classifier, are binary from the start; see
+            :func:`cnnkit.compress.binary.binarize`.
         **kwargs: passed to the builder (``img_size``, ``stem``, ``attn``, widths ...).
 
     Raises:
@@ -144,10 +149,18 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
                              f"its options: {', '.join(params)}")
     if conv not in ("standard", "cp", "tucker"):
         raise ValueError(f"unknown conv {conv!r}; choose 'standard', 'cp' or 'tucker'")
+    if binary not in (None, "bwn", "xnor"):
+        raise ValueError(f"unknown binary {binary!r}; choose 'bwn' or 'xnor'")
     model = info.builder(**kwargs)
+    # Compressed layer types from the start (a-priori compression): lazily imported, since
+    # compress builds on models, not the other way round.
     if conv != "standard":
         from cnnkit.compress.lowrank import factorize_model
 
         model = factorize_model(model, kind=conv, rank_ratio=conv_rank, inplace=True)
+    if binary is not None:
+        from cnnkit.compress.binary import binarize
+
+        model = binarize(model, mode=binary)
     model.model_name = name
     return model
