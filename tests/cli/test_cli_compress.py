@@ -69,3 +69,12 @@ def test_compress_sweep_pareto(cli, shared_run, tmp_path):
         assert r["pareto"] == (n in front)
     assert (run / "compress_sweep.png").is_file()
     assert "Compression sweep" in (run / "report.html").read_text()
+
+
+def test_compress_data_criterion_gets_training_data(cli, shared_run, tmp_path):
+    # taylor needs (images, labels): the pipeline hands it training images of the run's split
+    code, stdout, err = cli(["compress", str(shared_run.path), "--prune", "0.5", "--criterion",
+                             "taylor", "--out", str(tmp_path / "t"), "--json"])
+    assert code == 0, err
+    rows = json.loads(stdout)["models"]
+    assert rows["pruned"]["params"] < rows["original"]["params"] / 2

@@ -302,3 +302,122 @@ def test_bad_arguments_and_mismatched_history_raise():
     history = prune(create_model("tinyvgg", img_size=32), 0.5).pruning_history
     with pytest.raises(ValueError, match="lacks"):
         apply_history(net, history)
+
+
+
+# -- data-driven criteria -------------------------------------------------------------------
+
+
+def _batch(n: int, shape: tuple, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _linear_conv_net() -> nn.Module:
+    """conv0 (3 channels, the one prunable group) -> conv1 -> global pool: linear in x."""
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 4, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _gate_importance(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(2 dL/dz)^2 for a gate z = 1 multiplying conv0's output channels."""
+    gate = torch.ones(1, 3, 1, 1, requires_grad=True)
+    logits = net[3](net[2](net[1](net[0](x) * gate)))
+    (dz,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y), gate)
+    return (2 * dz.flatten()) ** 2
+
+
+def test_taylor_equals_gate_gradient_reference():
+    # Molchanov et al. 2019: sum_s g_s w_s over a channel's parameters is the gradient of a
+    # multiplicative gate z_c = 1 on that channel. Removing channel c deletes conv0's row c
+    # (weight and bias) and conv1's input column c; each sum equals dL/dz_c here (linear
+    # in between), so one batch's importance is (2 dL/dz_c)^2, averaged over batches.
+    net, batches = _linear_conv_net(), [_batch(5, (2, 6, 6), 4, s) for s in (1, 2)]
+    group = next(g for g in dependency_groups(net, batches[0][0]) if g.prunable)
+    assert {m.kind for m in group.members} == {"out", "in"} and group.channels == 3
+    expected = sum(_gate_importance(net, x, y) for x, y in batches) / 2
+    got = get_criterion("taylor")(group, net, iter(batches))  # a loader: any iterable
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-9)
+    assert expected.min() > 0 and len(set(expected.tolist())) == 3
+    one = get_criterion("taylor")(group, net, batches[0])  # an (images, labels) tuple
+    torch.testing.assert_close(one, _gate_importance(net, *batches[0]), rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="needs labels"):
+        get_criterion("taylor")(group, net, batches[0][0])  # images only
+    kept = prune(net, 0.34, "taylor", batches[0][0], data=batches).pruning_history[0]["kept"]
+    assert kept == sorted(expected.argsort()[1:].tolist())
+
+
+
+def _beta_reference(conv: nn.Conv2d, xs: list[torch.Tensor]) -> torch.Tensor:
+    """Beta-Rank in matrix form: receptive fields by unfold, spreads by torch.std over the
+    samples of all batches, then min-max normalised."""
+    x, w = torch.cat(xs).double(), conv.weight.detach().double()
+    y = nn.functional.conv2d(x, w, conv.bias.detach().double(), conv.stride, conv.padding,
+                             conv.dilation).flatten(2)  # [N, out, P]
+    fields = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding,
+                                  conv.stride)  # [N, in * kh * kw, P]
+    sd_in = torch.stack([fields[:, :, p].std(unbiased=False) for p in range(y.shape[2])])
+    raw = w.abs().flatten(1).mean(1) * (y.std(0, unbiased=False) / sd_in).sum(1)
+    return ((raw - raw.min()) / (raw.max() - raw.min())).float()
+
+
+def _strided_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1), nn.BatchNorm2d(5),
+                         nn.ReLU(), nn.Conv2d(5, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_beta_rank_matches_matrix_form_and_ranks_a_dead_channel_lowest():
+    net = _randomise_bn(_strided_net())
+    batches = [_batch(6, (3, 9, 9), 4, s) for s in (3, 4)]
+    group = next(g for g in dependency_groups(net, batches[0][0]) if g.prunable)
+    got = get_criterion("beta_rank")(group, net, batches)  # a list of batches
+    torch.testing.assert_close(got, _beta_reference(net[0], [x for x, _ in batches]),
+                               rtol=1e-5, atol=1e-6)
+    # Channel 3 with zero weights and bias: no magnitude and a constant (zero) output.
+    with torch.no_grad():
+        net[0].weight[3] = 0
+        net[0].bias[3] = 0
+    got = get_criterion("beta_rank")(group, net, batches)
+    assert got[3] == 0 and (got[[0, 1, 2, 4]] > 0).all()
+    pruned = prune(net, 0.2, "beta_rank", batches[0][0], data=batches)
+    assert pruned.pruning_history[0]["kept"] == [0, 1, 2, 4]
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "beta_rank"])
+def test_data_criteria_leave_no_trace(criterion):
+    net, (x, y) = _strided_net().train(), _batch(4, (3, 9, 9), 4, 0)
+    group = next(g for g in dependency_groups(net, x) if g.prunable)
+    net[1].eval()  # a mix of flags must come back as it was, not all-train
+    net[3].weight.grad = torch.ones_like(net[3].weight)  # a caller's gradient stays as is
+    flags = [m.training for m in net.modules()]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert get_criterion(criterion)(group, net, (x, y)).shape == (5,)
+    assert [m.training for m in net.modules()] == flags
+    net.train()  # dependency_groups itself restores one flag for the whole model
+    assert prune(net, 0.4, criterion, x, data=(x, y))[0].out_channels == 3
+    assert all(m.training for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # BN stats too
+    grads = {name: p.grad for name, p in net.named_parameters()}
+    assert torch.equal(grads.pop("3.weight"), torch.ones_like(net[3].weight))
+    assert all(g is None for g in grads.values())
+    for m in net.modules():
+        assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+    for bad in (None, 3):
+        with pytest.raises(ValueError, match=rf"criterion '{criterion}' needs data: pass "
+                                             r"data=\(images, labels\) or a loader"):
+            prune(net, 0.4, criterion, x, data=bad)
+    assert all(m.training for m in net.modules())  # also after an error
+    assert all(not m._forward_hooks for m in net.modules())
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "random", "taylor",
+                                       "beta_rank"])
+def test_every_criterion_prunes_mobilenet_like_the_zeroed_original(criterion):
+    assert criterion in criteria()
+    model = _randomise_bn(create_model("mobilenet_v2", **MODELS["mobilenet_v2"]))
+    x, y = _batch(2, (3, 32, 32), 10, 5)
+    pruned = prune(model, 0.5, criterion, x, data=(x, y)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), _zeroed(model, pruned.pruning_history)(x),
+                                   atol=1e-5, rtol=0)
+    assert _params(pruned) < _params(model) / 2.3

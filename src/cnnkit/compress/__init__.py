@@ -2,7 +2,9 @@
 layers, each judged by measured latency and accuracy.
 
 * :func:`prune` removes whole channels and returns a smaller dense model; the coupled
-  channels come from :func:`dependency_groups`, a read-only trace of the model.
+  channels come from :func:`dependency_groups`, a read-only trace of the model;
+  :func:`iterative_prune` prunes in stages with fine-tuning between them, and
+  :class:`MaskSparsity` is the pruning-aware regulariser for that fine-tuning.
 * :func:`quantize` makes a static int8 model (per-channel weights, calibrated observers,
   BatchNorm folded, conv-BN-ReLU fused); :func:`search_calibration` keeps the most
   accurate calibration setting.
@@ -24,9 +26,10 @@ from .quantize import freeze_quantized, load_quantized, quantize, save_quantized
 from .unstructured import lottery_ticket, magnitude_prune, remove_masks, sparsity_report
 
 __all__ = [
-    "BinaryWeightConv2d", "Group", "Member", "XNORConv2d", "apply_history", "binarize",
-    "compress_run", "criteria", "decompose", "dependency_groups", "export",
-    "factorize_model", "freeze_quantized", "load_quantized", "lottery_ticket",
-    "magnitude_prune", "measure_latency", "prune", "quantize", "register_criterion",
-    "remove_masks", "save_quantized", "search_calibration", "sparsity_report",
+    "BinaryWeightConv2d", "Group", "MaskSparsity", "Member", "XNORConv2d", "apply_history",
+    "binarize", "compress_run", "criteria", "decompose", "dependency_groups", "export",
+    "factorize_model", "freeze_quantized", "iterative_prune", "load_quantized",
+    "lottery_ticket", "magnitude_prune", "measure_latency", "prune", "quantize",
+    "register_criterion", "remove_masks", "save_quantized", "search_calibration",
+    "sparsity_report",
 ]

@@ -21,6 +21,7 @@ unprunable instead of producing a wrong plan; the model's outputs are never prun
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -69,6 +70,11 @@ class Member:
     kind: str
     offset: int = 0
     span: int = 1
+
+    def indices(self, channels: torch.Tensor) -> torch.Tensor:
+        """Positions in this layer's dimension of the group's ``channels``."""
+        return (self.offset + channels[:, None] * self.span
+                + torch.arange(self.span)[None, :]).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -324,6 +330,18 @@ class _ChannelTracer(TorchFunctionMode):
         return result
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside, every module's own train/eval flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def dependency_groups(model: nn.Module,
                       example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[Group]:
     """Groups of coupled channels of ``model``, found by tracing one forward pass.
@@ -344,14 +362,9 @@ def dependency_groups(model: nn.Module,
         [10, 10, 10, 10, 10]
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    training = model.training
-    model.eval()
     tracer = _ChannelTracer(model)
-    try:
-        with torch.no_grad(), tracer:
-            out = model(*inputs)
-    finally:
-        model.train(training)
+    with evaluating(model), torch.no_grad(), tracer:
+        out = model(*inputs)
     for t in _tensors(out):  # the model's outputs (logits) are never pruned
         tracer.block(tracer.layouts.get(t))
     return tracer.groups()

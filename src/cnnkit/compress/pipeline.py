@@ -76,15 +76,29 @@ def _test_tensors(run: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([prep.normalize(img.float() / 255) for img in test.images]), test.labels
 
 
-def _calibration(run: Any, n: int = 512) -> torch.Tensor:
-    """Up to ``n`` normalised training images of the run's own split (never test images)."""
+def _calibration(run: Any, n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``n`` normalised training images of the run's own split (never test images)
+    and their labels: int8 calibration and the data-driven pruning criteria use them."""
     from cnnkit.data import load_data, split_indices
 
     cfg, prep = run.config, run.preprocess
     data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                      strict=cfg.strict, seed=cfg.seed, **cfg.data_options)
-    train_idx = split_indices(data.labels, cfg.split, seed=cfg.seed)[0][:n]
-    return torch.stack([prep.normalize(img.float() / 255) for img in data.images[train_idx]])
+    train_idx = torch.as_tensor(split_indices(data.labels, cfg.split, seed=cfg.seed)[0][:n])
+    images = torch.stack([prep.normalize(img.float() / 255) for img in data.images[train_idx]])
+    return images, data.labels[train_idx]
+
+
+# Criteria that score channels from data: they get 128 training images of the run's split.
+DATA_CRITERIA = frozenset({"taylor", "beta_rank"})
+
+
+def _criterion_data(calib: tuple[torch.Tensor, torch.Tensor] | None, criterion: str
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    if criterion not in DATA_CRITERIA or calib is None:
+        return None
+    images, labels = calib
+    return list(zip(images[:128].split(32), labels[:128].split(32), strict=True))
 
 
 def _finetune(run: Any, model: nn.Module, out: Path, epochs: int,
@@ -184,8 +198,10 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
     current, state = original, original.state_dict()
     meta = {"model": run.config.model, "model_kwargs": run.config.model_kwargs,
             **prep.to_dict()}
+    calib = _calibration(run) if quantize or criterion in DATA_CRITERIA else None
     if prune is not None:
         pruned = prune_model(original, prune, criterion, example_inputs=x_test[:1],
+                             data=_criterion_data(calib, criterion),
                              global_ranking=global_ranking)
         if finetune:
             pruned = _finetune(run, pruned, out, finetune, progress)
@@ -199,7 +215,7 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
         from .quantize import quantize as quantize_model
         from .quantize import save_quantized
 
-        models["int8"] = quantize_model(current, _calibration(run), observer=observer)
+        models["int8"] = quantize_model(current, calib[0], observer=observer)
         save_quantized(models["int8"], RunPaths(out).int8)
     rows = _measure(models, x_test, y_test, prep.input_size,
                     same_as={"int8": "pruned" if "pruned" in models else "original"})
@@ -267,7 +283,7 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise ValueError(f"sweep ratios must lie in (0, 1), got {list(ratios)}")
     x_test, y_test = _test_tensors(run)
-    calib = _calibration(run) if quantize else None
+    calib = _calibration(run) if quantize or criterion in DATA_CRITERIA else None
     original = run.model.eval()
     models: dict[str, nn.Module] = {}
     same_as: dict[str, str] = {}
@@ -279,12 +295,13 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
             name = "original" if ratio == 0 else f"prune {ratio:g}"
             m = original
             if ratio:
-                m = prune_model(original, ratio, criterion, example_inputs=x_test[:1])
+                m = prune_model(original, ratio, criterion, example_inputs=x_test[:1],
+                                data=_criterion_data(calib, criterion))
                 if finetune:
                     m = _finetune(run, m, Path(tmp) / f"p{ratio:g}", finetune, False)
             models[name] = m.eval()
             if quantize:
-                models[f"{name} int8"] = quantize_model(m, calib, observer=observer)
+                models[f"{name} int8"] = quantize_model(m, calib[0], observer=observer)
                 same_as[f"{name} int8"] = name
             bar.update(1)
         rows = _measure(models, x_test, y_test, run.preprocess.input_size, same_as)

@@ -1,22 +1,13 @@
 """Structured filter pruning: remove whole channels and return a smaller *dense* model.
 
 Layers as in Torch-Pruning: :func:`~cnnkit.compress.graph.dependency_groups` (read-only
-analysis) says which channels are coupled; a *criterion* scores each group's channels; the
-lowest-scoring ones are removed from every member of their group by building new, smaller
-``nn.Conv*d`` / ``nn.BatchNorm*d`` / ``nn.Linear`` modules (per-layer surgery). The plan is
-kept as a JSON-safe ``pruning_history`` so a pruned model is rebuilt from
-``create_model(name, **kwargs)`` + :func:`apply_history`, never from a pickle.
-
-Criteria (a registry; :func:`register_criterion` adds more):
-
-* ``"l1"`` / ``"l2"``: the norm of each filter (Li, Kadav, Durdanovic, Samet, Graf 2017,
-  "Pruning filters for efficient ConvNets"), summed over the group's producing layers
-  (``"out"`` rows of convs / linears and ``"dw"`` depthwise filters);
-* ``"bn_scale"``: ``|gamma|`` of the group's BatchNorms (Liu, Li, Shen, Huang, Yan, Zhang
-  2017, "Learning efficient convolutional networks through network slimming");
-* ``"random"``: a seeded random baseline.
+analysis) says which channels are coupled; a criterion (:mod:`cnnkit.compress.importance`)
+scores each group's channels; the lowest-scoring ones are removed from every member of
+their group by building new, smaller ``nn.Conv*d`` / ``nn.BatchNorm*d`` / ``nn.Linear``
+modules (per-layer surgery). The plan is kept as a JSON-safe ``pruning_history`` so a
+pruned model is rebuilt from ``create_model(name, **kwargs)`` + :func:`apply_history`,
+never from a pickle.
 """
-
 from __future__ import annotations
 
 import copy
@@ -31,92 +22,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .graph import Group, Member, dependency_groups
+from .importance import Criterion, criteria, get_criterion, register_criterion
 
 __all__ = ["Criterion", "apply_history", "criteria", "get_criterion", "prune",
            "register_criterion"]
-
-Criterion = Callable[[Group, nn.Module, Any], torch.Tensor]
-_CRITERIA: dict[str, Criterion] = {}
-
-
-def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
-    """Decorator registering ``fn(group, model, data) -> scores [group.channels]``.
-
-    Higher scores are kept. Raises ValueError if ``name`` is already registered.
-    """
-    def wrap(fn: Criterion) -> Criterion:
-        if name in _CRITERIA:
-            raise ValueError(f"criterion {name!r} is already registered; pick another name")
-        _CRITERIA[name] = fn
-        return fn
-    return wrap
-
-
-def criteria() -> list[str]:
-    """Names of the registered criteria."""
-    return sorted(_CRITERIA)
-
-
-def get_criterion(name: str) -> Criterion:
-    """The registered criterion ``name``; ValueError naming the choices otherwise."""
-    if name not in _CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; choose from {criteria()}")
-    return _CRITERIA[name]
-
-
-def member_rows(weight: torch.Tensor, member: Member, channels: int, dim: int = 0
-                ) -> torch.Tensor:
-    """``weight`` sliced to the member's channels along ``dim``: [channels, span, ...]."""
-    index = _indices(member, torch.arange(channels))
-    rows = weight.detach().index_select(dim, index.to(weight.device)).movedim(dim, 0)
-    return rows.reshape(channels, -1)
-
-
-def _filter_norm(group: Group, model: nn.Module, p: int) -> torch.Tensor:
-    modules = dict(model.named_modules())
-    score = torch.zeros(group.channels)
-    for m in group.members:
-        if m.kind in ("out", "dw"):
-            rows = member_rows(modules[m.name].weight, m, group.channels)
-            score += rows.float().norm(p=p, dim=1).cpu()
-    return score
-
-
-@register_criterion("l1")
-def l1_norm(group: Group, model: nn.Module, data: Any = None) -> torch.Tensor:
-    """Sum of |w| of each channel's filters (Li et al. 2017, "Pruning filters for
-    efficient ConvNets")."""
-    return _filter_norm(group, model, 1)
-
-
-@register_criterion("l2")
-def l2_norm(group: Group, model: nn.Module, data: Any = None) -> torch.Tensor:
-    """Sum over producing layers of each filter's Euclidean norm (Li et al. 2017)."""
-    return _filter_norm(group, model, 2)
-
-
-@register_criterion("bn_scale")
-def bn_scale(group: Group, model: nn.Module, data: Any = None) -> torch.Tensor:
-    """Sum of |gamma| over the group's BatchNorms (Liu et al. 2017, "Learning efficient
-    convolutional networks through network slimming"); zeros for a group without one,
-    so ties keep the first channels."""
-    modules = dict(model.named_modules())
-    score = torch.zeros(group.channels)
-    for m in group.members:
-        bn = modules[m.name]
-        if m.kind == "bn" and bn.weight is not None:
-            score += member_rows(bn.weight, m, group.channels).abs().sum(1).float().cpu()
-    return score
-
-
-@register_criterion("random")
-def random_scores(group: Group, model: nn.Module, data: Any = None) -> torch.Tensor:
-    """Uniform random scores, seeded by ``data`` when it is an int (default 0)."""
-    seed = data if isinstance(data, int) else 0
-    # Mix the group's first member into the seed so that equal-sized groups differ.
-    seed = (seed * 1_000_003 + sum(map(ord, group.members[0].name))) % 2**31
-    return torch.rand(group.channels, generator=torch.Generator().manual_seed(seed))
-
 
 def _keep_count(channels: int, ratio: float, round_to: int) -> int:
     keep = channels - int(ratio * channels)
@@ -130,15 +39,14 @@ def _top(scores: torch.Tensor, keep: int) -> list[int]:
     return sorted(order.tolist())
 
 
-def _global_keep(scores: list[torch.Tensor], ratio: float, round_to: int) -> list[int]:
+def _global_keep(scores: list[torch.Tensor], n_keep: int, round_to: int) -> list[int]:
     """Per-group keep counts from one ranking of all mean-normalised scores.
 
     Dividing by the group's mean |score| makes groups of different sizes and member counts
-    comparable; the ``ratio`` lowest channels overall are removed (as in :func:`_top`,
-    ties keep the earlier channel).
+    comparable; all but the ``n_keep`` highest channels overall are removed (as in
+    :func:`_top`, ties keep the earlier channel).
     """
     normed = torch.cat([s / s.abs().mean().clamp_min(1e-12) for s in scores])
-    n_keep = normed.numel() - int(ratio * normed.numel())
     dropped = torch.ones(normed.numel(), dtype=torch.bool)
     dropped[torch.sort(-normed, stable=True).indices[:n_keep]] = False
     counts = []
@@ -159,7 +67,8 @@ def prune(model: nn.Module, ratio: float, criterion: str = "l1",
         criterion: a registered criterion name (see :func:`criteria`).
         example_inputs: inputs for the dependency trace; default a random batch of one
             at ``model.default_cfg["input_size"]``.
-        data: passed to the criterion (e.g. a loader for data-driven scores).
+        data: for the data-driven criteria (``"taylor"``, ``"beta_rank"``) a tuple
+            ``(images, labels)`` or a loader of such batches; the seed of ``"random"``.
         global_ranking: one threshold over all groups' mean-normalised scores instead of
             the same ratio per group; every group keeps at least one channel.
         round_to: kept channel counts are rounded up to a multiple of this.
@@ -176,34 +85,55 @@ def prune(model: nn.Module, ratio: float, criterion: str = "l1",
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    score_fn = get_criterion(criterion)
     if round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to}")
+    groups, scores, inputs = _scored_groups(model, criterion, example_inputs, data)
+    if global_ranking:
+        total = sum(g.channels for g in groups)
+        counts = _global_keep(scores, total - int(ratio * total), round_to)
+    else:
+        counts = [_keep_count(g.channels, ratio, round_to) for g in groups]
+    return _commit(model, _plan(groups, scores, counts), inputs)
+
+
+def _scored_groups(model: nn.Module, criterion: str, example_inputs: Any, data: Any
+                   ) -> tuple[list[Group], list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """The prunable groups, their criterion scores and the trace inputs (on the model's
+    device; a random batch at ``default_cfg["input_size"]`` when None)."""
+    score_fn = get_criterion(criterion)
     if example_inputs is None:
         example_inputs = _default_inputs(model)
         if example_inputs is None:
             raise ValueError("model has no default_cfg['input_size']: pass example_inputs")
-    groups = [g for g in dependency_groups(model, example_inputs) if g.prunable]
+    device = next(model.parameters()).device
+    inputs = tuple(t.to(device) for t in ((example_inputs,) if isinstance(
+        example_inputs, torch.Tensor) else example_inputs))
+    groups = [g for g in dependency_groups(model, inputs) if g.prunable]
     scores = [score_fn(g, model, data).detach().float().cpu() for g in groups]
     for g, s in zip(groups, scores, strict=True):
         if s.shape != (g.channels,):
             raise ValueError(f"criterion {criterion!r} returned shape {tuple(s.shape)} "
                              f"for a group of {g.channels} channels; it must be 1-D")
-    if global_ranking:
-        counts = _global_keep(scores, ratio, round_to)
-    else:
-        counts = [_keep_count(g.channels, ratio, round_to) for g in groups]
+    return groups, scores, inputs
+
+
+def _plan(groups: list[Group], scores: list[torch.Tensor], counts: list[int]) -> list[dict]:
+    """History entries (without their step) keeping the ``counts`` best of each group."""
+    return [{"channels": g.channels, "kept": _top(s, keep),
+             "members": [[m.name, m.kind, m.offset, m.span] for m in g.members]}
+            for g, s, keep in zip(groups, scores, counts, strict=True) if keep < g.channels]
+
+
+def _commit(model: nn.Module, plan: list[dict], inputs: Any) -> nn.Module:
+    """A pruned copy of ``model`` with ``plan`` applied as its next history step."""
     history = list(getattr(model, "pruning_history", []))
     step = max((h["step"] for h in history), default=-1) + 1
-    for g, s, keep in zip(groups, scores, counts, strict=True):
-        if keep < g.channels:
-            history.append({"step": step, "channels": g.channels, "kept": _top(s, keep),
-                            "members": [[m.name, m.kind, m.offset, m.span]
-                                        for m in g.members]})
+    entries = [{"step": step, **entry} for entry in plan]
     pruned = copy.deepcopy(model)
-    _apply(pruned, [h for h in history if h["step"] == step])
-    pruned.pruning_history = history
-    _refresh_metadata(pruned, example_inputs)
+    _apply(pruned, entries)
+    pruned.pruning_history = history + entries
+    device = next(pruned.parameters()).device  # the inputs may predate a move to a GPU
+    _refresh_metadata(pruned, tuple(t.to(device) for t in inputs))
     return pruned
 
 
@@ -264,12 +194,6 @@ def _refresh_metadata(model: nn.Module, inputs: Any) -> None:
         f["num_chs"] = chans.get(f.get("module"), f.get("num_chs"))
 
 
-def _indices(member: Member, kept: torch.Tensor) -> torch.Tensor:
-    """Positions in the member's dimension of channels ``kept`` of its group."""
-    return (member.offset + kept[:, None] * member.span
-            + torch.arange(member.span)[None, :]).reshape(-1)
-
-
 def _apply(model: nn.Module, entries: list[dict]) -> None:
     """Surgery for one step: entries index the channels of the model as it is now."""
     modules = dict(model.named_modules())
@@ -282,8 +206,8 @@ def _apply(model: nn.Module, entries: list[dict]) -> None:
                 raise ValueError(f"pruning history names layer {name!r} that the model lacks; "
                                  "apply it to the architecture it was recorded on")
             dim = "in" if kind == "in" else "out"
-            removed[(name, dim)].update(_indices(Member(name, kind, offset, span),
-                                                 dropped).tolist())
+            removed[(name, dim)].update(Member(name, kind, offset, span).indices(dropped)
+                                        .tolist())
     for name in sorted({n for n, _ in removed}):
         old = modules[name]
         new = _shrink(old, removed.get((name, "out"), set()), removed.get((name, "in"), set()))

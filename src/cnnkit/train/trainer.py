@@ -90,6 +90,9 @@ class Trainer:
         model: start from this model instead of a fresh ``create_model(config.model)``
             (fine-tuning a pruned model: its ``pruning_history`` is saved with its
             weights, so :func:`cnnkit.load_run` rebuilds it without pickling).
+        regularizer: ``f(model) -> scalar tensor`` added to every training step's loss
+            (and so to the logged ``train_loss``), e.g. a
+            :class:`cnnkit.compress.schedule.MaskSparsity` penalty.
 
     Example:
         >>> from cnnkit.train import Trainer, TrainConfig
@@ -100,7 +103,8 @@ class Trainer:
     def __init__(self, config: TrainConfig | None = None, *, resume: str | Path | None = None,
                  progress: bool | None = None,
                  callbacks: list[Callable[[Trainer, int, dict], None]] | None = None,
-                 model: nn.Module | None = None) -> None:
+                 model: nn.Module | None = None,
+                 regularizer: Callable[[nn.Module], torch.Tensor] | None = None) -> None:
         if resume is not None:
             root = resolve_run(resume, config.runs_dir if config else "runs")
             saved = read_config(RunPaths(root).config)
@@ -119,6 +123,7 @@ class Trainer:
         self.progress = progress
         self.callbacks = list(callbacks or [])
         self._init_model = model
+        self.regularizer = regularizer
         self._setup()
 
     # -- setup -----------------------------------------------------------------------------
@@ -249,6 +254,8 @@ class Trainer:
             with autocast(device, self.amp):
                 out = model(x)
                 loss = self.criterion(out, y)
+                if self.regularizer is not None:
+                    loss = loss + self.regularizer(model)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.grad_clip:
