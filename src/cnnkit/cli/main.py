@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("run", metavar="RUN")
     cp.add_argument("--prune", type=_fraction, metavar="RATIO",
                     help="fraction of channels to remove (structured filter pruning)")
-    cp.add_argument("--criterion", default="l1", help="l1 (default), l2, bn_scale, random")
+    cp.add_argument("--criterion", default="l1",
+                    help="l1 (default), l2, bn_scale, random, or from data: taylor, beta_rank")
     cp.add_argument("--global-ranking", action="store_true",
                     help="one threshold over all layers instead of the same ratio per layer")
     cp.add_argument("--finetune", type=_positive_int, metavar="EPOCHS", default=0,
