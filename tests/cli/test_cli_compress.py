@@ -78,3 +78,21 @@ def test_compress_data_criterion_gets_training_data(cli, shared_run, tmp_path):
     assert code == 0, err
     rows = json.loads(stdout)["models"]
     assert rows["pruned"]["params"] < rows["original"]["params"] / 2
+
+
+def test_compress_qat_int8_reloads(cli, shared_run, tmp_path):
+    # --qat fine-tunes through fake quantisation; the int8 file records it and reloads the
+    # QAT graph, reproducing the measured accuracy.
+    from cnnkit.train import load_run
+
+    out = tmp_path / "qat"
+    code, stdout, err = cli(["compress", str(shared_run.path), "--quantize", "int8", "--qat", "1",
+                             "--out", str(out), "--no-progress", "--json"])
+    assert code == 0, err
+    rows = json.loads(stdout)["models"]
+    q = load_run(out, weights="int8").model
+    assert q.quant_config["qat"] is True
+    code, stdout, err = cli(["eval", str(out), "--weights", "int8", "--json"])
+    assert json.loads(stdout)["test_accuracy"] == pytest.approx(rows["int8"]["accuracy"], abs=1e-9)
+    code, _, err = cli(["compress", str(shared_run.path), "--qat", "1", "--out", str(tmp_path / "x")])
+    assert code == 2 and "--quantize int8" in err

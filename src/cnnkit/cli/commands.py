@@ -220,9 +220,9 @@ def compress(args: argparse.Namespace) -> int:
                          f"{', '.join(criteria())}")
     progress = False if args.no_progress else None
     if args.sweep:
-        if args.out or args.prune is not None or args.quantize:
+        if args.out or args.prune is not None or args.quantize or args.qat:
             raise ValueError("--sweep measures its own grid into RUN's report; drop --out, "
-                             "--prune and --quantize (choose ratios with --ratios)")
+                             "--prune, --quantize and --qat (choose ratios with --ratios)")
         with contextlib.redirect_stdout(sys.stderr):
             result = sweep_run(args.run, ratios=args.ratios, criterion=args.criterion,
                                finetune=args.finetune, observer=args.observer,
@@ -235,7 +235,7 @@ def compress(args: argparse.Namespace) -> int:
             result = compress_run(args.run, args.out, prune=args.prune,
                                   criterion=args.criterion, global_ranking=args.global_ranking,
                                   finetune=args.finetune, quantize=args.quantize,
-                                  observer=args.observer, progress=progress)
+                                  observer=args.observer, qat=args.qat, progress=progress)
         rows, where = result["models"], f"{result['out']} (compress.json)"
     if args.json:
         print(json.dumps(result, indent=2))

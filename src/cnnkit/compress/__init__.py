@@ -22,7 +22,9 @@ from .graph import Group, Member, dependency_groups
 from .lowrank import decompose, factorize_model
 from .pipeline import compress_run, measure_latency
 from .prune import apply_history, criteria, prune, register_criterion
+from .qat import quantize_aware_train
 from .quantize import freeze_quantized, load_quantized, quantize, save_quantized, search_calibration
+from .schedule import MaskSparsity, iterative_prune
 from .unstructured import lottery_ticket, magnitude_prune, remove_masks, sparsity_report
 
 __all__ = [
@@ -30,6 +32,6 @@ __all__ = [
     "binarize", "compress_run", "criteria", "decompose", "dependency_groups", "export",
     "factorize_model", "freeze_quantized", "iterative_prune", "load_quantized",
     "lottery_ticket", "magnitude_prune", "measure_latency", "prune", "quantize",
-    "register_criterion", "remove_masks", "save_quantized", "search_calibration",
-    "sparsity_report",
+    "quantize_aware_train", "register_criterion", "remove_masks", "save_quantized",
+    "search_calibration", "sparsity_report",
 ]

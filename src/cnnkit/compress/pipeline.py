@@ -76,7 +76,7 @@ def _test_tensors(run: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([prep.normalize(img.float() / 255) for img in test.images]), test.labels
 
 
-def _calibration(run: Any, n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def _calibration(run: Any, n: int | None = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``n`` normalised training images of the run's own split (never test images)
     and their labels: int8 calibration and the data-driven pruning criteria use them."""
     from cnnkit.data import load_data, split_indices
@@ -154,7 +154,7 @@ def _check_classify(run: Any) -> None:
 
 def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None,
                  criterion: str = "l1", global_ranking: bool = False, finetune: int = 0,
-                 quantize: str | None = None, observer: str = "minmax",
+                 quantize: str | None = None, observer: str = "minmax", qat: int = 0,
                  progress: bool | None = None) -> dict[str, Any]:
     """Compress a classification run into a new run folder and measure both.
 
@@ -169,6 +169,9 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
             its learning rate).
         quantize: ``"int8"`` for post-training static quantisation, or None.
         observer: activation calibration for int8: ``minmax``, ``percentile``, ``entropy``.
+        qat: epochs of quantisation-aware fine-tuning on the run's training split before
+            the int8 conversion (:func:`~cnnkit.compress.qat.quantize_aware_train`); 0:
+            post-training quantisation only.
 
     Returns:
         The ``compress.json`` contents: one row per model (``original``, ``pruned``,
@@ -191,6 +194,8 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
         raise ValueError(f"{out} already exists; give a new folder with --out")
     if finetune and prune is None:
         raise ValueError("--finetune fine-tunes a pruned model; give --prune too")
+    if qat and quantize != "int8":
+        raise ValueError("--qat fine-tunes for int8; give --quantize int8 too")
     x_test, y_test = _test_tensors(run)
     prep = run.preprocess
     original = run.model.eval()
@@ -215,14 +220,23 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
         from .quantize import quantize as quantize_model
         from .quantize import save_quantized
 
-        models["int8"] = quantize_model(current, calib[0], observer=observer)
+        if qat:
+            from .qat import quantize_aware_train
+
+            lr = run.config.resolved_lr / 100  # a trained model: small steps
+            models["int8"] = quantize_aware_train(
+                current, _calibration(run, n=None), epochs=qat, lr=lr, calibration_data=calib[0],
+                observer="minmax" if observer == "entropy" else observer,
+                freeze_bn_after=max(0, qat - 1), progress=progress)
+        else:
+            models["int8"] = quantize_model(current, calib[0], observer=observer)
         save_quantized(models["int8"], RunPaths(out).int8)
     rows = _measure(models, x_test, y_test, prep.input_size,
                     same_as={"int8": "pruned" if "pruned" in models else "original"})
     result = {"run": str(run.path), "out": str(out), "prune": prune, "criterion": criterion,
               "global_ranking": global_ranking, "finetune": finetune, "quantize": quantize,
-              "observer": observer if quantize else None, "threads": torch.get_num_threads(),
-              "test_images": len(y_test), "models": rows}
+              "observer": observer if quantize else None, "qat": qat,
+              "threads": torch.get_num_threads(), "test_images": len(y_test), "models": rows}
     write_json(out / "compress.json", result)
     if not (out / "summary.json").exists():  # fine-tuning wrote one; else the measured row
         kept = rows["pruned" if "pruned" in rows else "original"]

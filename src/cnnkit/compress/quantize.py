@@ -17,6 +17,9 @@ Execution: torch.ao.quantization's FX graph mode (``prepare_fx`` / ``convert_fx`
 it was the fastest working path; torch marks torch.ao.quantization deprecated in favour of
 torchao's PT2E, which is not installed here, so its DeprecationWarnings are silenced locally.
 
+Quantisation-aware fine-tuning, which trains through this int8 scheme before converting, is
+:func:`cnnkit.compress.qat.quantize_aware_train`.
+
 The engine is process-wide torch state (``torch.backends.quantized.engine``): :func:`quantize`
 sets it, and a quantised model must run under the engine it was built with.
 """
@@ -408,7 +411,9 @@ def save_quantized(qmodel: fx.GraphModule, path: str | Path) -> Path:
     """Save an int8 model's state as safetensors (int8 codes, scales, zero points), no pickle,
     written atomically.
 
-    The graph is not stored: :func:`load_quantized` rebuilds it from the float architecture.
+    The graph is not stored: :func:`load_quantized` rebuilds it from the float architecture
+    (through :func:`quantize`, or :func:`cnnkit.compress.qat.prepare_qat` for a model with
+    ``quant_config["qat"]``).
     """
     from cnnkit.train.checkpoint import atomic_write
 
@@ -490,8 +495,13 @@ def load_quantized(path: str | Path, model: nn.Module,
         return torch._make_per_tensor_quantized_tensor(tensors[key], s["scale"], s["zero_point"])
 
     cfg = meta["quant_config"]
-    qmodel = quantize(model, example_inputs, backend=cfg.get("backend", "auto"),
-                      per_channel=cfg.get("per_channel", True))
+    if cfg.get("qat"):  # torch's QAT fusion, not fold_batchnorm, shaped that graph
+        from .qat import _rebuild
+
+        qmodel = _rebuild(model, example_inputs, cfg)
+    else:
+        qmodel = quantize(model, example_inputs, backend=cfg.get("backend", "auto"),
+                          per_channel=cfg.get("per_channel", True))
     state = collections.OrderedDict((k, get(k, s)) for k, s in meta["spec"].items())
     # torch's quantised modules read their format version from the state's _metadata
     state._metadata = qmodel.state_dict()._metadata  # type: ignore[attr-defined]
