@@ -93,6 +93,8 @@ def test_compress_qat_int8_reloads(cli, shared_run, tmp_path):
     q = load_run(out, weights="int8").model
     assert q.quant_config["qat"] is True
     code, stdout, err = cli(["eval", str(out), "--weights", "int8", "--json"])
-    assert json.loads(stdout)["test_accuracy"] == pytest.approx(rows["int8"]["accuracy"], abs=1e-9)
-    code, _, err = cli(["compress", str(shared_run.path), "--qat", "1", "--out", str(tmp_path / "x")])
+    assert json.loads(stdout)["test_accuracy"] == pytest.approx(rows["int8"]["accuracy"],
+                                                                abs=1e-9)
+    code, _, err = cli(["compress", str(shared_run.path), "--qat", "1", "--out",
+                        str(tmp_path / "x")])
     assert code == 2 and "--quantize int8" in err

@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--quantize", choices=["int8"], help="post-training static int8")
     cp.add_argument("--observer", choices=["minmax", "percentile", "entropy"],
                     default="minmax", help="int8 activation calibration (default minmax)")
+    cp.add_argument("--qat", type=_positive_int, metavar="EPOCHS", default=0,
+                    help="quantisation-aware fine-tuning epochs before int8 (with --quantize)")
     cp.add_argument("--out", metavar="RUN2", help="the new run folder (not with --sweep)")
     cp.add_argument("--sweep", action="store_true",
                     help="measure a grid of pruning ratios, float and int8; write a Pareto "
