@@ -17,33 +17,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from cnnkit.analysis.summary import summary
+from cnnkit.compress.pipeline import measure_latency
 from cnnkit.compress.prune import prune
 from cnnkit.models import create_model
 
 KWARGS = dict(num_classes=10, img_size=32, stem="small")
 SHAPE = (3, 32, 32)
-
-
-def interleaved_medians(models: dict[str, nn.Module], x: torch.Tensor,
-                        reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
-        for m in models.values():
-            for _ in range(3):
-                m(x)
-        for _ in range(reps):
-            for k, m in models.items():
-                t = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def torch_pruning_model(model: nn.Module, ratio: float) -> nn.Module | None:
@@ -98,7 +82,7 @@ def main() -> None:
     x = torch.randn(args.batch, *SHAPE)
     for threads in (2, 1):
         torch.set_num_threads(threads)
-        med = interleaved_medians(models, x, args.reps)
+        med = measure_latency(models, x, args.reps)
         print(f"| {threads} | " + " | ".join(f"{v * 1e3:.1f}" for v in med.values()) + " | "
               + " | ".join(f"{med['original'] / med[k]:.2f}x" for k in list(models)[1:])
               + " |")

@@ -19,15 +19,14 @@ Usage: python bench/quantize_latency.py [--reps 30] [--epochs-shapes 5] [--runs-
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 import cnnkit
+from cnnkit.compress.pipeline import measure_latency
 from cnnkit.compress.quantize import (
     freeze_quantized,
     quantize,
@@ -41,20 +40,6 @@ LATENCY_MODELS = {
     "resnet18 32x32": ("resnet18", dict(num_classes=10, img_size=32, stem="small"), (3, 32, 32)),
     "tinyvgg_wide 8x8": ("tinyvgg_wide", dict(num_classes=10, img_size=8, in_chans=1), (1, 8, 8)),
 }
-
-
-def interleaved_medians(fns: dict, x: torch.Tensor, reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            for _ in range(3):
-                fn(x)
-        for _ in range(reps):
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                fn(x)
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def latency_and_size(reps: int) -> None:
@@ -71,7 +56,7 @@ def latency_and_size(reps: int) -> None:
             for batch in (1, 32):
                 x = torch.randn(batch, *shape)
                 frozen = freeze_quantized(qmodel, x)
-                med = interleaved_medians({"fp32": model, "int8": qmodel, "jit": frozen}, x, reps)
+                med = measure_latency({"fp32": model, "int8": qmodel, "jit": frozen}, x, reps)
                 print(f"| {label} | {threads} | {batch} | {med['fp32'] * 1e3:.2f} | "
                       f"{med['int8'] * 1e3:.2f} | {med['fp32'] / med['int8']:.2f}x | "
                       f"{med['jit'] * 1e3:.2f} | {med['fp32'] / med['jit']:.2f}x |")

@@ -17,16 +17,6 @@ from cnnkit.data import load_data
 from cnnkit.models import create_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: on the shared 2-core machine two OpenMP threads only contend
-    (measured: 50 LeNet steps take 0.2 s on one thread, 3-13 s on two under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_binary_weights_and_optimal_alpha():
     w = torch.tensor([[[[0.5, -1.5], [2.0, -0.2]]], [[[-0.1, 0.3], [0.0, -0.4]]]])
     b = binarize_weight(w)

@@ -29,28 +29,6 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads can spin-wait and
-    make these many small convolutions far slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics so that a forgotten BN member would show in the output."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-1, 1)
-    return model.eval()
-
-
 def _zeroed(model: nn.Module, history: list[dict]) -> nn.Module:
     """The unpruned model with the removed channels' filters, biases and BN affine zeroed,
     so each removed channel is exactly 0 wherever it flows."""
@@ -77,8 +55,8 @@ def _params(model: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_pruned_equals_zeroed_original(name):
-    model = _randomise_bn(create_model(name, **MODELS[name]))
+def test_pruned_equals_zeroed_original(name, randomise_bn):
+    model = randomise_bn(create_model(name, **MODELS[name]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(*X32)
     pruned = prune(model, 0.5, example_inputs=x).eval()
@@ -253,10 +231,10 @@ def test_apply_history_rebuilds_identical_state_dict():
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_unknown_ops_keep_channels_whole():
+def test_unknown_ops_keep_channels_whole(randomise_bn):
     # An SE gate multiplies the stream by a per-channel scale: the analysis cannot pair it,
     # so the gated channels stay, and pruning still matches the zeroed reference.
-    model = _randomise_bn(create_model("mobilenet_v2", attn="se", **MODELS["mobilenet_v2"]))
+    model = randomise_bn(create_model("mobilenet_v2", attn="se", **MODELS["mobilenet_v2"]))
     x = torch.randn(*X32)
     groups = _groups_by_out(dependency_groups(model, x))
     assert not groups["features.2.conv.0.0"].prunable  # expansion feeds the gated dw output
@@ -366,8 +344,8 @@ def _strided_net() -> nn.Module:
                          nn.ReLU(), nn.Conv2d(5, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def test_beta_rank_matches_matrix_form_and_ranks_a_dead_channel_lowest():
-    net = _randomise_bn(_strided_net())
+def test_beta_rank_matches_matrix_form_and_ranks_a_dead_channel_lowest(randomise_bn):
+    net = randomise_bn(_strided_net())
     batches = [_batch(6, (3, 9, 9), 4, s) for s in (3, 4)]
     group = next(g for g in dependency_groups(net, batches[0][0]) if g.prunable)
     got = get_criterion("beta_rank")(group, net, batches)  # a list of batches
@@ -412,9 +390,9 @@ def test_data_criteria_leave_no_trace(criterion):
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "random", "taylor",
                                        "beta_rank"])
-def test_every_criterion_prunes_mobilenet_like_the_zeroed_original(criterion):
+def test_every_criterion_prunes_mobilenet_like_the_zeroed_original(criterion, randomise_bn):
     assert criterion in criteria()
-    model = _randomise_bn(create_model("mobilenet_v2", **MODELS["mobilenet_v2"]))
+    model = randomise_bn(create_model("mobilenet_v2", **MODELS["mobilenet_v2"]))
     x, y = _batch(2, (3, 32, 32), 10, 5)
     pruned = prune(model, 0.5, criterion, x, data=(x, y)).eval()
     with torch.no_grad():

@@ -45,20 +45,10 @@ def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]
     return model, x[train[:256]], x[test], y[test]
 
 
-def _random_bn(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
-def test_fold_batchnorm_equals_unfused_eval_output() -> None:
+def test_fold_batchnorm_equals_unfused_eval_output(randomise_bn) -> None:
     torch.manual_seed(0)
-    model = _random_bn(create_model("resnet18", num_classes=10, img_size=16, stem="small"))
+    model = randomise_bn(create_model("resnet18", num_classes=10, img_size=16, stem="small"),
+                         mean=0.5, bias=0.2)
     x = torch.randn(4, 3, 16, 16)
     folded = fold_batchnorm(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -81,9 +71,9 @@ class _SharedAndSliced(nn.Module):
         return self.head[-1](self.head[:-1](x))  # the slice is not a registered submodule
 
 
-def test_fold_batchnorm_skips_shared_modules_and_traces_slices() -> None:
+def test_fold_batchnorm_skips_shared_modules_and_traces_slices(randomise_bn) -> None:
     torch.manual_seed(0)
-    model = _random_bn(_SharedAndSliced())
+    model = randomise_bn(_SharedAndSliced(), mean=0.5, bias=0.2)
     x = torch.randn(3, 2, 4, 4)
     folded = fold_batchnorm(model)
     assert isinstance(folded.get_submodule("bn"), nn.BatchNorm2d)  # shared: left in place
@@ -220,16 +210,6 @@ def test_clear_errors() -> None:
 # ---- quantisation-aware training -------------------------------------------------------------
 
 
-@pytest.fixture
-def _one_thread():
-    """Tiny QAT models: a second intra-op thread only adds sync; on a busy 2-core machine it
-    made a training step 50x slower (0.28 s against 4 ms, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _conv_linear_bn() -> nn.Module:
     """Conv-BN-ReLU and Linear-BN1d-ReLU: QAT fuses the latter as Linear-BN then ReLU, PTQ
     folds the BN and fuses Linear-ReLU, so the two int8 graphs differ."""
@@ -265,7 +245,6 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(nn.functional.cross_entropy(model(x), y))
 
 
-@pytest.mark.usefixtures("_one_thread")
 def test_qat_beats_post_training_quantisation_on_outlier_weights() -> None:
     x, y = _stripes(256)
     x_test, y_test = _stripes(512)
@@ -286,7 +265,6 @@ def test_qat_beats_post_training_quantisation_on_outlier_weights() -> None:
     assert qat < 0.5 * min(ptq, control)
 
 
-@pytest.mark.usefixtures("_one_thread")
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_qat_int8_model_matches_its_fake_quant_model(per_channel: bool) -> None:
     model = _conv_linear_bn()
@@ -306,7 +284,6 @@ def test_qat_int8_model_matches_its_fake_quant_model(per_channel: bool) -> None:
     assert fq.training is False and isinstance(qmodel.get_submodule("0").weight(), torch.Tensor)
 
 
-@pytest.mark.usefixtures("_one_thread")
 def test_qat_save_load_roundtrip_rebuilds_the_qat_graph(tmp_path) -> None:
     model = _conv_linear_bn()
     x, y = torch.randn(128, 1, 4, 4), torch.randint(0, 3, (128,))
@@ -321,7 +298,6 @@ def test_qat_save_load_roundtrip_rebuilds_the_qat_graph(tmp_path) -> None:
     assert loaded.quant_config == qmodel.quant_config
 
 
-@pytest.mark.usefixtures("_one_thread")
 def test_qat_leaves_the_input_model_alone() -> None:
     model = _conv_linear_bn().train()
     model[5].eval()  # a mixed-mode model: every flag must come back as it was
@@ -336,7 +312,6 @@ def test_qat_leaves_the_input_model_alone() -> None:
         torch.testing.assert_close(after[k], v, atol=0, rtol=0)
 
 
-@pytest.mark.usefixtures("_one_thread")
 def test_qat_freezing_bn_and_observers() -> None:
     model = _conv_linear_bn().eval()
     x, y = torch.randn(128, 1, 4, 4), torch.randint(0, 3, (128,))

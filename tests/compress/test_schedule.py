@@ -15,15 +15,6 @@ from cnnkit.train import TrainConfig, Trainer
 X32 = (2, 3, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (see test_prune.py): small convolutions on the 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _perturb(model: nn.Module) -> nn.Module:
     """A stand-in for fine-tuning: every weight changes, so stages are told apart."""
     with torch.no_grad():

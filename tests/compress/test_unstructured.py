@@ -15,16 +15,6 @@ from cnnkit.compress.unstructured import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: on the shared 2-core machine two OpenMP threads only contend
-    (measured: 50 LeNet steps take 0.2 s on one thread, 3-13 s on two under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
 

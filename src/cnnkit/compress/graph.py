@@ -35,6 +35,8 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from cnnkit.analysis.tracer import _arg, _tensors
+
 __all__ = ["Group", "Member", "dependency_groups"]
 
 # Ops that keep every channel where it was and map an all-zero channel to zeros, so a
@@ -92,21 +94,6 @@ class _Layout:
 
     nodes: tuple[int, ...]
     span: int = 1
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name, default)
 
 
 class _ChannelTracer(TorchFunctionMode):

@@ -18,6 +18,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +28,20 @@ from torch import nn
 __all__ = ["compress_run", "sweep_run", "pareto_front", "measure_latency", "file_bytes"]
 
 
-@torch.no_grad()
-def measure_latency(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 15
-                    ) -> dict[str, float]:
-    """Median seconds per forward of each model on ``x``, the models interleaved per repeat."""
+def measure_latency(models: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor,
+                    repeats: int = 15, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each model on ``x``; every repeat calls all the models
+    back to back (interleaved), so a change of machine load hits them alike."""
     times: dict[str, list[float]] = {k: [] for k in models}
-    for m in models.values():  # warm-up: first calls allocate and pick kernels
-        m(x)
-    for _ in range(repeats):
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[k].append(time.perf_counter() - t0)
+    with torch.inference_mode():
+        for m in models.values():  # warm-up: first calls allocate and pick kernels
+            for _ in range(warmup):
+                m(x)
+        for _ in range(repeats):
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
