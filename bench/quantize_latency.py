@@ -75,9 +75,6 @@ def accuracy(runs_dir: Path, model: str, data: str, epochs: int, **options) -> N
     name = f"{model}-{data}"
     summary = cnnkit.train(model=model, data=data, epochs=epochs, runs_dir=str(runs_dir),
                            name=name, progress=False, **options)
-    # the trainer turns on deterministic algorithms process-wide (warn-only); quantised
-    # kernels have no deterministic variant, so turn it off to keep the output readable
-    torch.use_deterministic_algorithms(False)
     run = cnnkit.load_run(runs_dir / name)
     cfg = run.config
     ds = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
@@ -107,14 +104,17 @@ def main() -> None:
                         default=Path(tempfile.gettempdir()) / "cnnkit-bench-quantize")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-shapes", action="store_true",
+                        help="accuracy on digits only (shapes classification needs long training)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, engine {torch.backends.quantized.engine}")
     if not args.skip_latency:
         latency_and_size(args.reps)
     if not args.skip_accuracy:
         accuracy(args.runs_dir, "tinyvgg_wide", "digits", 10)
-        accuracy(args.runs_dir, "resnet18", "shapes", args.epochs_shapes,
-                 data_options=dict(n=1000, size=32))
+        if not args.skip_shapes:
+            accuracy(args.runs_dir, "resnet18", "shapes", args.epochs_shapes,
+                     data_options=dict(n=1000, size=32))
 
 
 if __name__ == "__main__":
