@@ -13,7 +13,8 @@ the uint8 images and labels, ``float() / 255``, the data set's augmentation poli
 same on both sides), ``(x - mean) / std`` with the Trainer's statistics, forward,
 cross-entropy with label smoothing 0.1, ``zero_grad(set_to_none=True)``, backward,
 the one-cycle learning rate written into the param groups, ``SGD.step``
-(Nesterov momentum 0.9, foreach, weight decay 5e-4 on weights only) and a
+(Nesterov momentum 0.9, weight decay 5e-4 on weights only; fused where PyTorch
+has a fused SGD for the device, else foreach, as the Trainer chooses) and a
 running loss sum on the device, read once at the end of the epoch.
 
 The Trainer is timed two ways in the same ``Trainer.fit()`` run:
@@ -126,7 +127,10 @@ class PlainLoop:
         self.optimizer = torch.optim.SGD(
             [{"params": decay, "weight_decay": cfg.resolved_weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.peak_lr, momentum=cfg.momentum, nesterov=True, foreach=True)
+            lr=self.peak_lr, momentum=cfg.momentum, nesterov=True,
+            # the step implementation the Trainer picked, so only the loop around it differs
+            **({"fused": True} if trainer.optimizer.defaults.get("fused") else
+               {"foreach": True}))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.steps = len(self.labels) // self.batch_size
         self.total_steps = epochs * self.steps
@@ -289,7 +293,8 @@ checkpointing (best and last weights, resumable state, metrics), work the
 hand-written loop does not do.
 
 Both sides use the same model and initial weights, training split, batch size 64,
-SGD (Nesterov momentum 0.9, weight decay 5e-4 on weights only, foreach), one-cycle
+SGD (Nesterov momentum 0.9, weight decay 5e-4 on weights only, fused where PyTorch has
+it, else foreach), one-cycle
 learning rate, cross-entropy with label smoothing 0.1, the data set's augmentation
 (`cnnkit.data.Augment`), normalisation by the training split's mean and std, and
 deterministic algorithms (the Trainer's default, process-wide). The hand-written

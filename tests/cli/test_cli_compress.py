@@ -98,3 +98,23 @@ def test_compress_qat_int8_reloads(cli, shared_run, tmp_path):
     code, _, err = cli(["compress", str(shared_run.path), "--qat", "1", "--out",
                         str(tmp_path / "x")])
     assert code == 2 and "--quantize int8" in err
+
+
+def test_compress_prune_then_lowrank_reloads(cli, shared_run, tmp_path):
+    # Both histories are recorded and replayed in order (prune, then factorise).
+    from cnnkit.train import load_run
+
+    out = tmp_path / "plr"
+    code, stdout, err = cli(["compress", str(shared_run.path), "--prune", "0.25", "--lowrank",
+                             "energy:0.8", "--out", str(out), "--json"])
+    assert code == 0, err
+    rows = json.loads(stdout)["models"]
+    run = load_run(out)
+    assert run.model.pruning_history and run.model.lowrank_history
+    assert sum(p.numel() for p in run.model.parameters()) == rows["pruned+lowrank"]["params"]
+    code, stdout, err = cli(["eval", str(out), "--json"])
+    assert json.loads(stdout)["test_accuracy"] == pytest.approx(
+        rows["pruned+lowrank"]["accuracy"], abs=1e-9)
+    code, _, err = cli(["compress", str(shared_run.path), "--lowrank", "0.5", "--out",
+                        str(tmp_path / "x")])
+    assert code == 2 and "--lowrank" in err

@@ -267,3 +267,23 @@ def test_create_model_conv_cp_trains_and_reloads(tmp_path):
     assert result["test_accuracy"] > 0.3  # it learns (10 classes: chance is 0.1)
     with pytest.raises(ValueError, match="unknown conv"):
         create_model("tinyvgg", conv="svd")
+
+
+def test_decomposed_model_finetunes_and_reloads(tmp_path):
+    # Optional fine-tuning of a decomposed network through the normal trainer: the run
+    # records the low-rank history and load_run rebuilds the factor structure from it.
+    from cnnkit.train import TrainConfig, Trainer, load_run
+
+    base = create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8, width=16)
+    small, records = decompose(base, method="auto", rank="energy:0.9")
+    assert records and small.lowrank_history[0]["layer"] == records[0].layer
+    cfg = TrainConfig(model="tinyvgg", model_kwargs={"width": 16}, data="digits", epochs=1,
+                      runs_dir=str(tmp_path), name="lr")
+    Trainer(cfg, model=small, progress=False).fit()
+    run = load_run(tmp_path / "lr")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():  # the trainer fine-tuned `small` itself and ends on its best weights
+        assert torch.allclose(run.model(x), small.eval()(x), atol=1e-6)
+    with pytest.raises(ValueError, match="could not be reloaded"):
+        Trainer(TrainConfig(model="lenet5", data="digits", epochs=1, runs_dir=str(tmp_path)),
+                model=small, progress=False)

@@ -152,18 +152,19 @@ def test_mask_sparsity_without_bn_uses_filter_norms():
 @pytest.mark.parametrize("kind", ["bn", "filter"])
 def test_trainer_regularizer_shrinks_only_the_selected_channels(kind, tmp_path):
     """One epoch on digits with a strong MaskSparsity penalty through Trainer(regularizer=)."""
-    if kind == "bn":
-        model, x = _bn_net(), torch.randn(1, 1, 8, 8)
-    else:
-        model, x = create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8), None
-    reg = MaskSparsity(model, 0.5, example_inputs=x, strength=1.0)
+    # Registered models, as the Trainer must be able to rebuild what it saves.
+    name, kwargs = ("wide_resnet", {"depth": 10, "widen_factor": 1}) if kind == "bn" else (
+        "tinyvgg", {})
+    model = create_model(name, num_classes=10, in_chans=1, img_size=8, **kwargs)
+    reg = MaskSparsity(model, 0.5, criterion="l1" if kind == "filter" else "bn_scale",
+                       example_inputs=torch.randn(1, 1, 8, 8), strength=1.0)
 
     def sizes() -> dict[str, torch.Tensor]:  # |gamma| or filter norm per channel
         weights = {n: model.get_submodule(n).weight.detach() for n, _, _ in reg.targets}
         return {n: w.reshape(len(w), -1).norm(dim=1) for n, w in weights.items()}
 
     start = sizes()
-    cfg = TrainConfig(model="tinyvgg", data="digits", epochs=1, batch_size=64,
+    cfg = TrainConfig(model=name, model_kwargs=kwargs, data="digits", epochs=1, batch_size=64,
                       warmup_epochs=0, runs_dir=str(tmp_path))
     trainer = Trainer(cfg, progress=False, model=model, regularizer=reg)
     trainer.fit()

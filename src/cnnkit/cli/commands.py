@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 # Errors that mean "bad input or a stopped run", shown as one line with exit code 2.
@@ -30,6 +31,7 @@ def _config_from_args(args: argparse.Namespace):
               "image_size": args.image_size, "channels": args.channels,
               "augment": args.augment, "amp": args.amp, "channels_last": args.channels_last,
               "ema": args.ema, "early_stopping": args.early_stopping, "device": args.device,
+              "compile": args.compile, "fast": args.fast, "sync_bn": args.sync_bn,
               "strict": args.strict, "name": args.name, "runs_dir": args.runs_dir,
               "seed": args.seed, "task": args.task, "scale": args.scale, "loss": args.loss}
     given = {k: v for k, v in fields.items() if v is not None}
@@ -41,7 +43,8 @@ def _config_from_args(args: argparse.Namespace):
 
 
 # Options a resumed run may be given: everything else comes from its saved config.yaml.
-_RESUME_OPTIONS = {"resume", "epochs", "runs_dir", "no_progress", "json", "command", "func"}
+_RESUME_OPTIONS = {"resume", "epochs", "runs_dir", "no_progress", "json", "command", "func",
+                   "nproc", "argv"}
 
 
 def _resume_args(args: argparse.Namespace):
@@ -60,10 +63,42 @@ def _resume_args(args: argparse.Namespace):
     return root, TrainConfig(epochs=args.epochs) if args.epochs else None
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N`` (and argparse's prefixes of it)."""
+    out, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) >= 4 and "--nproc".startswith(name):
+            skip = "=" not in token
+        else:
+            out.append(token)
+    return out
+
+
+def _launch(args: argparse.Namespace, config, resume: Path | None) -> int:
+    """``cnnkit train --nproc N``: the same command under torchrun, N processes."""
+    from cnnkit.train import distributed
+    from cnnkit.train.run import RunPaths, read_config
+
+    batch = (read_config(RunPaths(resume).config) if resume is not None else config).batch_size
+    if batch % args.nproc:
+        raise ValueError(f"the batch size {batch} is the global batch, split evenly over "
+                         f"{args.nproc} processes; give a multiple of {args.nproc}")
+    cnnkit_args = _without_nproc(args.argv)
+    print(f"cnnkit train: {args.nproc} processes: torchrun --standalone --nproc_per_node "
+          f"{args.nproc} -m cnnkit {' '.join(cnnkit_args)}", file=sys.stderr)
+    return distributed.launch(args.nproc, cnnkit_args)
+
+
 def train(args: argparse.Namespace) -> int:
     from cnnkit.models import model_info
-    from cnnkit.train import Trainer
+    from cnnkit.train import Trainer, distributed
 
+    if args.nproc is not None and distributed.under_torchrun():
+        raise ValueError("--nproc starts torchrun itself; under torchrun leave it out "
+                         "(torchrun's --nproc_per_node sets the number of processes)")
     if args.resume is not None:
         resume, config = _resume_args(args)
     else:
@@ -73,18 +108,32 @@ def train(args: argparse.Namespace) -> int:
         if runs_dir.exists() and not runs_dir.is_dir():
             raise ValueError(f"--runs-dir {str(runs_dir)!r} is a file, not a folder; give a "
                              "folder (it is created if missing)")
-    trainer = Trainer(config, resume=resume, progress=False if args.no_progress else None)
-    print(f"run {trainer.paths.root}: {trainer.config.model} on {trainer.config.data} "
-          f"({trainer.train_loader.num_samples} train images, {trainer.device})", file=sys.stderr)
+    if args.nproc is not None and args.nproc > 1:
+        return _launch(args, config, resume)
+    main = distributed.current().is_main  # under torchrun, rank 0 alone talks
+    if not main:
+        warnings.simplefilter("ignore")  # main() scopes this to the command
     try:
-        # Per-epoch lines are progress, not results: stdout keeps only the final line or
-        # the JSON, so `cnnkit train --json | jq` works.
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = trainer.fit()
-    except KeyboardInterrupt:
-        print(f"cnnkit train: interrupted; continue with `cnnkit train --resume "
-              f"{trainer.paths.root}`", file=sys.stderr)
-        return 130
+        trainer = Trainer(config, resume=resume, progress=False if args.no_progress else None)
+        if main:
+            print(f"run {trainer.paths.root}: {trainer.config.model} on {trainer.config.data} "
+                  f"({trainer.train_loader.num_samples} train images, {trainer.device}"
+                  + (f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else "")
+                  + ")", file=sys.stderr)
+        try:
+            # Per-epoch lines are progress, not results: stdout keeps only the final line or
+            # the JSON, so `cnnkit train --json | jq` works.
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = trainer.fit()
+        except KeyboardInterrupt:
+            if main:
+                print(f"cnnkit train: interrupted; continue with `cnnkit train --resume "
+                      f"{trainer.paths.root}`", file=sys.stderr)
+            return 130
+    finally:
+        distributed.shutdown()
+    if not main:
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -220,9 +269,9 @@ def compress(args: argparse.Namespace) -> int:
                          f"{', '.join(criteria())}")
     progress = False if args.no_progress else None
     if args.sweep:
-        if args.out or args.prune is not None or args.quantize or args.qat:
+        if args.out or args.prune is not None or args.quantize or args.qat or args.lowrank:
             raise ValueError("--sweep measures its own grid into RUN's report; drop --out, "
-                             "--prune, --quantize and --qat (choose ratios with --ratios)")
+                             "--prune, --lowrank, --quantize and --qat (choose --ratios)")
         with contextlib.redirect_stdout(sys.stderr):
             result = sweep_run(args.run, ratios=args.ratios, criterion=args.criterion,
                                finetune=args.finetune, observer=args.observer,
@@ -234,6 +283,7 @@ def compress(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             result = compress_run(args.run, args.out, prune=args.prune,
                                   criterion=args.criterion, global_ranking=args.global_ranking,
+                                  lowrank=args.lowrank,
                                   finetune=args.finetune, quantize=args.quantize,
                                   observer=args.observer, qat=args.qat, progress=progress)
         rows, where = result["models"], f"{result['out']} (compress.json)"
@@ -271,6 +321,25 @@ def export(args: argparse.Namespace) -> int:
         check = (f"outputs match {result['checked_with']} within {result['max_abs_diff']:.2g}"
                  if result["checked_with"] else "not run: install onnxruntime to check it")
         print(f"wrote {result['path']} ({result['bytes'] / 1e6:.2f} MB); {check}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {args.port} (0 picks a free port)")
+    try:
+        from cnnkit.web import serve as serve_explorer
+    except ImportError as e:
+        raise ValueError(f"cnnkit serve needs the web extra ({e}); install it with "
+                         "pip install 'cnnkit[web]'") from e
+
+    def announce(url: str) -> None:
+        exposed = "" if args.host in ("127.0.0.1", "localhost", "::1") else \
+            f" (listening on {args.host}: other machines can reach it)"
+        print(f"cnnkit serve: {url}{exposed}; press Ctrl-C to stop", flush=True)
+
+    serve_explorer(args.run, host=args.host, port=args.port, weights=args.weights,
+                   announce=announce)
     return 0
 
 

@@ -82,6 +82,14 @@ def _fraction(text: str) -> float:
     return _number(text, float, 0, True, 1)
 
 
+def _lowrank(text: str) -> str | float:
+    """``energy:F`` with F in (0, 1], or a parameter-reduction factor above 1."""
+    if text.startswith("energy:"):
+        _number(text[7:], float, 0, False, 1.000001)
+        return text
+    return _number(text, float, 1, False)
+
+
 def _ratio_list(text: str) -> tuple[float, ...]:
     """Comma-separated fractions in (0, 1), such as ``0.25,0.5``."""
     return tuple(_number(part.strip(), float, 0, False, 1) for part in text.split(","))
@@ -118,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--augment", help="augmentation policy (default: the data set's own)")
     t.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"])
     t.add_argument("--channels-last", action="store_true", default=None)
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="compile the training step with torch.compile (falls back to eager "
+                   "with a warning if compilation fails)")
+    t.add_argument("--fast", action="store_true", default=None,
+                   help="every fast path: channels_last, torch.compile and (with --amp auto) "
+                   "bf16 autocast where the CPU or GPU supports it")
+    t.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="train data-parallel in N processes on this machine (runs torchrun; "
+                   "--batch-size is the global batch)")
+    t.add_argument("--sync-bn", action="store_true", default=None,
+                   help="with several processes: BatchNorm statistics over the global batch")
     t.add_argument("--ema", action="store_true", default=None, help="evaluate an EMA of weights")
     t.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -197,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of channels to remove (structured filter pruning)")
     cp.add_argument("--criterion", default="l1",
                     help="l1 (default), l2, bn_scale, random, or from data: taylor, beta_rank")
+    cp.add_argument("--lowrank", type=_lowrank, metavar="energy:F|FACTOR",
+                    help="low-rank factorisation (Tucker-2 / SVD): keep the fraction F of each "
+                         "layer's energy, or cut each layer's parameters by FACTOR (> 1)")
     cp.add_argument("--global-ranking", action="store_true",
                     help="one threshold over all layers instead of the same ratio per layer")
     cp.add_argument("--finetune", type=_positive_int, metavar="EPOCHS", default=0,
@@ -224,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=commands.export)
 
+    sv = sub.add_parser("serve", help="explore a run's CNN in the browser: activations, the "
+                        "arithmetic of every neuron, filters, explanations",
+                        description="Serve an interactive explorer of a run's model (after CNN "
+                        "Explainer, Wang et al. 2020) at http://HOST:PORT/ until Ctrl-C.")
+    sv.add_argument("run", metavar="RUN")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a "
+                    "free one)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: "
+                    "this machine only)")
+    sv.add_argument("--weights", choices=["best", "last", "int8"], default="best",
+                    help="best (default), last, or the int8 model of a compressed run")
+    sv.set_defaults(func=commands.serve)
+
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("pattern", nargs="?", help="shell pattern such as 'resnet*'")
     m.add_argument("--task", choices=["classify", "segment", "superres"],
@@ -245,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches it
     # `cnnkit explain RUN --method m a.png`: IMAGES is nargs="*" (optional with --benchmark),
     # which argparse binds, empty, before the options; files after them come back here.
     if args.command == "explain" and extras and not any(e.startswith("-") for e in extras):

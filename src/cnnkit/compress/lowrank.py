@@ -403,9 +403,14 @@ def decompose(model: nn.Module, method: str = "auto", rank: int | str | None = N
         cp_iters: maximum ALS sweeps per CP decomposition.
 
     Returns:
-        The new model and one :class:`LowRankRecord` per replaced layer.
+        The new model and one :class:`LowRankRecord` per replaced layer. The model carries
+        ``lowrank_history`` (JSON-safe ``{"layer", "method", "rank"}`` per replaced layer),
+        so a run saved from it is rebuilt by :func:`apply_lowrank_history`, never unpickled.
     """
     _check_rank_args(rank, compression)
+    if getattr(model, "lowrank_history", None):
+        raise ValueError("the model is already decomposed; decompose the original model once "
+                         "(with every layer you want in `layers`)")
     new = copy.deepcopy(model)
     records = []
     for name, kind in _plan(new, method, layers, skip_first):
@@ -428,7 +433,46 @@ def decompose(model: nn.Module, method: str = "auto", rank: int | str | None = N
         seq.train(old.training)
         _replace(new, name, seq)
         records.append(LowRankRecord(name, kind, r, before, after, err))
+    new.lowrank_history = [{"layer": r.layer, "method": r.method,
+                            "rank": list(r.rank) if isinstance(r.rank, tuple) else r.rank}
+                           for r in records]
     return new, records
+
+
+def apply_lowrank_history(model: nn.Module, history: list[dict]) -> nn.Module:
+    """Rebuild the factor structure :func:`decompose` recorded, on a copy of the original
+    architecture (the weights are whatever the caller loads next).
+
+    Example:
+        >>> from cnnkit.models import create_model
+        >>> small, _ = decompose(create_model("tinyvgg", img_size=32), rank=2)
+        >>> again = apply_lowrank_history(create_model("tinyvgg", img_size=32),
+        ...                               small.lowrank_history)
+        >>> again.state_dict().keys() == small.state_dict().keys()
+        True
+    """
+    new = copy.deepcopy(model)
+    named = dict(new.named_modules())
+    for entry in history:
+        name, method, rank = entry["layer"], entry["method"], entry["rank"]
+        old = named.get(name)
+        if old is None:
+            raise ValueError(f"low-rank history names layer {name!r} that the model lacks; "
+                             "apply it to the architecture it was recorded on")
+        with torch.no_grad():  # only the structure matters: the weights get overwritten
+            if method == "svd":
+                build = svd_linear if isinstance(old, nn.Linear) else svd_conv1x1
+                seq = build(old, rank=int(rank))
+            elif method == "tucker":
+                seq = tucker2_conv(old, rank=(int(rank[0]), int(rank[1])))
+            elif method == "cp":
+                seq = cp_conv(old, rank=int(rank), iters=0)
+            else:
+                raise ValueError(f"unknown method {method!r} in the low-rank history")
+        seq.train(old.training)
+        _replace(new, name, seq)
+    new.lowrank_history = [dict(e) for e in history]
+    return new
 
 
 def _fresh_factors(conv: nn.Conv2d, kind: str, rank_ratio: float) -> nn.Sequential:

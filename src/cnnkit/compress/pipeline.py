@@ -157,7 +157,8 @@ def _check_classify(run: Any) -> None:
 
 def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None,
                  criterion: str = "l1", global_ranking: bool = False, finetune: int = 0,
-                 quantize: str | None = None, observer: str = "minmax", qat: int = 0,
+                 lowrank: str | float | None = None, quantize: str | None = None,
+                 observer: str = "minmax", qat: int = 0,
                  progress: bool | None = None) -> dict[str, Any]:
     """Compress a classification run into a new run folder and measure both.
 
@@ -168,8 +169,13 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
             :func:`cnnkit.compress.prune.prune`), or None.
         criterion: pruning criterion (``l1``, ``l2``, ``bn_scale``, ``random`` ...).
         global_ranking: one threshold over all groups instead of a ratio per group.
-        finetune: epochs of fine-tuning after pruning (the run's own recipe, a tenth of
-            its learning rate).
+        lowrank: low-rank factorisation after any pruning (Tucker-2 for ``kxk``
+            convolutions, SVD for linear and 1x1 layers, see
+            :func:`cnnkit.compress.lowrank.decompose`): ``"energy:f"`` keeps the fraction
+            ``f`` of each layer's singular-value energy, a number > 1 is the per-layer
+            parameter reduction; None: no factorisation.
+        finetune: epochs of fine-tuning after pruning / factorisation (the run's own
+            recipe, a tenth of its learning rate).
         quantize: ``"int8"`` for post-training static quantisation, or None.
         observer: activation calibration for int8: ``minmax``, ``percentile``, ``entropy``.
         qat: epochs of quantisation-aware fine-tuning on the run's training split before
@@ -177,8 +183,9 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
             post-training quantisation only.
 
     Returns:
-        The ``compress.json`` contents: one row per model (``original``, ``pruned``,
-        ``int8``) with accuracy, params, MACs, bytes and latency, and the speed-ups.
+        The ``compress.json`` contents: one row per model (``original``; ``pruned``,
+        ``lowrank`` or ``pruned+lowrank``; ``int8``) with accuracy, params, MACs, bytes and
+        latency, and the speed-ups.
     """
     from cnnkit.train import load_run
     from cnnkit.train.checkpoint import save_weights
@@ -188,15 +195,17 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
 
     run = run if hasattr(run, "preprocess") else load_run(run)
     _check_classify(run)
-    if prune is None and quantize is None:
-        raise ValueError("nothing to do: give --prune RATIO and/or --quantize int8 (or --sweep)")
+    if prune is None and lowrank is None and quantize is None:
+        raise ValueError("nothing to do: give --prune RATIO, --lowrank and/or --quantize int8 "
+                         "(or --sweep)")
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown --quantize {quantize!r}; the supported one is int8")
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; give a new folder with --out")
-    if finetune and prune is None:
-        raise ValueError("--finetune fine-tunes a pruned model; give --prune too")
+    if finetune and prune is None and lowrank is None:
+        raise ValueError("--finetune fine-tunes a pruned or factorised model; give --prune or "
+                         "--lowrank too")
     if qat and quantize != "int8":
         raise ValueError("--qat fine-tunes for int8; give --quantize int8 too")
     x_test, y_test = _test_tensors(run)
@@ -207,14 +216,27 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
     meta = {"model": run.config.model, "model_kwargs": run.config.model_kwargs,
             **prep.to_dict()}
     calib = _calibration(run) if quantize or criterion in DATA_CRITERIA else None
-    if prune is not None:
-        pruned = prune_model(original, prune, criterion, example_inputs=x_test[:1],
-                             data=_criterion_data(calib, criterion),
-                             global_ranking=global_ranking)
+    if prune is not None or lowrank is not None:
+        small, names = original, []
+        if prune is not None:
+            small = prune_model(original, prune, criterion, example_inputs=x_test[:1],
+                                data=_criterion_data(calib, criterion),
+                                global_ranking=global_ranking)
+            names.append("pruned")
+        if lowrank is not None:
+            from .lowrank import decompose
+
+            rank = lowrank if isinstance(lowrank, str) else None
+            small, _ = decompose(small, rank=rank,
+                                 compression=None if rank else float(lowrank))
+            names.append("lowrank")
         if finetune:
-            pruned = _finetune(run, pruned, out, finetune, progress)
-        models["pruned"] = current = pruned.eval()
-        state, meta = pruned.state_dict(), {**meta, "pruning_history": pruned.pruning_history}
+            small = _finetune(run, small, out, finetune, progress)
+        models["+".join(names)] = current = small.eval()
+        state = small.state_dict()
+        for key in ("pruning_history", "lowrank_history"):
+            if getattr(small, key, None):
+                meta[key] = getattr(small, key)
     if not out.exists():  # fine-tuning wrote a whole run folder already
         out.mkdir(parents=True)
         shutil.copy(RunPaths(run.path).config, RunPaths(out).config)
@@ -234,15 +256,16 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
         else:
             models["int8"] = quantize_model(current, calib[0], observer=observer)
         save_quantized(models["int8"], RunPaths(out).int8)
-    rows = _measure(models, x_test, y_test, prep.input_size,
-                    same_as={"int8": "pruned" if "pruned" in models else "original"})
-    result = {"run": str(run.path), "out": str(out), "prune": prune, "criterion": criterion,
+    smaller = next((n for n in models if n not in ("original", "int8")), "original")
+    rows = _measure(models, x_test, y_test, prep.input_size, same_as={"int8": smaller})
+    result = {"run": str(run.path), "out": str(out), "prune": prune, "lowrank": lowrank,
+              "criterion": criterion,
               "global_ranking": global_ranking, "finetune": finetune, "quantize": quantize,
               "observer": observer if quantize else None, "qat": qat,
               "threads": torch.get_num_threads(), "test_images": len(y_test), "models": rows}
     write_json(out / "compress.json", result)
     if not (out / "summary.json").exists():  # fine-tuning wrote one; else the measured row
-        kept = rows["pruned" if "pruned" in rows else "original"]
+        kept = rows[smaller]
         write_json(out / "summary.json", {"model": run.config.model,
                                           "compressed_from": str(run.path),
                                           "test_accuracy": kept["accuracy"]})

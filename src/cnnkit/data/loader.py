@@ -1,10 +1,22 @@
 """An in-memory batch loader: index a device-resident tensor, no per-sample work.
 
-Small-image data sets fit on the device whole (60000 MNIST images are 47 MB as
-uint8), so a batch is one gather plus one fused convert/augment/normalise, as in
-Keller Jordan's airbench (2024, "94% on CIFAR-10 in 3.29 seconds on a single GPU").
-A ``torch.utils.data.DataLoader`` with per-sample ``__getitem__`` would cost
-more than the model's forward pass at this scale.
+This is the GPU-resident pipeline of Keller Jordan's airbench (2024, "94% on CIFAR-10
+in 3.29 seconds on a single GPU"): small-image data sets fit on the device whole
+(60000 MNIST images are 47 MB as uint8), so the split is copied to the device once
+(from pinned host memory on CUDA) and a batch is one gather plus batched
+convert/augment/normalise ops there. A ``torch.utils.data.DataLoader`` with
+per-sample ``__getitem__`` would cost more than the model's forward pass at this scale.
+
+User folders take the same path: ``load_data`` decodes every image once into one
+uint8 tensor in memory, so there is no per-sample decoding for DataLoader workers
+(``num_workers``, ``persistent_workers``, ``pin_memory``) to overlap, and none is used.
+The cost is memory: the decoded split must fit on the device (and, under several
+processes, once per process).
+
+Under data parallelism (``rank``/``world_size``) every process holds the whole split and
+takes its share of each global batch: the ``DistributedSampler`` idea (same shuffled
+order on every rank, rank r takes every W-th sample) applied per batch, so the union of
+the ranks' batches at step i is the one-process batch i.
 """
 
 from __future__ import annotations
@@ -21,10 +33,12 @@ from .augment import EXACT_POLICIES, Augment
 __all__ = ["TensorLoader"]
 
 
-def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+def _generator(seed: int, epoch: int, stream: int, rank: int = 0) -> torch.Generator:
     # SeedSequence mixes (seed, epoch, stream) into well-separated states, so nearby
-    # seeds and epochs do not give correlated streams.
-    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)
+    # seeds and epochs do not give correlated streams. Ranks > 0 of a distributed run
+    # get their own augmentation streams; rank 0 keeps the single process's.
+    entropy = [seed, epoch, stream] + ([rank] if rank else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
@@ -62,6 +76,15 @@ class TensorLoader:
         device: where the data lives and batches are made.
         channels_last: return batches in ``torch.channels_last`` memory format.
         scale: super-resolution factor; the loader then yields (low-res, high-res) pairs.
+        rank, world_size: this process's share under data parallelism. ``batch_size`` is
+            then the global batch (a multiple of ``world_size``); every rank has the same
+            shuffled order and takes positions ``rank, rank + W, ...`` of each global
+            batch, ``batch_size / W`` samples. With ``shuffle`` (training) and without
+            ``drop_last``, the order is topped up with its first samples to a multiple of
+            W, so every rank takes the same number of steps and samples (as
+            ``DistributedSampler`` pads); without ``shuffle`` (evaluation) nothing is
+            repeated: each sample is in exactly one rank's batches. Augmentation draws
+            from a per-rank stream of ``(seed, epoch, rank)``.
 
     Example:
         >>> loader = TensorLoader(torch.zeros(10, 1, 8, 8, dtype=torch.uint8), torch.arange(10), 4)
@@ -73,7 +96,8 @@ class TensorLoader:
                  shuffle: bool = False, drop_last: bool = False,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  augment: str = "none", seed: int = 0, device: str | torch.device = "cpu",
-                 channels_last: bool = False, scale: int | None = None) -> None:
+                 channels_last: bool = False, scale: int | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
         if images.ndim != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         labels = torch.as_tensor(labels)
@@ -97,6 +121,12 @@ class TensorLoader:
         self.scale = scale
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of world_size {world_size}: need 0 <= rank < "
+                             "world_size")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is the global batch, split evenly over "
+                             f"{world_size} processes; give a multiple of {world_size}")
         c = images.shape[1]
         for what, v in (("mean", mean), ("std", std)):
             if v is not None and len(v) != c:
@@ -107,10 +137,11 @@ class TensorLoader:
                              "give std=1 for it")
         Augment(augment)  # validates the policy name now, not at the first batch
         self.device = torch.device(device)
-        self.images = images.to(self.device)
+        self.images = _to_device(images, self.device)
         if self.images.dtype not in (torch.uint8, torch.float32):
             self.images = self.images.float()
-        self.labels = labels.to(self.device)
+        self.labels = _to_device(labels, self.device)
+        self.rank, self.world_size = rank, world_size
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment, self.seed, self.channels_last = augment, seed, channels_last
         self.mean = None if mean is None else torch.tensor(
@@ -131,14 +162,22 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
+        world = self.world_size
         if self.shuffle:
             order = torch.randperm(self.num_samples, generator=_generator(self.seed, epoch, 0))
+            short = (-self.num_samples) % world
+            if short and not self.drop_last:  # equal shares: top up with the first samples
+                order = torch.cat([order, order[torch.arange(short) % self.num_samples]])
             order = order.to(self.device)
         else:
             order = torch.arange(self.num_samples, device=self.device)
-        aug = Augment(self.augment, _generator(self.seed, epoch, 1))
+        aug = Augment(self.augment, _generator(self.seed, epoch, 1, self.rank))
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if world > 1:
+                idx = idx[self.rank::world]
+                if len(idx) == 0:  # evaluation: a last global batch smaller than W
+                    continue
             x = self.images[idx]
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
             y = self.labels[idx]
@@ -158,3 +197,11 @@ class TensorLoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy of a whole split; on CUDA from pinned memory, so the copy
+    is a single DMA transfer that does not hold up the host."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

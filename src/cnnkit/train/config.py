@@ -55,7 +55,9 @@ class TrainConfig:
         split: train/val/test fractions of the stratified split.
         augment: augmentation policy, ``"auto"`` for the data set's default.
         epochs: passes over the training split; per task default when None.
-        batch_size: samples per optimisation step; per task default when None.
+        batch_size: samples per optimisation step; per task default when None. Under
+            several processes (torchrun) this is the global batch: each of W processes
+            takes ``batch_size / W`` of it (``cnnkit.train.distributed``).
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``; per task default
             (AdamW for super-resolution, else SGD) when None.
         lr: peak learning rate; ``None`` picks 0.1 x batch/256 for SGD (0.05 for
@@ -76,6 +78,16 @@ class TrainConfig:
             bf16, else off), ``"off"``,
             ``"bf16"`` (autocast on CPUs with AVX-512 BF16 and on CUDA), ``"fp16"`` (CUDA).
         channels_last: NHWC memory format for model and inputs.
+        compile: compile the training step's model with ``torch.compile`` (opt-in: the
+            first step pays the compilation); if compilation fails the run goes on
+            eagerly after a one-line warning (``cnnkit.train.fast``).
+        fast: the preset of every fast path: sets ``channels_last`` and ``compile``; with
+            ``amp="auto"`` (the default) that is bf16 autocast on CUDA and on CPUs with
+            AVX-512 BF16/AMX. The fused optimiser step is used wherever PyTorch has one,
+            fast or not.
+        sync_bn: in a multi-process run (torchrun), normalise BatchNorm layers by the
+            statistics of the whole global batch (``cnnkit.train.sync_bn``); no effect in
+            one process.
         early_stopping: stop after this many epochs without a better validation accuracy.
         ema: keep an exponential moving average of the weights for evaluation.
         ema_decay: decay of that average per step.
@@ -111,6 +123,9 @@ class TrainConfig:
     grad_clip: float | None = None
     amp: str = "auto"
     channels_last: bool = False
+    compile: bool = False
+    fast: bool = False
+    sync_bn: bool = False
     early_stopping: int | None = None
     ema: bool = False
     ema_decay: float = 0.999
@@ -130,6 +145,8 @@ class TrainConfig:
         self.optimizer = self.optimizer or defaults["optimizer"]
         self.epochs = defaults["epochs"] if self.epochs is None else self.epochs
         self.batch_size = defaults["batch_size"] if self.batch_size is None else self.batch_size
+        if self.fast:  # the preset: resolved here, so config.yaml records what ran
+            self.channels_last = self.compile = True
         if self.loss == "auto":
             self.loss = defaults["loss"]
         if self.loss not in _LOSSES[self.task]:

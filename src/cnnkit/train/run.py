@@ -164,7 +164,8 @@ class Run:
 
 def build_model(meta: dict[str, Any]) -> nn.Module:
     """Rebuild a model from the metadata stored in its safetensors file: the registered
-    architecture, then the pruning it went through (replayed, never unpickled)."""
+    architecture, then the pruning and low-rank factorisation it went through (replayed,
+    never unpickled)."""
     from cnnkit.models import create_model
 
     c, h, w = meta["input_size"]
@@ -179,6 +180,10 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
         from cnnkit.compress.prune import apply_history
 
         model = apply_history(model, meta["pruning_history"])
+    if meta.get("lowrank_history"):
+        from cnnkit.compress.lowrank import apply_lowrank_history
+
+        model = apply_lowrank_history(model, meta["lowrank_history"])
     return model
 
 

@@ -12,6 +12,11 @@ classify  class ``[B]``   cross-entropy (label smoothing)  accuracy
 segment   mask ``[B,H,W]``  CE, Dice, focal or a sum       mIoU
 superres  image (x scale)  MSE (ESPCN) or L1               PSNR (bicubic beside)
 ========  ==============  ===============================  ======================
+
+Evaluation over a loader sharded across processes (``TensorLoader(world_size=W)``,
+``cnnkit.train.distributed``) sums on each rank and all-reduces the sums (loss, correct
+predictions, confusion matrix, PSNR/SSIM) before dividing by the global count, so the
+metrics equal one process's; per-sample outputs are gathered back in the split's order.
 """
 
 from __future__ import annotations
@@ -23,10 +28,16 @@ from torch import nn
 
 from .config import TrainConfig
 from .device import autocast
+from .distributed import all_reduce_sum, gather_shards
 
 __all__ = ["Task", "Classify", "Segment", "SuperRes", "get_task", "evaluate_classify"]
 
 _SAMPLES = 8  # test predictions kept for the report's figures
+
+
+def _sharded(loader) -> bool:
+    """The loader is one rank's share of a split: its sums must be reduced across ranks."""
+    return getattr(loader, "world_size", 1) > 1
 
 
 class Task:
@@ -102,10 +113,13 @@ def evaluate_classify(model: nn.Module, loader, device: torch.device,
         preds.append(p.argmax(1).cpu())
         targets.append(y.cpu())
     model.train(was_training)
-    preds_t, targets_t = torch.cat(preds), torch.cat(targets)
+    preds_t, targets_t, probs_t = torch.cat(preds), torch.cat(targets), torch.cat(probs)
+    if _sharded(loader):
+        loss = all_reduce_sum(loss)
+        preds_t, targets_t, probs_t = (gather_shards(t) for t in (preds_t, targets_t, probs_t))
     n = max(1, len(targets_t))
     return {"loss": float(loss) / n, "accuracy": float((preds_t == targets_t).float().mean()),
-            "preds": preds_t, "probs": torch.cat(probs), "targets": targets_t}
+            "preds": preds_t, "probs": probs_t, "targets": targets_t}
 
 
 class Segment(Task):
@@ -171,9 +185,14 @@ class Segment(Task):
             if sum(len(p) for p in kept) < _SAMPLES:
                 kept.append(pred[:_SAMPLES].to(torch.uint8).cpu())
         model.train(was_training)
+        preds = torch.cat(kept)[:_SAMPLES] if kept else None
+        if _sharded(loader):  # every rank has kept its first samples: interleave them back
+            cm = all_reduce_sum(cm)
+            loss, n = all_reduce_sum(torch.stack([loss, torch.tensor(float(n), device=device)]))
+            preds = gather_shards(preds)[:_SAMPLES]
         scores = segmentation_scores(cm.cpu())
-        return {"loss": float(loss) / max(1, n), **scores, "cm": cm.cpu(),
-                "preds": torch.cat(kept)[:_SAMPLES] if kept else None}
+        return {"loss": float(loss) / max(1, float(n)), **scores, "cm": cm.cpu(),
+                "preds": preds}
 
     def summary(self, test: dict[str, Any]) -> dict[str, Any]:
         return {"test_miou": test["miou"], "test_pixel_accuracy": test["pixel_accuracy"],
@@ -252,10 +271,15 @@ class SuperRes(Task):
             if sum(len(k[0]) for k in kept) < _SAMPLES:
                 kept.append((out[:_SAMPLES].cpu(), bic[:_SAMPLES].cpu(), y[:_SAMPLES].cpu()))
         model.train(was_training)
+        samples = tuple(torch.cat(parts)[:_SAMPLES] for parts in zip(*kept, strict=True))
+        if _sharded(loader):
+            total = all_reduce_sum(torch.tensor([*sums.values(), n], dtype=torch.float64,
+                                                device=device)).tolist()
+            sums, n = dict(zip(sums, total[:-1], strict=True)), total[-1]
+            samples = tuple(gather_shards(t)[:_SAMPLES] for t in samples)
         res = {k: v / max(1, n) for k, v in sums.items()}
-        if kept:
-            res["samples"] = tuple(torch.cat(parts)[:_SAMPLES] for parts in zip(*kept,
-                                                                                 strict=True))
+        if samples:
+            res["samples"] = samples
         return res
 
     def summary(self, test: dict[str, Any]) -> dict[str, Any]:
