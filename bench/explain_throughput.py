@@ -59,6 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cnnkit.explain
+from cnnkit.analysis.bench.report import load_average
+from cnnkit.analysis.bench.report import machine as machine_info
 from cnnkit.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,12 +326,7 @@ def goals(rows: list[Row]) -> list[str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = machine_info()["cpu"]
     from importlib.metadata import PackageNotFoundError, version
 
     versions = []
@@ -341,12 +338,6 @@ def machine() -> str:
     return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
             f"{torch.get_num_threads()} intra-op thread(s), Python {platform.python_version()}"
             + (f"; peers: {', '.join(versions)}" if versions else "; no peer installed"))
-
-
-def load() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "n/a"
-    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def section(rows: list[Row], notes: list[str], command: str, args: argparse.Namespace,
@@ -435,13 +426,13 @@ def main(argv: list[str] | None = None) -> None:
     for n in notes:
         print("note:", n, file=sys.stderr)
 
-    load_before, t0 = load(), time.perf_counter()
+    load_before, t0 = load_average(), time.perf_counter()
     rows: list[Row] = []
     for name in ["tinyvgg"] if args.quick else ["tinyvgg", "resnet18"]:
         case = make_case(name)
         for method in methods:
             rows += run_method(method, case, args, notes)
-    minutes, load_after = (time.perf_counter() - t0) / 60, load()
+    minutes, load_after = (time.perf_counter() - t0) / 60, load_average()
 
     print(f"\n{machine()}\nload average {load_before} before, {load_after} after "
           f"({minutes:.1f} min)\n{command}\n\n{table(rows)}\n")

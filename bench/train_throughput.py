@@ -6,16 +6,10 @@ and normalisation, in one process, one epoch each in turn (ABAB...). After
 ``--warmup`` epochs, the median samples/s of each side is taken and their ratio
 reported; the ratio is the claim, absolute numbers only describe this run.
 
-The hand-written loop does, per epoch: one ``torch.randperm`` over the training
-images; per batch (the last partial batch dropped, as the Trainer does): index
-the uint8 images and labels, ``float() / 255``, the data set's augmentation policy
-(``cnnkit.data.Augment``, the very ops the Trainer runs, so augmentation costs the
-same on both sides), ``(x - mean) / std`` with the Trainer's statistics, forward,
-cross-entropy with label smoothing 0.1, ``zero_grad(set_to_none=True)``, backward,
-the one-cycle learning rate written into the param groups, ``SGD.step``
-(Nesterov momentum 0.9, weight decay 5e-4 on weights only; fused where PyTorch
-has a fused SGD for the device, else foreach, as the Trainer chooses) and a
-running loss sum on the device, read once at the end of the epoch.
+The hand-written loop is ``cnnkit.analysis.bench.plain.PlainLoop`` (the one ``cnnkit
+bench`` times too; its docstring lists what it does per batch), built from the Trainer's
+training split, statistics, augmentation policy, hyper-parameters, optimiser
+implementation and initial weights.
 
 The Trainer is timed two ways in the same ``Trainer.fit()`` run:
 
@@ -45,7 +39,6 @@ import contextlib
 import datetime
 import io
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -55,18 +48,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from cnnkit.data import Augment
-from cnnkit.models import create_model
+from cnnkit.analysis.bench.plain import PlainLoop
+from cnnkit.analysis.bench.report import load_average, machine_text, write_section
 from cnnkit.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Training throughput"
-DOCS_INTRO = ("# Benchmarks\n\nSpeed claims are benchmarks: each ratio below is measured side "
-              "by side in one run by the command shown; absolute times from different runs are "
-              "never compared.\n")
 
 
 @dataclass
@@ -91,79 +80,6 @@ CASES = [
     Case("resnet18 / shapes 32x32", "resnet18", "shapes", epochs=6, image_size=32,
          data_options={"n": 320}),
 ]
-
-
-class PlainLoop:
-    """The hand-written loop: a copy of the Trainer's model trained by plain PyTorch.
-
-    It takes from the trainer only what a user would have at hand before writing a
-    loop: the training images and labels, their mean and std, the augmentation
-    policy's name, the hyper-parameters and (for a like-for-like start) the
-    initial weights. Everything else is built here, by hand.
-    """
-
-    def __init__(self, trainer: Trainer, epochs: int) -> None:
-        cfg, data = trainer.config, trainer.data
-        if (cfg.optimizer, cfg.schedule, cfg.ema, cfg.grad_clip, cfg.channels_last) != (
-                "sgd", "onecycle", False, None, False) or cfg.momentum <= 0:
-            raise ValueError("the hand-written loop implements SGD with Nesterov momentum, the "
-                             "one-cycle schedule, no EMA, no clipping, NCHW: keep those defaults")
-        c, h, w = data.input_size
-        self.device = trainer.device
-        self.model = create_model(cfg.model, num_classes=len(data.classes), in_chans=c,
-                                  img_size=(h, w), **cfg.model_kwargs).to(self.device)
-        self.model.load_state_dict(trainer.model.state_dict())
-        train_idx = trainer.split[0]
-        self.images = data.images[train_idx].to(self.device)
-        self.labels = data.labels[train_idx].to(self.device)
-        self.mean = torch.tensor(trainer.preprocess.mean, device=self.device).view(1, c, 1, 1)
-        self.std = torch.tensor(trainer.preprocess.std, device=self.device).view(1, c, 1, 1)
-        self.policy = data.augment if cfg.augment == "auto" else cfg.augment
-        self.batch_size, self.seed = cfg.batch_size, cfg.seed
-        # The same hyper-parameters, read from the config; the structure is written here.
-        decay = [p for p in self.model.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
-        self.peak_lr = cfg.resolved_lr
-        self.optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": cfg.resolved_weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.peak_lr, momentum=cfg.momentum, nesterov=True,
-            # the step implementation the Trainer picked, so only the loop around it differs
-            **({"fused": True} if trainer.optimizer.defaults.get("fused") else
-               {"foreach": True}))
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.steps = len(self.labels) // self.batch_size
-        self.total_steps = epochs * self.steps
-        self.warmup_steps = min(self.total_steps - 1, round(cfg.warmup_epochs * self.steps))
-        self.step_count = 0
-
-    def lr(self, step: int) -> float:
-        """One-cycle in its linear form: warm up over one epoch, then decay linearly to 0."""
-        if step < self.warmup_steps:
-            return self.peak_lr * (step + 1) / self.warmup_steps
-        decayed = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return self.peak_lr * (1.0 - min(1.0, decayed))
-
-    def epoch(self, epoch: int) -> float:
-        """Train one epoch; returns the mean training loss."""
-        self.model.train()
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.labels), generator=gen).to(self.device)
-        augment = Augment(self.policy, gen)
-        loss_sum = torch.zeros((), device=self.device)
-        for i in range(self.steps):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = augment(self.images[idx].float().div_(255))
-            x = (x - self.mean) / self.std
-            loss = self.criterion(self.model(x), self.labels[idx])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr(self.step_count)
-            self.optimizer.step()
-            self.step_count += 1
-            loss_sum += loss.detach()
-        return float(loss_sum) / self.steps
 
 
 class _Done(Exception):
@@ -201,7 +117,7 @@ def run_case(case: Case, warmup: int, epochs: int, device: str) -> Result:
                           image_size=case.image_size, epochs=total, device=device, amp="off",
                           runs_dir=runs)
         trainer = Trainer(cfg, progress=False)
-        plain = PlainLoop(trainer, total)
+        plain = PlainLoop.from_trainer(trainer, total)
         if plain.steps != len(trainer.train_loader):
             raise RuntimeError(f"{case.name}: {plain.steps} plain steps per epoch but "
                                f"{len(trainer.train_loader)} Trainer steps")
@@ -259,24 +175,6 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} intra-op thread(s), Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
-
-
-def load() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "n/a"
-    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def section(results: list[Result], command: str, load_before: str, load_after: str,
             minutes: float) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -305,7 +203,7 @@ count and the load belong to the result: on a machine that other processes keep
 busy, more threads than free cores make epoch times swing several-fold.
 
 Measured {date}, in {minutes:.1f} minutes, on:
-{machine()}.
+{machine_text()}.
 Load average (1/5/15 min): {load_before} before, {load_after} after.
 
 ```bash
@@ -314,20 +212,6 @@ Load average (1/5/15 min): {load_before} before, {load_after} after.
 
 {table(results)}
 """
-
-
-def write_docs(text: str, path: Path = DOCS) -> None:
-    """Replace the section (up to the next ``## `` heading) or append it; keep the rest."""
-    old = path.read_text() if path.exists() else DOCS_INTRO
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        rest = "" if end < 0 else old[end + 1:]
-        new = old[:start] + text + ("\n" + rest if rest else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "python bench/train_throughput.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    load_before, t0 = load(), time.perf_counter()
+    load_before, t0 = load_average(), time.perf_counter()
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores - args.threads + 0.5:
         # A thread that waits for a core stalls every parallel region of the others: both
         # sides share the load, so ratios stay fair, but epochs swing by several times.
@@ -363,15 +247,17 @@ def main(argv: list[str] | None = None) -> None:
         epochs = args.epochs or (4 if args.quick else case.epochs)
         print(f"{case.name}: {warmup} warm-up + {epochs} measured epochs", file=sys.stderr)
         results.append(run_case(case, warmup, epochs, args.device))
-    minutes, load_after = (time.perf_counter() - t0) / 60, load()
+    minutes, load_after = (time.perf_counter() - t0) / 60, load_average()
 
-    print(f"\n{machine()}\nload average {load_before} before, {load_after} after "
+    print(f"\n{machine_text()}\nload average {load_before} before, {load_after} after "
           f"({minutes:.1f} min)\n{command.strip()}\n\n{table(results)}")
     worst = min(r.median_sps(r.loop_s) / r.median_sps(r.plain_s) for r in results)
     print(f"\nworst loop ratio {worst:.3f} (goal >= 0.97)"
           + ("" if worst >= 0.97 else ": profile the Trainer"))
     if args.write_docs:
-        write_docs(section(results, command.strip(), load_before, load_after, minutes))
+        write_section(DOCS, "train_throughput",
+                      section(results, command.strip(), load_before, load_after, minutes),
+                      legacy_heading=SECTION)
         print(f"wrote {DOCS.relative_to(ROOT)}")
 
 

@@ -343,6 +343,38 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from cnnkit.analysis.bench import BenchConfig, docs_section, format_tables, run_bench
+    from cnnkit.analysis.bench.report import machine_text, write_section
+
+    options = {"models": args.models, "batch_size": args.batch_size, "steps": args.steps,
+               "rounds": args.rounds, "threads": args.threads}
+    cfg = BenchConfig(device=args.device, quick=args.quick, compile=args.compile,
+                      memory=not args.no_memory,
+                      **{k: v for k, v in options.items() if v is not None})
+    result = run_bench(cfg, progress=False if args.no_progress else None)
+    result["command"] = "cnnkit bench " + " ".join(args.argv[1:])
+    notes = [f"{r['model']} fast mode: torch.compile {r['compile']}"
+             for r in result["training"] if r["compile"].startswith("fell back")]
+    notes += [f"{r['model']} {r['mode']}: memory not measured ({r['memory_error']})"
+              for r in result["training"] if r["memory_error"]]
+    if args.write_docs:
+        device = result["machine"]["device"].split(":")[0]
+        write_section(args.write_docs, f"cnnkit bench {device}",
+                      docs_section(result, "".join(f"- {n}\n" for n in notes)))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{machine_text(result['machine'])}\nload average {result['load_before']} before, "
+              f"{result['load_after']} after ({result['seconds'] / 60:.1f} min)\n\n"
+              f"{format_tables(result)}")
+        for note in notes:
+            print(f"note: {note}")
+    if args.write_docs:
+        print(f"wrote the cnnkit bench section of {args.write_docs}", file=sys.stderr)
+    return 0
+
+
 def models(args: argparse.Namespace) -> int:
     from cnnkit.models import list_models, model_info
 

@@ -259,6 +259,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="best (default), last, or the int8 model of a compressed run")
     sv.set_defaults(func=commands.serve)
 
+    b = sub.add_parser("bench", help="measure this machine's peak FLOP/s and how fast the "
+                       "Trainer trains and infers against it",
+                       description="Peak matmul and convolution FLOP/s (fp32, bf16); training "
+                       "samples/s, utilisation and peak memory of the Trainer (eager, fast) "
+                       "against a hand-written loop, interleaved; inference latency.")
+    b.add_argument("--models", metavar="M,M,..",
+                   help="classifiers to train (default resnet18,tinyvgg,mobilenet_v2)")
+    b.add_argument("--quick", action="store_true",
+                   help="tiny sizes and few repeats: a smoke run (seconds with --no-compile)")
+    b.add_argument("--steps", type=_positive_int,
+                   help="training steps per timed round (default: about 3 s of eager steps)")
+    b.add_argument("--rounds", type=_positive_int, help="timed rounds (default 7)")
+    b.add_argument("--batch-size", type=_positive_int, help="training batch (default 64)")
+    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    b.add_argument("--threads", type=_positive_int,
+                   help="torch intra-op threads (default: PyTorch's, all cores)")
+    b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast mode with / without torch.compile (default: as --fast trains "
+                        "on the device: compiled on CUDA, not on the CPU)")
+    b.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurement (one fresh process per configuration)")
+    b.add_argument("--write-docs", nargs="?", const="docs/benchmarks.md", metavar="PATH",
+                   help="write or replace the 'cnnkit bench' section of PATH "
+                   "(default docs/benchmarks.md), keeping the other sections")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(func=commands.bench)
+
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("pattern", nargs="?", help="shell pattern such as 'resnet*'")
     m.add_argument("--task", choices=["classify", "segment", "superres"],

@@ -81,10 +81,12 @@ class TrainConfig:
         compile: compile the training step's model with ``torch.compile`` (opt-in: the
             first step pays the compilation); if compilation fails the run goes on
             eagerly after a one-line warning (``cnnkit.train.fast``).
-        fast: the preset of every fast path: sets ``channels_last`` and ``compile``; with
-            ``amp="auto"`` (the default) that is bf16 autocast on CUDA and on CPUs with
-            AVX-512 BF16/AMX. The fused optimiser step is used wherever PyTorch has one,
-            fast or not.
+        fast: the preset of the fast paths that pay on the device: ``channels_last``, and
+            with ``amp="auto"`` (the default) bf16 autocast on CUDA and on CPUs with AVX-512
+            BF16/AMX; ``compile`` on CUDA only, unless set explicitly (measured by
+            ``cnnkit bench`` on a 2-core CPU: compilation was neutral for resnet18 and
+            mobilenet_v2 and cost tinyvgg a third of its speed, and costs 30-140 s a
+            model). The fused optimiser step is used wherever PyTorch has one, fast or not.
         sync_bn: in a multi-process run (torchrun), normalise BatchNorm layers by the
             statistics of the whole global batch (``cnnkit.train.sync_bn``); no effect in
             one process.
@@ -123,7 +125,7 @@ class TrainConfig:
     grad_clip: float | None = None
     amp: str = "auto"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | None = None
     fast: bool = False
     sync_bn: bool = False
     early_stopping: int | None = None
@@ -146,7 +148,10 @@ class TrainConfig:
         self.epochs = defaults["epochs"] if self.epochs is None else self.epochs
         self.batch_size = defaults["batch_size"] if self.batch_size is None else self.batch_size
         if self.fast:  # the preset: resolved here, so config.yaml records what ran
-            self.channels_last = self.compile = True
+            self.channels_last = True
+            if self.compile is None:
+                self.compile = _on_cuda(self.device)
+        self.compile = bool(self.compile)
         if self.loss == "auto":
             self.loss = defaults["loss"]
         if self.loss not in _LOSSES[self.task]:
@@ -216,3 +221,12 @@ class TrainConfig:
         if "split" in d:
             d["split"] = tuple(d["split"])
         return cls(**d)
+
+
+def _on_cuda(device: str) -> bool:
+    """Whether ``device`` ("auto", "cuda:1", ...) means a CUDA GPU here."""
+    import torch
+
+    if device == "auto":
+        return torch.cuda.is_available()
+    return device.startswith("cuda")

@@ -37,14 +37,15 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
-def try_compile(module: nn.Module) -> nn.Module | None:
-    """``torch.compile(module)``, or None after a warning when PyTorch refuses to compile.
+def try_compile(module: nn.Module, **options) -> nn.Module | None:
+    """``torch.compile(module, **options)``, or None after a warning when PyTorch refuses
+    to compile.
 
     Example:
         >>> compiled = try_compile(torch.nn.Linear(2, 2))  # doctest: +SKIP
     """
     try:
-        return torch.compile(module)
+        return torch.compile(module, **options)
     except Exception as e:  # any refusal means: run eagerly, and say why
         warnings.warn(f"torch.compile is not available ({_reason(e)}); training eagerly",
                       RuntimeWarning, stacklevel=2)

@@ -1,0 +1,28 @@
+"""``cnnkit bench``: what this machine does, and how close cnnkit's training gets to it.
+
+One run measures, on the CPU or a CUDA GPU:
+
+* the peak: large square matmuls and a representative 3x3 convolution, fp32 and bf16
+  (``peak.py``);
+* training samples/s and model FLOP utilisation of the Trainer in eager mode, the Trainer
+  in fast mode and a hand-written PyTorch loop (``plain.py``), interleaved round by round
+  (``training.py``);
+* inference latency at batch 1 and 32, eager fp32 against the fast path (``latency.py``);
+* peak memory of each training configuration, each in a fresh process (``memory.py``);
+
+and reports tables, goals and a ``docs/benchmarks.md`` section (``report.py``). The
+configuration is a :class:`BenchConfig` (``config.py``); :func:`run_bench` (``run.py``)
+runs it all.
+
+Example:
+    >>> from cnnkit.analysis.bench import BenchConfig, run_bench, format_tables
+    >>> result = run_bench(BenchConfig(quick=True, compile=False))  # doctest: +SKIP
+    >>> print(format_tables(result))  # doctest: +SKIP
+"""
+
+from .config import DEFAULT_MODELS, MODES, BenchConfig
+from .report import docs_section, format_tables, write_section
+from .run import run_bench
+
+__all__ = ["BenchConfig", "run_bench", "format_tables", "docs_section", "write_section",
+           "DEFAULT_MODELS", "MODES"]

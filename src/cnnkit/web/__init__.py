@@ -1,0 +1,18 @@
+"""``cnnkit serve``: an interactive explorer of a trained run's CNN, in the browser.
+
+After CNN Explainer (Wang, Turko, Shaikh, Park, Das, Hohman, Kahng and Chau 2020,
+"CNN Explainer: Learning Convolutional Neural Networks with Interactive Visualization",
+IEEE TVCG), for any cnnkit classifier run instead of one fixed Tiny VGG: every layer's
+activation maps, the arithmetic of any neuron with the model's real numbers, filters,
+explanation heat maps and model facts. Importing this package imports Starlette; the
+``web`` extra installs it (``pip install "cnnkit[web]"``).
+
+Example:
+    >>> from cnnkit.web import create_app, load_explorer  # doctest: +SKIP
+    >>> app = create_app(load_explorer("runs/tinyvgg-digits"))  # doctest: +SKIP
+"""
+
+from .app import create_app, load_explorer, running, serve
+from .explorer import Explorer
+
+__all__ = ["Explorer", "create_app", "load_explorer", "running", "serve"]

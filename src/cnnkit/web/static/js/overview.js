@@ -1,0 +1,166 @@
+// The overview: the network laid out layer by layer (CNN Explainer's main view), each
+// column showing a layer's channel maps, or its values for a vector layer.
+
+import { css, diverging, drawMap, fmt, sequential } from "./colors.js";
+import { clear, el, $ } from "./dom.js";
+
+const MAP_PX = 64; // CSS size of a map thumbnail's longer side
+const ROWS_AS_TEXT = 32; // vectors up to this length are listed with their values
+
+const KIND_LABEL = {
+  conv: "convolution", linear: "linear", norm: "batch norm", pool: "pooling",
+  activation: "activation", flatten: "flatten", softmax: "softmax", other: "other",
+};
+
+export function sentShape(layer) {
+  if (layer.shape.length !== 3) return [Math.min(layer.channels, layer.shape.reduce((a, b) => a * b))];
+  const [, h, w] = layer.shape;
+  return [layer.channels, Math.ceil(h / layer.stride), Math.ceil(w / layer.stride)];
+}
+
+// The range m of the colour scale: values in [-m, m]. i = -1 is the input.
+export function scaleOf(state, i, c) {
+  const acts = state.acts;
+  if (state.mode === "network") return acts.networkMax;
+  const entry = i < 0 ? acts.x : acts.layers[i];
+  if (state.mode === "channel" && entry.data && entry.shape.length === 3) {
+    return entry.channelMax[c];
+  }
+  return Math.max(Math.abs(entry.min), Math.abs(entry.max));
+}
+
+function note(layer) {
+  const parts = [];
+  if (layer.shape.length === 3) {
+    if (layer.channels < layer.shape[0]) parts.push(`showing ${layer.channels} of ${layer.shape[0]} channels`);
+    if (layer.stride > 1) parts.push(`every ${layer.stride}th row and column`);
+  } else if (layer.channels < layer.shape[0]) {
+    parts.push(`showing ${layer.channels} of ${layer.shape[0]} values`);
+  }
+  if (layer.source === null && layer.kind !== "softmax") parts.push("input computed outside modules");
+  return parts.join("; ");
+}
+
+function mapCanvas(shape, layerIndex, channel, onPick) {
+  const [, h, w] = shape;
+  const zoom = Math.max(1, Math.floor(MAP_PX / Math.max(h, w)));
+  return el("canvas", {
+    class: "map", title: `channel ${channel}`,
+    data: { layer: layerIndex, channel },
+    style: { width: `${w * zoom}px`, height: `${h * zoom}px` },
+    on: { click: () => onPick(layerIndex, channel) },
+  });
+}
+
+function column(layer, info, handlers) {
+  const shape = sentShape(layer);
+  const name = el("button", {
+    class: "layer-name", type: "button", text: layer.name,
+    title: layer.kind === "conv" || layer.kind === "linear" ? "show this layer's filters" : layer.type,
+    on: { click: () => handlers.layer(layer.index) },
+  });
+  const meta = el("div", { class: "layer-meta", text: `${layer.type} · ${layer.shape.join("×")}` });
+  const body = el("div", { class: "maps" });
+  if (shape.length === 3) {
+    for (let c = 0; c < shape[0]; c++) body.append(mapCanvas(shape, layer.index, c, handlers.channel));
+  } else if (shape[0] <= ROWS_AS_TEXT) {
+    const labels = shape[0] === info.classes.length ? info.classes : null;
+    for (let j = 0; j < shape[0]; j++) {
+      body.append(el("button", {
+        class: "unit", type: "button", data: { layer: layer.index, unit: j },
+        on: { click: () => handlers.neuron(layer.index, [j]) },
+      }, [el("span", { class: "swatch" }), el("span", { class: "unit-label", text: labels ? labels[j] : j }),
+        el("span", { class: "unit-value" })]));
+    }
+  } else {
+    const cols = 16;
+    const strip = el("canvas", {
+      class: "strip", data: { layer: layer.index },
+      style: { width: `${cols * 5}px`, height: `${Math.ceil(shape[0] / cols) * 5}px` },
+    });
+    strip.addEventListener("click", (event) => {
+      const r = strip.getBoundingClientRect();
+      const j = Math.floor((event.clientY - r.top) / 5) * cols + Math.floor((event.clientX - r.left) / 5);
+      if (j < shape[0]) handlers.neuron(layer.index, [j]);
+    });
+    body.append(strip);
+  }
+  return el("div", { class: `layer kind-${layer.kind}`, id: `layer-${layer.index}` }, [
+    name, meta, el("div", { class: "layer-kind", text: KIND_LABEL[layer.kind] || layer.kind }),
+    el("div", { class: "layer-note", text: note(layer) }), body,
+  ]);
+}
+
+export function buildOverview(info, handlers) {
+  const root = clear($("#overview"));
+  const inputLayer = {
+    index: -1, name: "input", type: "normalised image", kind: "input", shape: info.input_size,
+    channels: info.input_plan.channels, stride: info.input_plan.stride, source: -1,
+  };
+  const input = column(inputLayer, info, handlers);
+  input.id = "layer-input";
+  input.querySelector(".layer-kind").textContent = "(x − mean) / std";
+  root.append(input);
+  for (const layer of info.layers) if (!layer.hidden) root.append(column(layer, info, handlers));
+}
+
+function drawVector(column, entry, layer, state) {
+  const values = entry.data.data;
+  const softmax = layer.kind === "softmax";
+  const m = softmax ? 1 : scaleOf(state, layer.index, 0);
+  const colour = (v) => (softmax ? sequential(v) : diverging(v, m));
+  const units = column.querySelectorAll(".unit");
+  if (units.length) {
+    units.forEach((unit, j) => {
+      unit.querySelector(".swatch").style.background = css(colour(values[j]));
+      unit.querySelector(".unit-value").textContent = fmt(values[j]);
+    });
+    return;
+  }
+  const strip = column.querySelector(".strip");
+  const cols = 16;
+  const padded = new Float32Array(Math.ceil(values.length / cols) * cols).fill(NaN);
+  padded.set(values);
+  drawMap(strip, padded, 0, padded.length / cols, cols,
+    (v) => (Number.isNaN(v) ? [255, 255, 255, 0] : colour(v)));
+}
+
+export function drawOverview(state) {
+  const { info, acts } = state;
+  const entries = [[-1, acts.x], ...info.layers.map((layer, i) => [i, acts.layers[i]])];
+  for (const [i, entry] of entries) {
+    const layer = i < 0 ? null : info.layers[i];
+    if (layer && layer.hidden) continue;
+    const col = $(i < 0 ? "#layer-input" : `#layer-${i}`);
+    if (entry.data.shape.length === 1) {
+      drawVector(col, entry, layer, state);
+      continue;
+    }
+    const [n, h, w] = entry.data.shape;
+    col.querySelectorAll("canvas.map").forEach((canvas, c) => {
+      if (c >= n) return;
+      const m = scaleOf(state, i, c);
+      drawMap(canvas, entry.data.data, c * h * w, h, w, (v) => diverging(v, m));
+    });
+  }
+}
+
+// Outline the selected map or unit, and the maps of its source that feed it.
+export function markSelection(state) {
+  document.querySelectorAll(".selected, .feeds").forEach((node) => node.classList.remove("selected", "feeds"));
+  const s = state.selection;
+  if (!s) return;
+  const col = $(`#layer-${s.layer}`);
+  if (!col) return;
+  const target = s.position.length === 3
+    ? col.querySelector(`canvas.map[data-channel="${s.position[0]}"]`)
+    : col.querySelector(`.unit[data-unit="${s.position[0]}"]`);
+  if (target) target.classList.add("selected");
+  const feeds = state.feeds;
+  if (!feeds) return;
+  const source = feeds.source === -1 ? $("#layer-input") : $(`#layer-${feeds.source}`);
+  if (!source) return;
+  source.querySelectorAll("canvas.map").forEach((canvas, c) => {
+    if (c >= feeds.channels[0] && c < feeds.channels[1]) canvas.classList.add("feeds");
+  });
+}

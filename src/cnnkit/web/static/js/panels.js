@@ -1,0 +1,162 @@
+// The side panels: run info, the input gallery, the prediction, the explanation overlay
+// and the model facts.
+
+import { css, diverging, drawLegend, drawMap, fmt, sequential } from "./colors.js";
+import { clear, el, $ } from "./dom.js";
+
+export function showRunInfo(info) {
+  const acc = info.summary && info.summary.test_accuracy !== undefined
+    ? `test accuracy ${(100 * info.summary.test_accuracy).toFixed(1)}%` : null;
+  const parts = [info.run, `${info.model} on ${info.data}`, `${info.weights} weights`,
+    `input ${info.input_size.join("×")}`, acc].filter(Boolean);
+  clear($("#run-info")).append(...parts.map((p) => el("span", { text: p })));
+}
+
+export function addThumbs(listing, onPick) {
+  const gallery = $("#gallery");
+  for (const item of listing.items) {
+    gallery.append(el("button", {
+      class: "thumb", type: "button", title: `${item.input}: ${item.class}`,
+      data: { input: item.input }, on: { click: () => onPick(item.input) },
+    }, [el("img", { src: item.image, alt: item.class }), el("span", { text: item.class })]));
+  }
+  $("#gallery-count").textContent = `(${listing.total} images)`;
+  $("#more").hidden = listing.offset + listing.items.length >= listing.total;
+}
+
+export function markThumb(key) {
+  document.querySelectorAll(".thumb").forEach((t) => t.classList.toggle("current", t.dataset.input === key));
+}
+
+export function showInput(state) {
+  const { acts, info } = state;
+  const img = new Image();
+  img.onload = () => {
+    const canvas = $("#input-canvas");
+    canvas.width = img.width;
+    canvas.height = img.height;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+  };
+  img.src = acts.image;
+  const truth = acts.label === null ? "uploaded image" : `true class ${acts.class}`;
+  clear($("#input-caption")).append(
+    el("strong", { text: acts.input }), ` · ${truth} · predicted `,
+    el("strong", { id: "predicted", text: info.classes[acts.predicted] }),
+  );
+}
+
+export function showPrediction(state, onClass) {
+  const { acts, info } = state;
+  const rows = info.classes.map((name, k) => {
+    const p = acts.probabilities[k];
+    return el("button", {
+      class: `class-row${k === acts.predicted ? " top" : ""}`, type: "button",
+      data: { class: k }, on: { click: () => onClass(k) },
+    }, [
+      el("span", { class: "class-name", text: name }),
+      el("span", { class: "class-bar" }, el("span", { style: { width: `${(100 * p).toFixed(1)}%`,
+        background: css(sequential(0.25 + 0.6 * p)) } })),
+      el("span", { class: "class-p", text: `${(100 * p).toFixed(1)}%` }),
+      el("span", { class: "class-logit", text: `logit ${fmt(acts.logits[k])}` }),
+    ]);
+  });
+  clear($("#prediction")).append(...rows);
+}
+
+export function setupExplain(info, onChange) {
+  const method = $("#explain-method");
+  for (const m of info.methods) method.append(el("option", { value: m, text: m }));
+  method.value = info.methods.includes("gradcam") ? "gradcam" : info.methods[0];
+  const target = $("#explain-class");
+  target.append(el("option", { value: "", text: "the predicted class" }));
+  info.classes.forEach((c, k) => target.append(el("option", { value: k, text: c })));
+  for (const id of ["#explain-method", "#explain-class", "#explain-show"]) $(id).addEventListener("change", onChange);
+  $("#explain-opacity").addEventListener("input", () => {
+    $("#overlay-canvas").style.opacity = $("#explain-opacity").value / 100;
+  });
+  $("#overlay-canvas").style.opacity = $("#explain-opacity").value / 100;
+}
+
+// Draw the heat map over the input: signed maps on the diverging scale, others sequential.
+export function showExplanation(heat, map) {
+  const canvas = $("#overlay-canvas");
+  const [h, w] = map.shape;
+  const signed = heat.min < 0;
+  const m = Math.max(Math.abs(heat.min), Math.abs(heat.max));
+  const span = heat.max - heat.min || 1;
+  drawMap(canvas, map.data, 0, h, w, signed ? (v) => diverging(v, m) : (v) => sequential((v - heat.min) / span));
+  canvas.hidden = false;
+  drawLegend($("#explain-legend"), signed);
+  $("#explain-note").textContent = `${heat.method} for class ${heat.class}: `
+    + (signed ? `blue raises the score, red lowers it (±${fmt(m)})` : `bright is high (${fmt(heat.min)} … ${fmt(heat.max)})`)
+    + (heat.float_model ? "; computed on the float model this int8 model was quantised from" : "");
+}
+
+export function hideExplanation() {
+  $("#overlay-canvas").hidden = true;
+  $("#explain-note").textContent = "";
+}
+
+function rf(v) {
+  return v === null || v === undefined ? "–" : Array.isArray(v) ? v.join("×") : String(v);
+}
+
+function compression(c) {
+  if (!c) return [el("p", { class: "note", text: "Not compressed: a trained run as cnnkit train wrote it." })];
+  const out = [el("h3", { text: "Compression" })];
+  if (c.measured && c.measured.models) {
+    const names = Object.keys(c.measured.models);
+    out.push(el("p", { text: `From ${c.measured.from}: pruned ${c.measured.prune ?? "–"} (${c.measured.criterion}), `
+      + `quantised ${c.measured.quantize ?? "no"} (measured by cnnkit compress).` }));
+    out.push(el("table", { class: "facts" }, [
+      el("tr", {}, ["model", "accuracy", "params", "MACs", "bytes", "latency b1 ms"].map((t) => el("th", { text: t }))),
+      ...names.map((n) => {
+        const r = c.measured.models[n];
+        return el("tr", {}, [n, (100 * r.accuracy).toFixed(1) + "%", r.params.toLocaleString(),
+          r.macs === null ? "–" : r.macs.toLocaleString(), r.bytes.toLocaleString(),
+          (1000 * r.latency_b1).toFixed(2)].map((t) => el("td", { text: t })));
+      }),
+    ]));
+  }
+  if (c.pruned_groups.length) {
+    out.push(el("p", { text: "Pruned channel groups (channels coupled through layers are pruned together):" }));
+    out.push(el("table", { class: "facts" }, [
+      el("tr", {}, ["step", "layers", "kept", "kept channels"].map((t) => el("th", { text: t }))),
+      ...c.pruned_groups.map((g) => el("tr", {}, [String(g.step), g.members.join(", "), `${g.kept} of ${g.channels}`,
+        g.kept_indices.join(" ")].map((t) => el("td", { text: t })))),
+    ]));
+  }
+  if (c.int8) {
+    const cfg = c.int8.config || {};
+    out.push(el("p", { text: `int8: ${Object.keys(c.int8.layers).length} layers quantised (backend ${cfg.backend ?? "?"}, `
+      + `observer ${cfg.observer ?? "?"}, ${cfg.per_channel ? "per-channel" : "per-tensor"} weights).` }));
+    out.push(el("table", { class: "facts" }, [
+      el("tr", {}, ["layer", "weights", "weight scale", "output scale", "zero point"].map((t) => el("th", { text: t }))),
+      ...Object.entries(c.int8.layers).map(([n, q]) => el("tr", {}, [n, q.weight_dtype,
+        q.weight_scale_min === q.weight_scale_max ? fmt(q.weight_scale_min) : `${fmt(q.weight_scale_min)} … ${fmt(q.weight_scale_max)}`,
+        fmt(q.output_scale), String(q.output_zero_point)].map((t) => el("td", { text: t })))),
+    ]));
+  }
+  return out;
+}
+
+export function showFacts(info) {
+  const t = info.totals;
+  const head = ["#", "layer", "type", "output", "params", "MACs", "receptive field", "jump"];
+  const rows = info.layers.filter((l) => l.kind !== "softmax").map((l) => {
+    const f = l.facts || {};
+    return el("tr", {}, [String(l.index), l.name, l.type, l.shape.join("×"),
+      f.params ? f.params.toLocaleString() : "–", f.macs ? f.macs.toLocaleString() : "–",
+      rf(f.receptive_field), rf(f.jump)].map((v) => el("td", { text: v })));
+  });
+  clear($("#facts")).append(
+    el("p", { text: `${t.total_params.toLocaleString()} parameters, ${t.total_macs.toLocaleString()} `
+      + `multiply-accumulates per image, peak activation memory ${(t.peak_activation_bytes / 1e3).toFixed(1)} KB`
+      + (t.from_float_model ? " (of the float model this int8 model was quantised from)" : "")
+      + ". Receptive field and jump are in input pixels (cnnkit summary)." }),
+    el("div", { class: "facts-wrap" }, el("table", { class: "facts" }, [
+      el("tr", {}, head.map((h) => el("th", { text: h }))), ...rows])),
+    ...compression(info.compression),
+  );
+}

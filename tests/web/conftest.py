@@ -1,0 +1,73 @@
+"""Web test fixtures: one trained TinyVGG run, its int8 twin, and apps over them.
+
+``pytest.importorskip`` keeps the suite collectable without the ``web`` extra; CI
+installs it through the ``test`` extra, so there these tests run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx2")
+
+
+@pytest.fixture(scope="session")
+def run_path(tmp_path_factory):
+    """A TinyVGG trained on digits for one epoch (8x8 inputs, padded convolutions)."""
+    import cnnkit
+
+    runs = tmp_path_factory.mktemp("web-runs")
+    cnnkit.train(model="tinyvgg", data="digits", epochs=1, runs_dir=str(runs), name="tv",
+                 progress=False)
+    return runs / "tv"
+
+
+@pytest.fixture(scope="session")
+def int8_path(run_path, tmp_path_factory):
+    """The same run with an int8 model beside its weights, as ``cnnkit compress`` writes it."""
+    from cnnkit.compress.quantize import quantize, save_quantized
+    from cnnkit.train import load_run
+    from cnnkit.train.evaluation import run_test_split
+
+    path = tmp_path_factory.mktemp("web-int8") / "tv-int8"
+    shutil.copytree(run_path, path)
+    run = load_run(path)
+    images, _ = run_test_split(run)
+    calib = torch.stack([run.preprocess(im) for im in images[:64]])
+    save_quantized(quantize(run.model, calib), path / "model_int8.safetensors")
+    return path
+
+
+@pytest.fixture(scope="session")
+def explorer(run_path):
+    from cnnkit.web import load_explorer
+
+    return load_explorer(run_path)
+
+
+@pytest.fixture(scope="session")
+def client(explorer):
+    from starlette.testclient import TestClient
+
+    from cnnkit.web import create_app
+
+    with TestClient(create_app(explorer)) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def reference(run_path):
+    """What the tests compare with: the run's model and test split, loaded apart from the
+    web code (its own model instance, its own split)."""
+    from cnnkit.train import load_run
+    from cnnkit.train.evaluation import run_test_split
+
+    run = load_run(run_path)
+    images, labels = run_test_split(run)
+    return SimpleNamespace(model=run.model, preprocess=run.preprocess, images=images,
+                           labels=labels, x=lambda i: run.preprocess(images[i])[None])

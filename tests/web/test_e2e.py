@@ -1,0 +1,95 @@
+"""``cnnkit serve`` end to end in headless Chromium (Debian's ``chromium``, driven by
+Playwright for Python through ``executable_path``; no browser download): open the page,
+pick an input, click a channel and then a neuron, and check that the numbers shown are
+the model's own activation, computed here directly."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+# No network for the browser's own services: the page must work offline.
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CONV_2_1 = 5  # TinyVGG's fifth layer call: features.conv_2_1
+
+
+def _missing(reason: str) -> None:
+    """Skip where the browser is not installed, but fail in CI, which installs it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI runs the README's test command, which installs it")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def sync_api():
+    """Playwright's sync API, once Chromium and Playwright are known to be there."""
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _missing("Playwright for Python is missing: pip install playwright")
+    if not os.access(CHROMIUM, os.X_OK):
+        _missing(f"{CHROMIUM} is missing: apt-get install chromium (Debian's package)")
+    return sync_api
+
+
+@pytest.fixture
+def page(sync_api, explorer):  # sync_api first: a missing browser skips before any training
+    from cnnkit.web import create_app, running
+
+    with running(create_app(explorer, allowed_hosts=["127.0.0.1"])) as url, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.problems = []  # errors in the page and requests that leave the server
+        page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
+        page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+        page.on("request", lambda r: r.url.startswith((url, "data:"))
+                or page.problems.append(f"request outside the server: {r.url}"))
+        page.goto(url)
+        page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def test_clicked_neuron_shows_the_models_activation(page, reference, tmp_path):
+    from playwright.sync_api import expect
+
+    # Locator waits, not wait_for_function: the page's CSP forbids the eval that needs.
+    page.click(".thumb[data-input='test:6']")
+    expect(page.locator("#input-caption strong").first).to_have_text("test:6")
+    page.click(f"#layer-{CONV_2_1} canvas.map[data-channel='3']")
+    zoom = page.wait_for_selector(f"#zoom-canvas[data-layer='{CONV_2_1}'][data-channel='3']")
+    cell = int(zoom.get_attribute("data-cell"))
+    y, x = 1, 2
+    zoom.click(position={"x": (x + 0.5) * cell, "y": (y + 0.5) * cell})
+    expect(page.locator("#arithmetic h3")).to_have_text(
+        f"features.conv_2_1: channel 3, row {y}, column {x}")
+
+    import torch
+    with torch.no_grad():
+        expected = reference.model.features[:CONV_2_1 + 1](reference.x(6))[0, 3, y, x].item()
+    shown = page.locator("#neuron-value")
+    assert np.float32(shown.get_attribute("data-value")) == np.float32(expected)
+    assert float(shown.text_content()) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert float(page.text_content("#neuron-result")) == pytest.approx(expected, rel=1e-5,
+                                                                      abs=1e-6)
+    assert "equal" in page.text_content(".verdict")
+    assert page.locator(".conv-row").count() == 6  # 10 input channels, 6 drawn, all summed
+
+    page.click("#prediction .class-row[data-class='0']")
+    expect(page.locator("#arithmetic h3")).to_have_text(
+        f"softmax: class {reference.preprocess.classes[0]}")
+    with torch.no_grad():
+        p0 = torch.softmax(reference.model(reference.x(6))[0], 0)[0].item()
+    assert float(page.get_attribute("#neuron-value", "data-value")) == pytest.approx(p0, rel=1e-6)
+
+    shot = tmp_path / "explorer.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 20_000
+    assert page.problems == []
