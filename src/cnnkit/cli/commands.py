@@ -261,8 +261,9 @@ def summary(args: argparse.Namespace) -> int:
 
 
 def compress(args: argparse.Namespace) -> int:
-    from cnnkit.compress.pipeline import compress_run, sweep_run
+    from cnnkit.compress.pipeline import compress_run
     from cnnkit.compress.prune import criteria
+    from cnnkit.compress.sweep import sweep_run
 
     if args.criterion not in criteria():
         raise ValueError(f"unknown --criterion {args.criterion!r}; choose from "

@@ -25,6 +25,7 @@ from .prune import apply_history, criteria, prune, register_criterion
 from .qat import quantize_aware_train
 from .quantize import freeze_quantized, load_quantized, quantize, save_quantized, search_calibration
 from .schedule import MaskSparsity, iterative_prune
+from .sweep import pareto_front, sweep_run
 from .unstructured import lottery_ticket, magnitude_prune, remove_masks, sparsity_report
 
 __all__ = [
@@ -33,5 +34,5 @@ __all__ = [
     "factorize_model", "freeze_quantized", "iterative_prune", "load_quantized",
     "lottery_ticket", "magnitude_prune", "measure_latency", "prune", "quantize",
     "quantize_aware_train", "register_criterion", "remove_masks", "save_quantized",
-    "search_calibration", "sparsity_report",
+    "search_calibration", "sparsity_report", "sweep_run", "pareto_front",
 ]

@@ -34,9 +34,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LowRankRecord", "select_rank", "svd_linear", "svd_conv1x1", "tucker2_conv",
-           "cp_conv", "cp_als", "decompose", "factorize_model", "tucker2_params", "cp_params",
-           "svd_params"]
+from .factorizations import (
+    _check_rank_args,
+    _effective_weight,
+    cp_als,
+    cp_conv,
+    cp_params,
+    select_rank,
+    svd_conv1x1,
+    svd_linear,
+    svd_params,
+    tucker2_conv,
+    tucker2_params,
+)
+
+__all__ = ["LowRankRecord", "apply_lowrank_history", "cp_als", "cp_conv", "cp_params",
+           "decompose", "factorize_model", "select_rank", "svd_conv1x1", "svd_linear",
+           "svd_params", "tucker2_conv", "tucker2_params"]
 
 _METHODS = ("tucker", "cp", "svd", "auto")
 
@@ -53,283 +67,7 @@ class LowRankRecord:
     rel_error: float  # ||W - W_hat||_F / ||W||_F of the layer's weight
 
 
-# ----------------------------------------------------------------------------- rank selection
-def tucker2_params(c_in: int, c_out: int, k: int, r_in: int, r_out: int, bias: bool) -> int:
-    """Parameters of a Tucker-2 factorised ``k``-pixel (``kh*kw``) convolution."""
-    return c_in * r_in + r_in * r_out * k + r_out * c_out + (c_out if bias else 0)
-
-
-def cp_params(c_in: int, c_out: int, kh: int, kw: int, rank: int, bias: bool) -> int:
-    """Parameters of a CP factorised ``kh x kw`` convolution."""
-    return rank * (c_in + kh + kw + c_out) + (c_out if bias else 0)
-
-
-def svd_params(n_in: int, n_out: int, rank: int, bias: bool) -> int:
-    """Parameters of a rank-``rank`` pair of linear maps ``n_in -> rank -> n_out``."""
-    return rank * (n_in + n_out) + (n_out if bias else 0)
-
-
-def select_rank(singular_values: torch.Tensor, rank: int | str) -> int:
-    """Resolve ``rank`` (an int or ``"energy:f"``) against one unfolding's singular values.
-
-    ``"energy:f"`` keeps the smallest ``R`` with ``sum_{i<R} s_i^2 >= f * sum_i s_i^2``.
-    An int is clipped to ``[1, len(singular_values)]``.
-    """
-    n = singular_values.numel()
-    if isinstance(rank, bool) or not isinstance(rank, int | str):
-        raise ValueError(f"rank must be an int or 'energy:f' with 0<f<=1, got {rank!r}")
-    if isinstance(rank, int):
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}; or use 'energy:0.9'")
-        return min(rank, n)
-    kind, _, value = rank.partition(":")
-    try:
-        frac = float(value)
-    except ValueError:
-        frac = -1.0
-    if kind != "energy" or not 0.0 < frac <= 1.0:
-        raise ValueError(f"unknown rank {rank!r}; use an int or 'energy:f' with 0<f<=1")
-    energy = singular_values.double().pow(2)
-    cum = energy.cumsum(0) / energy.sum().clamp_min(1e-300)
-    # a relative slack absorbs float round-off when f is exactly reachable (e.g. f=1)
-    return min(n, int((cum < frac - 1e-12).sum().item()) + 1)
-
-
-def _check_rank_args(rank: int | str | None, compression: float | None) -> None:
-    if (rank is None) == (compression is None):
-        raise ValueError("give exactly one of rank=... (int or 'energy:f') or compression=...")
-    if compression is not None and compression <= 1.0:
-        raise ValueError(f"compression must be > 1 (a parameter reduction), got {compression}")
-
-
-def _unfold(w: torch.Tensor, mode: int) -> torch.Tensor:
-    return w.movedim(mode, 0).reshape(w.shape[mode], -1)
-
-
-def _gram_eig(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values (descending) and left singular vectors of a wide ``mat`` from the
-    eigendecomposition of ``mat mat^T``: a kernel's channel unfolding is ``C x C*k*k``, and the
-    ``C x C`` Gram matrix is ~10x cheaper to decompose than the unfolding itself (float64)."""
-    evals, evecs = torch.linalg.eigh(mat @ mat.T)
-    return evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
-
-
-def _leading(mat: torch.Tensor, r: int) -> torch.Tensor:
-    return _gram_eig(mat)[1][:, :r]
-
-
-# ----------------------------------------------------------------------------- SVD
-def _svd_factors(w: torch.Tensor, rank: int | str | None,
-                 compression: float | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``w [out, in] ~ second @ first`` with the singular values split as sqrt on both sides."""
-    _check_rank_args(rank, compression)
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    n_out, n_in = w.shape
-    if compression is not None:
-        r = max(1, min(s.numel(), int(n_in * n_out / compression // (n_in + n_out))))
-    else:
-        r = select_rank(s, rank)
-    root = s[:r].sqrt()
-    return (root[:, None] * vh[:r]).to(w.dtype), (u[:, :r] * root).to(w.dtype), r
-
-
-def svd_linear(linear: nn.Linear, rank: int | str | None = None,
-               compression: float | None = None) -> nn.Sequential:
-    """Truncated SVD ``W ~ (U sqrt(S)) (sqrt(S) V^T)`` as ``Linear(in, R) -> Linear(R, out)``.
-
-    Eckart and Young (1936), "The approximation of one matrix by another of lower rank":
-    the truncation is the best rank-R approximation in Frobenius norm.
-    """
-    first, second, r = _svd_factors(linear.weight.detach(), rank, compression)
-    f = nn.Linear(linear.in_features, r, bias=False)
-    g = nn.Linear(r, linear.out_features, bias=linear.bias is not None)
-    with torch.no_grad():
-        f.weight.copy_(first)
-        g.weight.copy_(second)
-        if linear.bias is not None:
-            g.bias.copy_(linear.bias)
-    return nn.Sequential(f, g).to(linear.weight.device)
-
-
-def svd_conv1x1(conv: nn.Conv2d, rank: int | str | None = None,
-                compression: float | None = None) -> nn.Sequential:
-    """Truncated SVD of a ``1x1`` convolution as two ``1x1`` convolutions (stride on the first)."""
-    _check_conv(conv)
-    w = conv.weight.detach()
-    first, second, r = _svd_factors(w[:, :, 0, 0], rank, compression)
-    f = nn.Conv2d(conv.in_channels, r, 1, stride=conv.stride, padding=conv.padding,
-                  padding_mode=conv.padding_mode, bias=False)
-    g = nn.Conv2d(r, conv.out_channels, 1, bias=conv.bias is not None)
-    with torch.no_grad():
-        f.weight.copy_(first[:, :, None, None])
-        g.weight.copy_(second[:, :, None, None])
-        if conv.bias is not None:
-            g.bias.copy_(conv.bias)
-    return nn.Sequential(f, g).to(w.device)
-
-
-def _check_conv(conv: nn.Conv2d) -> None:
-    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
-        raise ValueError("low-rank factorisation needs an nn.Conv2d with groups=1; grouped and "
-                         "depthwise convolutions are skipped by decompose()")
-
-
-# ----------------------------------------------------------------------------- Tucker-2
-def _tucker2_ranks(w: torch.Tensor, rank: int | str | tuple[int, int] | None,
-                   compression: float | None) -> tuple[int, int]:
-    c_out, c_in, kh, kw = w.shape
-    if compression is not None:
-        # R_in = t*C_in, R_out = t*C_out keeps both modes equally truncated; params(t) = target
-        # is the quadratic t^2 C_in C_out k + t (C_in^2 + C_out^2) - C_in C_out k / c = 0.
-        k = kh * kw
-        a, b, c = c_in * c_out * k, c_in**2 + c_out**2, -c_in * c_out * k / compression
-        t = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
-        return max(1, min(c_out, int(t * c_out))), max(1, min(c_in, int(t * c_in)))
-    if isinstance(rank, tuple):
-        return max(1, min(c_out, rank[0])), max(1, min(c_in, rank[1]))
-    s_out = _gram_eig(_unfold(w, 0))[0]
-    s_in = _gram_eig(_unfold(w, 1))[0]
-    return select_rank(s_out, rank), select_rank(s_in, rank)
-
-
-def tucker2_conv(conv: nn.Conv2d, rank: int | str | tuple[int, int] | None = None,
-                 compression: float | None = None, hooi_iters: int = 0) -> nn.Sequential:
-    """Tucker-2 factorised convolution (Kim et al. 2016, "Compression of deep convolutional
-    neural networks for fast and low power mobile applications").
-
-    HOSVD: ``U_out`` (``U_in``) are the leading left singular vectors of the kernel's
-    output (input) channel unfolding; the core is ``G = W x_0 U_out^T x_1 U_in^T``. Each HOOI
-    iteration re-fits one mode's factor to the kernel projected on the other (De Lathauwer,
-    De Moor and Vandewalle 2000, "On the best rank-1 and rank-(R1, ..., RN) approximation of
-    higher-order tensors"). ``rank`` is an int, ``"energy:f"`` per mode, or ``(R_out, R_in)``.
-    Padding sits on the core convolution: a bias-free 1x1 convolution commutes with padding.
-    """
-    _check_conv(conv)
-    _check_rank_args(rank, compression)
-    w = conv.weight.detach().double()
-    r_out, r_in = _tucker2_ranks(w, rank, compression)
-    u_out, u_in = _leading(_unfold(w, 0), r_out), _leading(_unfold(w, 1), r_in)
-    for _ in range(hooi_iters):
-        u_in = _leading(_unfold(torch.einsum("oihw,os->sihw", w, u_out), 1), r_in)
-        u_out = _leading(_unfold(torch.einsum("oihw,ir->orhw", w, u_in), 0), r_out)
-    core = torch.einsum("oihw,os,ir->srhw", w, u_out, u_in)
-    first = nn.Conv2d(conv.in_channels, r_in, 1, bias=False)
-    mid = nn.Conv2d(r_in, r_out, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, padding_mode=conv.padding_mode, bias=False)
-    last = nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None)
-    dtype = conv.weight.dtype
-    with torch.no_grad():
-        first.weight.copy_(u_in.T[:, :, None, None].to(dtype))
-        mid.weight.copy_(core.to(dtype))
-        last.weight.copy_(u_out[:, :, None, None].to(dtype))
-        if conv.bias is not None:
-            last.bias.copy_(conv.bias)
-    return nn.Sequential(first, mid, last).to(conv.weight.device)
-
-
-# ----------------------------------------------------------------------------- CP
-def cp_als(w: torch.Tensor, rank: int, iters: int = 200, tol: float = 1e-10,
-           seed: int = 0) -> list[torch.Tensor]:
-    """Rank-``rank`` CP of a 4-way tensor by alternating least squares, in float64.
-
-    ``w[a,b,c,d] ~ sum_r F0[a,r] F1[b,r] F2[c,r] F3[d,r]`` (Carroll and Chang 1970; Harshman
-    1970). Each factor starts from the leading left singular vectors of its unfolding, padded
-    with seeded Gaussian columns when ``rank`` exceeds that mode's size. Each sweep solves every
-    factor in closed form, ``F_n = X_(n) KR(others) (Hadamard of the others' Grams)^+``; the
-    loop stops after ``iters`` sweeps or when the relative fit changes by less than ``tol``.
-    """
-    x = w.detach().double()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    factors = []
-    for mode in range(4):
-        u = _leading(_unfold(x, mode), rank)
-        if u.shape[1] < rank:
-            extra = torch.randn(x.shape[mode], rank - u.shape[1], generator=gen, dtype=x.dtype)
-            u = torch.cat([u, extra.to(x.device) / math.sqrt(x.shape[mode])], 1)
-        factors.append(u)
-    norm2 = x.pow(2).sum().clamp_min(1e-300)
-    unfolded = [_unfold(x, mode) for mode in range(4)]
-    prev = math.inf
-    for _ in range(iters):
-        for n in range(4):
-            others = [factors[m] for m in range(4) if m != n]
-            # Khatri-Rao product of the other factors, rows in the unfolding's column order
-            kr = torch.einsum("jr,kr,lr->jklr", *others).reshape(-1, rank)
-            mttkrp = unfolded[n] @ kr
-            gram = (others[0].T @ others[0]) * (others[1].T @ others[1]) * (others[2].T @ others[2])
-            factors[n] = mttkrp @ torch.linalg.pinv(gram, hermitian=True)
-        # ||X - X_hat||^2 = ||X||^2 - 2 <X, X_hat> + ||X_hat||^2 without forming X_hat
-        full_gram = gram * (factors[3].T @ factors[3])
-        resid2 = norm2 - 2 * (factors[3] * mttkrp).sum() + full_gram.sum()
-        err = resid2.clamp_min(0).div(norm2).sqrt().item()
-        if abs(prev - err) < tol or err < tol:
-            break
-        prev = err
-    # balance the column norms across the four factors (the product is unchanged)
-    scale = torch.stack([f.norm(dim=0) for f in factors]).clamp_min(1e-300)
-    geo = scale.prod(0).pow(0.25)
-    return [f / s * geo for f, s in zip(factors, scale, strict=True)]
-
-
-def _cp_rank(w: torch.Tensor, rank: int | str | None, compression: float | None) -> int:
-    c_out, c_in, kh, kw = w.shape
-    if compression is not None:
-        return max(1, int(c_out * c_in * kh * kw / compression // (c_in + kh + kw + c_out)))
-    if isinstance(rank, int) and not isinstance(rank, bool):
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        return rank
-    # the CP rank is at least each channel unfolding's matrix rank: take the larger energy rank
-    return max(select_rank(_gram_eig(_unfold(w, m))[0], rank) for m in (0, 1))
-
-
-def cp_conv(conv: nn.Conv2d, rank: int | str | None = None, compression: float | None = None,
-            iters: int = 200, tol: float = 1e-10, seed: int = 0) -> nn.Sequential:
-    """CP-factorised convolution (Lebedev et al. 2015, "Speeding-up convolutional neural
-    networks using fine-tuned CP-decomposition").
-
-    ``W[o,i,h,w] ~ sum_r A[o,r] B[i,r] C[h,r] D[w,r]`` becomes ``1x1 (B^T) -> depthwise kx1 (C)
-    -> depthwise 1xk (D) -> 1x1 (A, bias)``; stride, padding and dilation of each axis go to
-    the depthwise convolution of that axis, so the output equals the reconstructed kernel's.
-    """
-    _check_conv(conv)
-    _check_rank_args(rank, compression)
-    w = conv.weight.detach()
-    r = _cp_rank(w.double(), rank, compression)
-    a, b, c, d = cp_als(w, r, iters=iters, tol=tol, seed=seed)
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    pad = conv.padding
-    pad_h, pad_w = (pad, pad) if isinstance(pad, str) else ((pad[0], 0), (0, pad[1]))
-    first = nn.Conv2d(conv.in_channels, r, 1, bias=False)
-    vert = nn.Conv2d(r, r, (kh, 1), stride=(sh, 1), padding=pad_h, dilation=(dh, 1), groups=r,
-                     padding_mode=conv.padding_mode, bias=False)
-    horiz = nn.Conv2d(r, r, (1, kw), stride=(1, sw), padding=pad_w, dilation=(1, dw), groups=r,
-                      padding_mode=conv.padding_mode, bias=False)
-    last = nn.Conv2d(r, conv.out_channels, 1, bias=conv.bias is not None)
-    dtype = w.dtype
-    with torch.no_grad():
-        first.weight.copy_(b.T[:, :, None, None].to(dtype))
-        vert.weight.copy_(c.T[:, None, :, None].to(dtype))
-        horiz.weight.copy_(d.T[:, None, None, :].to(dtype))
-        last.weight.copy_(a[:, :, None, None].to(dtype))
-        if conv.bias is not None:
-            last.bias.copy_(conv.bias)
-    return nn.Sequential(first, vert, horiz, last).to(w.device)
-
-
 # ----------------------------------------------------------------------------- whole models
-def _effective_weight(seq: nn.Sequential) -> torch.Tensor:
-    """The single kernel (or matrix) a factor sequence computes, for the reconstruction error."""
-    ws = [m.weight.detach().double() for m in seq]
-    if isinstance(seq[0], nn.Linear) or len(ws) == 2:
-        mat = ws[1].flatten(1) @ ws[0].flatten(1)
-        return mat if isinstance(seq[0], nn.Linear) else mat[:, :, None, None]
-    if len(ws) == 3:  # Tucker-2
-        return torch.einsum("os,srhw,ri->oihw", ws[2][:, :, 0, 0], ws[1], ws[0][:, :, 0, 0])
-    return torch.einsum("or,rh,rw,ri->oihw", ws[3][:, :, 0, 0], ws[1][:, 0, :, 0],
-                        ws[2][:, 0, 0, :], ws[0][:, :, 0, 0])
-
-
 def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
