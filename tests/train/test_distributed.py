@@ -186,7 +186,10 @@ def two_processes(tmp_path_factory):
     take both cores anyway."""
     from filelock import FileLock  # a dependency of torch
 
-    tmp = tmp_path_factory.getbasetemp().parent / "ddp-two-processes"
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist each worker's basetemp sits in the session's folder; alone, basetemp is it
+    # (its parent is shared by every pytest session: results must not cross sessions).
+    tmp = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ddp-two-processes"
     with FileLock(f"{tmp}.lock"):
         if not (tmp / f"rank{WORLD - 1}.json").is_file():
             tmp.mkdir(exist_ok=True)
