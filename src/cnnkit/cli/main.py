@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from cnnkit import __version__
 
-from . import commands
+from . import commands, deploy
 
 
 class _Parser(argparse.ArgumentParser):
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pruning ratios for --sweep (default 0.25,0.5,0.75)")
     cp.add_argument("--no-progress", action="store_true")
     cp.add_argument("--json", action="store_true")
-    cp.set_defaults(func=commands.compress)
+    cp.set_defaults(func=deploy.compress)
 
     ex = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked "
                         "against PyTorch's output")
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     ex.add_argument("--out", help="file to write (default RUN/model.onnx or RUN/model.pt)")
     ex.add_argument("--json", action="store_true")
-    ex.set_defaults(func=commands.export)
+    ex.set_defaults(func=deploy.export)
 
     sv = sub.add_parser("serve", help="explore a run's CNN in the browser: activations, the "
                         "arithmetic of every neuron, filters, explanations",
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "this machine only)")
     sv.add_argument("--weights", choices=["best", "last", "int8"], default="best",
                     help="best (default), last, or the int8 model of a compressed run")
-    sv.set_defaults(func=commands.serve)
+    sv.set_defaults(func=deploy.serve)
 
     b = sub.add_parser("bench", help="measure this machine's peak FLOP/s and how fast the "
                        "Trainer trains and infers against it",
