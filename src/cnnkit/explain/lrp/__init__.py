@@ -108,8 +108,9 @@ class LRP(Explainer):
     instead: its map is cnnkit's divided by the logit, with the sign flipped wherever
     the logit is negative; give it ``attr_output=lambda out: out * one_hot`` to compare.
     z+ and alpha-beta leave the biases out unless ``zplus_bias=True`` (zennit's
-    default). With those two settings cnnkit and zennit agree to float64 precision (the
-    tests check it on a residual net with BatchNorm).
+    default). With those two settings cnnkit and zennit agree to float64 precision, every
+    rule and composite (the tests check it on residual nets with calibrated BatchNorm;
+    LRP-gamma is the generalised rule of Andéol et al. 2021, as in zennit).
 
     Args:
         model: the classifier.
@@ -120,7 +121,8 @@ class LRP(Explainer):
         rule: one rule everywhere instead of a composite: ``"epsilon"``, ``"gamma"``,
             ``"zplus"``, ``"alpha1beta0"`` or ``"alpha2beta1"``.
         epsilon: the epsilon of LRP-epsilon (dense layers and pools).
-        gamma: the gamma of LRP-gamma.
+        gamma: the gamma of LRP-gamma (generalised to signed inputs and outputs, see
+            :class:`~cnnkit.explain.lrp.rules.Gamma`).
         low: lowest normalised input value for z^B (float or per channel); None: pixels
             in [0, 1] normalised by the model's ``default_cfg`` mean/std.
         high: highest normalised input value for z^B, likewise.

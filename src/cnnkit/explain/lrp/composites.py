@@ -124,7 +124,9 @@ def epsilon_plus(epsilon: float, gamma: float, low: Any, high: Any,
 @register_composite("epsilon_gamma_box")
 def epsilon_gamma_box(epsilon: float, gamma: float, low: Any, high: Any,
                       bias: bool = False) -> Composite:
-    """z^B on the pixels, gamma on the other convolutions, epsilon on dense layers."""
+    """z^B on the pixels, gamma on the other convolutions, epsilon on dense layers
+    (zennit's EpsilonGammaBox; gamma in its generalised form, which stays stable where a
+    convolution's output is negative, as before a residual sum)."""
     if low is None or high is None:
         raise ValueError("composite 'epsilon_gamma_box' needs the pixel range: pass low= and "
                          "high= (floats or per-channel values of the normalised input)")

@@ -14,12 +14,14 @@ How a rule runs (the "gradient x input" trick of the overview, Sec. 10.2.3). Rel
 never stored: the backward pass carries ``g = R / a`` for every activation ``a``, so that
 ``R = a * g`` everywhere. A rule replaces its layer's output ``z`` by
 
-    out = sum_k coef_k * lin_k(x) * stop_grad(z / d_k)   (+ a stop-gradient correction),
+    out = z + (t - stop_grad(t)),   t = sum_k coef_k * lin_k(x) * stop_grad(m_k * z / d_k),
 
 where ``lin_k`` is linear in ``x`` with ``x * d lin_k/dx`` giving the contributions
-``c_ij``. The value of ``out`` is exactly ``z`` (the correction term), so the forward pass
-is unchanged; its gradient is ``g_in = sum_j (d lin/dx)_ij * z_j g_j / d_j``, hence
-``x_i g_in,i = sum_j c_ij R_j / d_j`` with ``R_j = z_j g_j``: the rule, exactly.
+``c_ij`` and the mask ``m_k`` (1 if the term has none) picks the outputs the term serves.
+The value of ``out`` is exactly ``z`` (``t - t`` is zero), so the forward pass is
+unchanged; its gradient is ``g_in = sum_j (d lin/dx)_ij * m_j z_j g_j / d_j``, hence
+``x_i g_in,i = sum_j c_ij R_j / d_j`` with ``R_j = z_j g_j``: the rule, exactly. (The
+masks let a rule treat outputs of either sign differently: :class:`Gamma`.)
 Everything a rule does not touch runs its ordinary gradient, which in this convention is
 already an LRP rule (see :mod:`cnnkit.explain.lrp`).
 """
@@ -27,12 +29,14 @@ already an LRP rule (see :mod:`cnnkit.explain.lrp`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Rule", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "ZBox", "stabilize", "linear"]
+__all__ = ["Rule", "Term", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "ZBox", "stabilize",
+           "linear"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -53,11 +57,22 @@ def linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = Non
     return module.forward(x)
 
 
+class Term(NamedTuple):
+    """One term of a rule (see the module docstring): contributions ``x * d lin/dx``, their
+    denominator ``d`` (same shape as the output) and the outputs they serve (``mask``,
+    boolean like the output; None: all)."""
+
+    coef: float
+    lin: torch.Tensor
+    d: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
 class Rule:
-    """Base of the rules. A subclass returns its terms ``(coef, lin(x), d)`` in
-    :meth:`terms`; :meth:`__call__` turns them into the layer's output (see the module
-    docstring). ``leaves`` collects extra tensors whose ``tensor * gradient`` is part of
-    the input relevance (the bounds of :class:`ZBox`).
+    """Base of the rules. A subclass returns its :class:`Term` list in :meth:`terms`;
+    :meth:`__call__` turns them into the layer's output (see the module docstring).
+    ``leaves`` collects extra tensors whose ``tensor * gradient`` is part of the input
+    relevance (the bounds of :class:`ZBox`).
 
     Args:
         stabilizer: the ``eps`` of :func:`stabilize` for this rule's denominators.
@@ -70,8 +85,9 @@ class Rule:
             raise ValueError(f"stabilizer must be > 0, got {stabilizer}")
         self.stabilizer = stabilizer
 
-    def terms(self, module: nn.Module, x: torch.Tensor, leaves: list[torch.Tensor],
-              ) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    def terms(self, module: nn.Module, x: torch.Tensor, z: torch.Tensor,
+              leaves: list[torch.Tensor]) -> list[Term]:
+        """The rule's terms for input ``x`` and output ``z`` of ``module``."""
         raise NotImplementedError
 
     def __call__(self, module: nn.Module, x: torch.Tensor, z: torch.Tensor,
@@ -79,10 +95,14 @@ class Rule:
         if self.needs_weight and getattr(module, "weight", None) is None:
             raise ValueError(f"rule {type(self).__name__} needs a layer with weights, got "
                              f"{type(module).__name__}; give it Epsilon instead")
+        z = z.detach()
         out = 0
-        for coef, lin, d in self.terms(module, x, leaves):
-            out = out + coef * lin * (z / stabilize(d, self.stabilizer)).detach()
-        return out + (z - out).detach()  # value exactly z, gradient the rule's
+        for coef, lin, d, mask in self.terms(module, x, z, leaves):
+            scale = z / stabilize(d.detach(), self.stabilizer)
+            if mask is not None:  # where, not a product: a masked-out ratio may be huge
+                scale = torch.where(mask, scale, 0.0)
+            out = out + coef * lin * scale
+        return z + (out - out.detach())  # value exactly z, gradient the rule's
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
@@ -109,38 +129,13 @@ class Epsilon(Rule):
         super().__init__(epsilon)
         self.epsilon = epsilon
 
-    def terms(self, module, x, leaves):
+    def terms(self, module, x, z, leaves):
         weight = getattr(module, "weight", None)
         lin = linear(module, x, weight, None)
         with torch.no_grad():
             bias = getattr(module, "bias", None)
             d = linear(module, x, weight, bias) if bias is not None else lin
-        return [(1.0, lin, d)]
-
-
-class Gamma(Rule):
-    """LRP-gamma: weights ``w + gamma * w+`` (and bias ``b + gamma * b+``) favour the
-    positive contributions, for layers with non-negative (ReLU) inputs.
-
-    Montavon et al. (2019), "Layer-Wise Relevance Propagation: An Overview", Sec. 10.2.2:
-    ``c_ij = x_i (w_ij + gamma w_ij+)``, ``d_j = sum_i c_ij + b_j + gamma b_j+``.
-    """
-
-    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
-        super().__init__(stabilizer)
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        self.gamma = gamma
-
-    def terms(self, module, x, leaves):
-        weight, bias = _weights(module)
-        w = weight + self.gamma * weight.clamp(min=0)
-        lin = linear(module, x, w, None)
-        if bias is None:
-            return [(1.0, lin, lin)]
-        with torch.no_grad():
-            d = linear(module, x, w, bias + self.gamma * bias.clamp(min=0))
-        return [(1.0, lin, d)]
+        return [Term(1.0, lin, d)]
 
 
 def _signed_parts(module: nn.Module, x: torch.Tensor, negative: bool = True,
@@ -154,14 +149,73 @@ def _signed_parts(module: nn.Module, x: torch.Tensor, negative: bool = True,
     return pos, neg
 
 
+def _plus_bias(part: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``part + bias`` broadcast over the output (no gradient: it only enters ``d_j``)."""
+    return part.detach() + bias.detach().view(1, -1, *([1] * (part.ndim - 2)))
+
+
 def _with_bias(module: nn.Module, part: torch.Tensor, sign: int) -> torch.Tensor:
     """``part`` plus the positive (``sign=1``) or negative (``sign=-1``) part of the
-    module's bias, broadcast over the output (no gradient: it only enters ``d_j``)."""
+    module's bias."""
     bias = getattr(module, "bias", None)
     if bias is None:
         return part
-    b = bias.clamp(min=0) if sign > 0 else bias.clamp(max=0)
-    return part.detach() + b.detach().view(1, -1, *([1] * (part.ndim - 2)))
+    return _plus_bias(part, bias.clamp(min=0) if sign > 0 else bias.clamp(max=0))
+
+
+class Gamma(Rule):
+    """LRP-gamma, generalised to inputs and outputs of either sign: every output favours
+    the contributions of its own sign.
+
+    Montavon, Binder, Lapuschkin, Samek and Müller (2019), "Layer-Wise Relevance
+    Propagation: An Overview", Sec. 10.2.2, for non-negative (ReLU) inputs:
+    ``c_ij = x_i (w_ij + gamma w_ij+)`` and ``d_j = sum_i c_ij + b_j + gamma b_j+``. Its
+    denominator is ``z_j`` plus a non-negative amount, so it crosses zero wherever ``z_j``
+    is negative: a convolution whose output feeds a residual sum before the ReLU
+    (ResNet's, with its BatchNorm folded in) then divides by near-zero numbers and the
+    relevance explodes.
+
+    Here the generalised rule of Andéol, Kawakami, Wada, Kanamori, Müller and Montavon
+    (2021), "Learning Domain Invariant Representations by Joint Wasserstein Distance
+    Minimization", arXiv:2106.04923 (zennit's ``Gamma``)::
+
+        z_j > 0:  c_ij = x_i+ (w_ij + gamma w_ij+) + x_i- (w_ij + gamma w_ij-),
+                  d_j  = sum_i c_ij + b_j + gamma b_j+;
+        z_j < 0:  c_ij = x_i+ (w_ij + gamma w_ij-) + x_i- (w_ij + gamma w_ij+),
+                  d_j  = sum_i c_ij + b_j + gamma b_j-,
+
+    that is ``c_ij = z_ij + gamma (z_ij)+`` or ``z_ij + gamma (z_ij)-`` with
+    ``z_ij = x_i w_ij``: the contributions of the output's own sign are favoured.
+    Each output's relevance goes through the branch of its sign (``z_j = 0`` carries no
+    relevance). Now ``d_j`` has the sign of ``z_j`` and ``|d_j| >= |z_j|``, so no
+    denominator is near zero unless its output is; for ``x >= 0`` and ``z_j > 0`` this is
+    the overview's rule.
+
+    Args:
+        gamma: how much the contributions of the output's sign are favoured (0: LRP-0).
+        stabilizer: the ``eps`` of :func:`stabilize`.
+    """
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
+        super().__init__(stabilizer)
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = gamma
+
+    def terms(self, module, x, z, leaves):
+        weight, bias = _weights(module)
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        bp, bn = (None, None) if bias is None else (bias.clamp(min=0), bias.clamp(max=0))
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        signed = bool((x < 0).any())  # behind a ReLU x- = 0: skip its convolutions
+        terms = []
+        for mask, own, other, b_own in ((z > 0, wp, wn, bp), (z < 0, wn, wp, bn)):
+            lin = linear(module, xp, weight + self.gamma * own)
+            if signed:
+                lin = lin + linear(module, xn, weight + self.gamma * other)
+            d = lin if bias is None else _plus_bias(lin, bias + self.gamma * b_own)
+            terms.append(Term(1.0, lin, d, mask))
+        return terms
 
 
 class AlphaBeta(Rule):
@@ -194,13 +248,13 @@ class AlphaBeta(Rule):
                              f"alpha={alpha}, beta={beta}")
         self.alpha, self.beta, self.bias = alpha, beta, bias
 
-    def terms(self, module, x, leaves):
+    def terms(self, module, x, z, leaves):
         pos, neg = _signed_parts(module, x, negative=bool(self.beta))
         dpos = _with_bias(module, pos, 1) if self.bias else pos
-        terms = [(self.alpha, pos, dpos)]
+        terms = [Term(self.alpha, pos, dpos)]
         if not self.beta:
             return terms
-        return terms + [(-self.beta, neg, _with_bias(module, neg, -1) if self.bias else neg)]
+        return terms + [Term(-self.beta, neg, _with_bias(module, neg, -1) if self.bias else neg)]
 
 
 class ZPlus(AlphaBeta):
@@ -253,10 +307,10 @@ class ZBox(Rule):
             b = b.view(1, -1, *([1] * (x.ndim - 2)))
         return b.expand_as(x).clone().requires_grad_(True)
 
-    def terms(self, module, x, leaves):
+    def terms(self, module, x, z, leaves):
         w = module.weight
         low, high = self._bound(self.low, x), self._bound(self.high, x)
         leaves += [low, high]
         lin = (linear(module, x, w) - linear(module, low, w.clamp(min=0))
                - linear(module, high, w.clamp(max=0)))
-        return [(1.0, lin, lin)]
+        return [Term(1.0, lin, lin)]
