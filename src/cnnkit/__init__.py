@@ -39,9 +39,15 @@ if TYPE_CHECKING:
     from cnnkit.train import TrainConfig, Trainer, load_run, train
 
 
+# The subpackages, imported on first use: `import cnnkit; cnnkit.explain.create(...)` works
+# without importing each one up front (and PyTorch with them).
+_SUBPACKAGES = ("layers", "models", "data", "train", "explain", "compress", "analysis", "cli",
+                "web")
+
+
 def __getattr__(name: str) -> Any:
-    if name == "train":  # the subpackage, which is callable: cnnkit.train(...) trains
-        return importlib.import_module("cnnkit.train")
+    if name in _SUBPACKAGES:  # cnnkit.train is callable: cnnkit.train(...) trains
+        return importlib.import_module(f"cnnkit.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
@@ -50,4 +56,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+    return sorted({*globals(), *__all__, *_SUBPACKAGES})

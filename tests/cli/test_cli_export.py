@@ -9,7 +9,7 @@ import pytest
 def test_export_run(cli, shared_run, tmp_path, fmt):
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
-    out = tmp_path / f"model.{fmt}"
+    out = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
     code, stdout, err = cli(["export", str(shared_run.path), "--format", fmt, "--out", str(out),
                              "--json"])
     assert code == 0, err

@@ -15,8 +15,25 @@ def test_export_matches_model(tmp_path, fmt):
         pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = create_model("tinyvgg", num_classes=4, in_chans=1, img_size=16)
-    res = export(model, torch.randn(2, 1, 16, 16), tmp_path / f"m.{fmt}", format=fmt)
+    path = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
+    res = export(model, torch.randn(2, 1, 16, 16), path, format=fmt)
     assert res["checked_with"] and res["max_abs_diff"] < 1e-4 and res["bytes"] > 1000
+    # one self-contained file (ONNX: weights inside, no .data beside it), nothing else left
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert res["bytes"] == path.stat().st_size > sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_export_never_replaces_a_file_unless_asked(tmp_path):
+    model = create_model("tinyvgg", num_classes=4, in_chans=1, img_size=16)
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="m.pt exists"):
+        export(model, torch.randn(2, 1, 16, 16), path, format="torchscript")
+    assert path.read_bytes() == b"mine"
+    export(model, torch.randn(2, 1, 16, 16), path, format="torchscript", overwrite=True)
+    assert path.read_bytes() != b"mine" and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(ValueError, match="does not end in .onnx"):
+        export(model, torch.randn(2, 1, 16, 16), tmp_path / "m.safetensors", format="onnx")
 
 
 class Wrong(nn.Module):
@@ -30,6 +47,7 @@ class Wrong(nn.Module):
 def test_export_detects_mismatch(tmp_path):
     with pytest.raises(ValueError, match="differ from the model's"):
         export(Wrong(), torch.randn(2, 3), tmp_path / "w.pt", format="torchscript")
+    assert not any(tmp_path.iterdir())  # a file that failed its check is not left behind
 
 
 def test_export_errors(tmp_path):

@@ -106,8 +106,10 @@ def test_report_gets_one_section_that_a_rerun_replaces(shapes_run, tmp_path):
     root = tmp_path / "copy"
     root.mkdir()
     (root / "report.html").write_text(before)
-    for _ in range(2):
-        write_benchmark(root, rows)
+    write_benchmark(root, rows)
+    with pytest.raises(FileExistsError, match="benchmark.json exists"):
+        write_benchmark(root, rows)  # an earlier benchmark's files are kept ...
+    write_benchmark(root, rows, overwrite=True)  # ... unless asked
     page = (root / "report.html").read_text()
     assert page.count("<h2>Explanation benchmark</h2>") == 1
     head, tail = page.split("<!-- cnnkit:explain-benchmark:start -->")

@@ -145,9 +145,10 @@ def test_resume_through_train_keeps_the_saved_epochs(tmp_path):
                      callbacks=[_stop_after(1)])
     with pytest.raises(KeyboardInterrupt):
         broken.fit()
-    with pytest.raises(ValueError, match="only epochs may be given, not lr"):
-        train(resume=broken.paths.root, lr=0.1)
-    assert train(resume=broken.paths.root, progress=False)["epochs_run"] == 2
+    with pytest.raises(ValueError, match="so model cannot change"):
+        train(resume=broken.paths.root, model="lenet5")
+    summary = train(resume=broken.paths.root, progress=False)
+    assert summary["epochs_run"] == 2 and "resumes" not in summary  # nothing changed
 
 
 def test_resume_refuses_changed_data(tmp_path):
@@ -177,5 +178,5 @@ def test_broken_config_yaml_is_a_clear_error(finished, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(trainer.paths.root, copy)
     (copy / "config.yaml").write_text("- just\n- a list\n")
-    with pytest.raises(ValueError, match="is not a valid cnnkit config"):
+    with pytest.raises(ValueError, match="configuration is a mapping of options, got list"):
         load_run(copy)

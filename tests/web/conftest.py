@@ -6,6 +6,7 @@ installs it through the ``test`` extra, so there these tests run.
 
 from __future__ import annotations
 
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -71,3 +72,20 @@ def reference(run_path):
     images, labels = run_test_split(run)
     return SimpleNamespace(model=run.model, preprocess=run.preprocess, images=images,
                            labels=labels, x=lambda i: run.preprocess(images[i])[None])
+
+
+@pytest.fixture(scope="session")
+def replace_weights():
+    """What a training does to a run's ``model.safetensors``: new weights (here the
+    classifier's scaled), same metadata, written beside and renamed into place."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def replace(path, scale: float = 2.0) -> None:
+        with safe_open(path, "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors["fc.weight"] = tensors["fc.weight"] * scale
+        save_file(tensors, str(path) + ".tmp", metadata=meta)
+        os.replace(str(path) + ".tmp", path)
+
+    return replace

@@ -5,7 +5,9 @@ the model's own activation, computed here directly."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -36,12 +38,12 @@ def sync_api():
     return sync_api
 
 
-@pytest.fixture
-def page(sync_api, explorer):  # sync_api first: a missing browser skips before any training
-    from cnnkit.web import create_app, running
+@contextlib.contextmanager
+def _open(sync_api, app):
+    """The explorer page of ``app`` in headless Chromium, once it says it is ready."""
+    from cnnkit.web import running
 
-    with running(create_app(explorer, allowed_hosts=["127.0.0.1"])) as url, \
-            sync_api.sync_playwright() as p:
+    with running(app) as url, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.problems = []  # errors in the page and requests that leave the server
@@ -55,6 +57,14 @@ def page(sync_api, explorer):  # sync_api first: a missing browser skips before 
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(sync_api, explorer):  # sync_api first: a missing browser skips before any training
+    from cnnkit.web import create_app
+
+    with _open(sync_api, create_app(explorer, allowed_hosts=["127.0.0.1"])) as page:
+        yield page
 
 
 def test_clicked_neuron_shows_the_models_activation(page, reference, tmp_path):
@@ -93,3 +103,24 @@ def test_clicked_neuron_shows_the_models_activation(page, reference, tmp_path):
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 20_000
     assert page.problems == []
+
+
+def test_weights_replaced_on_disk_show_a_banner_and_reload(sync_api, run_path, tmp_path,
+                                                           replace_weights):
+    from playwright.sync_api import expect
+
+    from cnnkit.web import create_app, load_explorer
+
+    run = tmp_path / "run"
+    shutil.copytree(run_path, run)
+    with _open(sync_api, create_app(load_explorer(run), allowed_hosts=["127.0.0.1"])) as page:
+        expect(page.locator("#run-info")).to_contain_text("best weights of ")
+        expect(page.locator("#stale")).to_be_hidden()
+        replace_weights(run / "model.safetensors")
+        page.click(".thumb[data-input='test:1']")  # every input shown checks the weights
+        expect(page.locator("#stale")).to_be_visible()
+        expect(page.locator("#stale-text")).to_contain_text("model.safetensors changed on disk")
+        page.click("#reload")
+        page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        expect(page.locator("#stale")).to_be_hidden()
+        assert page.problems == []

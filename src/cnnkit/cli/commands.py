@@ -7,11 +7,39 @@ import contextlib
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 # Errors that mean "bad input or a stopped run", shown as one line with exit code 2.
 # NonFiniteLossError is a FloatingPointError; missing files are OSErrors.
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+@contextlib.contextmanager
+def output_folder(out: str | None, default: Path, force: bool) -> Iterator[Path]:
+    """Where a command writes its files: ``default`` or, if taken, ``default-2``,
+    ``default-3`` ... (created atomically, so two commands never share one); a given
+    ``--out`` must be new, unless ``--force`` lets the command write into it. A folder
+    made here and left empty by a failing command is removed."""
+    from cnnkit._files import make_folder
+
+    if out is None:
+        path = made = make_folder(default, next_free=True)
+    elif force:
+        path, made = Path(out), None if Path(out).is_dir() else Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        try:
+            path = made = make_folder(out)
+        except FileExistsError:
+            raise ValueError(f"{out} exists; give a new --out folder, or add --force to write "
+                             "into it (replacing files of the same names)") from None
+    try:
+        yield path
+    except BaseException:
+        if made is not None and not any(made.iterdir()):
+            made.rmdir()
+        raise
 
 
 def one_line(e: BaseException) -> str:
@@ -42,25 +70,25 @@ def _config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(given)
 
 
-# Options a resumed run may be given: everything else comes from its saved config.yaml.
-_RESUME_OPTIONS = {"resume", "epochs", "runs_dir", "no_progress", "json", "command", "func",
-                   "nproc", "argv"}
+# Arguments that are not options of the run: --resume itself and how the command runs.
+_COMMAND_ARGS = {"resume", "runs_dir", "no_progress", "json", "command", "func", "nproc", "argv"}
 
 
-def _resume_args(args: argparse.Namespace):
-    """The run folder and the config override (``epochs`` only) for ``--resume``."""
-    from cnnkit.train import TrainConfig
+def _resume_args(args: argparse.Namespace) -> tuple[Path, dict]:
+    """The run folder and the options to change (``RESUME_OPTIONS``) for ``--resume``."""
+    from cnnkit.train.config import RESUME_OPTIONS
     from cnnkit.train.run import resolve_run
 
-    fixed = sorted(f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                   if k not in _RESUME_OPTIONS and v is not None and v is not False)
+    given = {k: v for k, v in vars(args).items()
+             if k not in _COMMAND_ARGS and v is not None and v is not False}
+    fixed = sorted(f"--{k.replace('_', '-')}" for k in given if k not in RESUME_OPTIONS)
     if fixed:
-        raise ValueError(f"--resume continues a run with its saved settings, so {', '.join(fixed)} "
-                         "cannot be given with it; drop them (only --epochs may change, to train "
-                         "longer), or start a new run without --resume")
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_OPTIONS)
+        raise ValueError(f"--resume continues a run with its saved data, model and recipe, so "
+                         f"{', '.join(fixed)} cannot be given with it; drop them (a resume may "
+                         f"change {allowed}), or start a new run without --resume")
     root = resolve_run(args.resume, args.runs_dir or "runs")
-    # No --epochs: no override, so the run ends where it was meant to (not at the default).
-    return root, TrainConfig(epochs=args.epochs) if args.epochs else None
+    return root, given
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -99,8 +127,10 @@ def train(args: argparse.Namespace) -> int:
     if args.nproc is not None and distributed.under_torchrun():
         raise ValueError("--nproc starts torchrun itself; under torchrun leave it out "
                          "(torchrun's --nproc_per_node sets the number of processes)")
+    overrides: dict = {}
     if args.resume is not None:
-        resume, config = _resume_args(args)
+        resume, overrides = _resume_args(args)
+        config = None
     else:
         resume, config = None, _config_from_args(args)
         model_info(config.model)  # fail on a bad name before any data is loaded
@@ -114,7 +144,8 @@ def train(args: argparse.Namespace) -> int:
     if not main:
         warnings.simplefilter("ignore")  # main() scopes this to the command
     try:
-        trainer = Trainer(config, resume=resume, progress=False if args.no_progress else None)
+        trainer = Trainer(config, resume=resume, overrides=overrides or None,
+                          progress=False if args.no_progress else None)
         if main:
             print(f"run {trainer.paths.root}: {trainer.config.model} on {trainer.config.data} "
                   f"({trainer.train_loader.num_samples} train images, {trainer.device}"
@@ -195,10 +226,10 @@ def predict(args: argparse.Namespace) -> int:
 def _predict_dense(run, args: argparse.Namespace) -> int:
     from cnnkit.train.evaluation import predict_dense_files
 
-    out = Path(args.out) if args.out else run.path / "predictions"
     if args.crf and run.preprocess.task != "segment":
         raise ValueError("--crf refines segmentations; this run is a super-resolution run")
-    results = predict_dense_files(run, args.files, out, crf=args.crf)
+    with output_folder(args.out, run.path / "predictions", args.force) as out:
+        results = predict_dense_files(run, args.files, out, crf=args.crf, overwrite=args.force)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -323,7 +354,6 @@ def datasets(args: argparse.Namespace) -> int:
 
 
 def explain(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from cnnkit.explain import list_methods
     from cnnkit.explain.apply import explain_files
@@ -343,14 +373,21 @@ def explain(args: argparse.Namespace) -> int:
         raise ValueError("give IMAGES to explain, or --benchmark to rank the methods on the "
                          "run's test split")
     run = load_run(args.run)
-    out = Path(args.out) if args.out else run.path / "explanations"
-    written = explain_files(run, args.images, methods, out, target=args.target, layer=args.layer)
+    with output_folder(args.out, run.path / "explanations", args.force) as out:
+        written = explain_files(run, args.images, methods, out, target=args.target,
+                                layer=args.layer, overwrite=args.force)
     print(f"wrote {len(written)} files to {out} (grid.png compares the methods)")
     return 0
 
 
 def _explain_benchmark(args: argparse.Namespace) -> int:
-    from cnnkit.explain.benchmark import benchmark_methods, format_table, write_benchmark
+    from cnnkit._files import refuse_existing
+    from cnnkit.explain.benchmark import (
+        benchmark_files,
+        benchmark_methods,
+        format_table,
+        write_benchmark,
+    )
     from cnnkit.train import load_run
 
     fixed = [name for name, given in (("IMAGES", args.images), ("--target", args.target),
@@ -360,9 +397,14 @@ def _explain_benchmark(args: argparse.Namespace) -> int:
                          f"into the run folder, so {', '.join(fixed)} cannot be given with it; "
                          "drop them")
     run = load_run(args.run)
+    try:  # before the work: files of an earlier benchmark are kept unless --force
+        refuse_existing(benchmark_files(run.path), args.force)
+    except FileExistsError as e:
+        raise ValueError(f"{e.filename} exists from an earlier --benchmark; add --force to "
+                         "replace it") from None
     rows = benchmark_methods(run, methods=args.method, n_images=args.n_images, steps=args.steps,
                              layer=args.layer, sanity=args.sanity)
     print(format_table(rows))
-    written = write_benchmark(run.path, rows)
+    written = write_benchmark(run.path, rows, overwrite=args.force)
     print(f"wrote {', '.join(p.name for p in written)} in {run.path}")
     return 0

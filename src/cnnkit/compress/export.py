@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["export", "FORMATS"]
+from cnnkit._files import exists, move_new
+
+__all__ = ["export", "FORMATS", "SUFFIXES"]
 
 FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth")}
 
 
 def _onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
@@ -29,10 +34,16 @@ def _onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
             raise ValueError(f"ONNX export needs the {dep!r} package; install it with "
                              "`pip install 'cnnkit[export]'`")
     batch = torch.export.Dim("batch", min=1)
+    chatter = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed" x 4
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)
     with warnings.catch_warnings(), open(os.devnull, "w") as null:
         warnings.simplefilter("ignore")  # the exporter's progress and deprecation chatter
-        with contextlib.redirect_stdout(null):
-            torch.onnx.export(model, (x,), str(path), dynamo=True,
+        with contextlib.redirect_stdout(null), contextlib.ExitStack() as restore:
+            restore.callback(chatter.setLevel, level)
+            # external_data=False: one self-contained file (weights inside, up to ONNX's
+            # 2 GB limit), so copying the .onnx alone copies the model
+            torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False,
                               dynamic_shapes=({0: batch},), input_names=["input"],
                               output_names=["output"])
 
@@ -49,15 +60,22 @@ def _run_onnx(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, str] | None:
 
 @torch.no_grad()
 def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike,
-           format: str = "onnx", atol: float = 1e-4) -> dict[str, Any]:
+           format: str = "onnx", atol: float = 1e-4, overwrite: bool = False) -> dict[str, Any]:
     """Export ``model`` (in eval mode, on CPU) and check the file against it.
+
+    The file is written and checked under a temporary name in the target folder and
+    only then published under ``path``: a failed export or check leaves nothing, and an
+    existing file is never replaced unless ``overwrite`` (the publication is atomic: no
+    concurrent writer of the same name can be overwritten either).
 
     Args:
         model: any cnnkit model (classifier or dense).
         example_input: one input batch ``[B, C, H, W]`` of the size the model takes.
-        path: the file to write (``.onnx`` or ``.pt``).
-        format: ``"onnx"`` (dynamo exporter, dynamic batch) or ``"torchscript"`` (traced).
+        path: the file to write (``.onnx``, or ``.pt`` / ``.pth`` for TorchScript).
+        format: ``"onnx"`` (dynamo exporter, dynamic batch, weights inside the file) or
+            ``"torchscript"`` (traced).
         atol: largest absolute output difference accepted, relative to the output's scale.
+        overwrite: replace an existing file at ``path``.
 
     Returns:
         ``{"path", "format", "max_abs_diff", "checked_with", "bytes"}``;
@@ -65,35 +83,45 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
         ONNX file with).
 
     Raises:
-        ValueError: an unknown format, a missing exporter package, or a file whose
-            outputs differ from the model's.
+        ValueError: an unknown format, a file name that does not fit it, a missing
+            exporter package, or a file whose outputs differ from the model's.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose {' or '.join(FORMATS)}")
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES[format]:
+        raise ValueError(f"{path} does not end in {' or '.join(SUFFIXES[format])}, the file "
+                         f"type of --format {format}; name the file accordingly")
+    if path.exists() and not overwrite:
+        raise exists(path)
     model = model.eval().cpu()
     x = example_input.detach().cpu().float()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     check_x = torch.cat([x, x.flip(0)])[: x.shape[0] + 1]  # another batch size, other data
     ref = model(check_x)
-    if format == "onnx":
-        _onnx(model, x, path)
-        ran = _run_onnx(path, check_x)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript is in maintenance; it still serves
-            traced = torch.jit.trace(model, x, check_trace=False)
-        traced.save(str(path))
-        ran = torch.jit.load(str(path))(check_x), f"torch.jit {torch.__version__}"
-    result: dict[str, Any] = {"path": str(path), "format": format, "max_abs_diff": None,
-                              "checked_with": None, "bytes": path.stat().st_size}
-    if ran is not None:
-        out, runtime = ran
-        diff = float((out.float() - ref.float()).abs().max())
-        scale = max(1.0, float(ref.abs().max()))
-        if diff > atol * scale:
-            raise ValueError(f"the exported {format} file's outputs differ from the model's by "
-                             f"{diff:.3g} (> {atol * scale:.3g}); the model uses an operation the "
-                             "exporter does not reproduce; try the other format")
-        result.update(max_abs_diff=diff, checked_with=runtime)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        draft = Path(tmp) / path.name
+        if format == "onnx":
+            _onnx(model, x, draft)
+            ran = _run_onnx(draft, check_x)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript is in maintenance; it still serves
+                traced = torch.jit.trace(model, x, check_trace=False)
+            traced.save(str(draft))
+            ran = torch.jit.load(str(draft))(check_x), f"torch.jit {torch.__version__}"
+        result: dict[str, Any] = {"path": str(path), "format": format, "max_abs_diff": None,
+                                  "checked_with": None, "bytes": draft.stat().st_size}
+        if ran is not None:
+            out, runtime = ran
+            diff = float((out.float() - ref.float()).abs().max())
+            scale = max(1.0, float(ref.abs().max()))
+            if diff > atol * scale:
+                raise ValueError(f"the exported {format} file's outputs differ from the model's "
+                                 f"by {diff:.3g} (> {atol * scale:.3g}); the model uses an "
+                                 "operation the exporter does not reproduce; try the other "
+                                 "format")
+            result.update(max_abs_diff=diff, checked_with=runtime)
+        move_new(draft, path, overwrite=overwrite)
     return result

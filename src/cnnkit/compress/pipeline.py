@@ -103,19 +103,18 @@ def _criterion_data(calib: tuple[torch.Tensor, torch.Tensor] | None, criterion: 
     return list(zip(images[:128].split(32), labels[:128].split(32), strict=True))
 
 
-def _finetune(run: Any, model: nn.Module, out: Path, epochs: int,
+def _finetune(run: Any, model: nn.Module, folder: Any, epochs: int,
               progress: bool | None) -> nn.Module:
     """Fine-tune ``model`` with the run's own recipe at a tenth of its learning rate, as the
-    run folder ``out``; returns the reloaded best weights."""
+    run folder ``folder`` (a claimed :class:`~cnnkit.train.run.RunFolder`); returns the
+    reloaded best weights."""
     from cnnkit.train import TrainConfig, Trainer, load_run
-    from cnnkit.train.run import RunPaths
 
+    out = folder.path
     cfg = TrainConfig.from_dict({**run.config.to_dict(), "epochs": epochs,
                                  "lr": run.config.resolved_lr / 10, "warmup_epochs": 0.0,
                                  "name": out.name, "runs_dir": str(out.parent)})
-    trainer = Trainer(cfg, model=model, progress=progress)
-    trainer.paths = RunPaths(out)
-    trainer.fit()
+    Trainer(cfg, model=model, progress=progress, run_folder=folder).fit()
     return load_run(out).model
 
 
@@ -187,10 +186,7 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
         latency, and the speed-ups.
     """
     from cnnkit.train import load_run
-    from cnnkit.train.checkpoint import save_weights
-    from cnnkit.train.run import RunPaths, write_json
-
-    from .prune import prune as prune_model
+    from cnnkit.train.run import claim_run_folder
 
     run = run if hasattr(run, "preprocess") else load_run(run)
     _check_classify(run)
@@ -199,21 +195,43 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
                          "(or --sweep)")
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown --quantize {quantize!r}; the supported one is int8")
-    out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out} already exists; give a new folder with --out")
     if finetune and prune is None and lowrank is None:
         raise ValueError("--finetune fine-tunes a pruned or factorised model; give --prune or "
                          "--lowrank too")
     if qat and quantize != "int8":
         raise ValueError("--qat fine-tunes for int8; give --quantize int8 too")
+    out = Path(out)
+    try:  # created here, atomically, and locked: no second command writes into it
+        folder = claim_run_folder(out.parent, out.name, next_free=False)
+    except FileExistsError:
+        raise ValueError(f"{out} already exists; give a new folder with --out") from None
+    try:
+        return _compress(run, folder, prune=prune, criterion=criterion,
+                         global_ranking=global_ranking, finetune=finetune, lowrank=lowrank,
+                         quantize=quantize, observer=observer, qat=qat, progress=progress)
+    except BaseException:
+        folder.abandon()
+        raise
+    finally:
+        folder.release()
+
+
+def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
+              global_ranking: bool, finetune: int, lowrank: str | float | None,
+              quantize: str | None, observer: str, qat: int,
+              progress: bool | None) -> dict[str, Any]:
+    from cnnkit.train.checkpoint import save_weights
+    from cnnkit.train.run import RunPaths, write_json
+    from cnnkit.train.weights import run_meta
+
+    from .prune import prune as prune_model
+
+    out = folder.path
     x_test, y_test = _test_tensors(run)
     prep = run.preprocess
     original = run.model.eval()
     models: dict[str, nn.Module] = {"original": original}
     current, state = original, original.state_dict()
-    meta = {"model": run.config.model, "model_kwargs": run.config.model_kwargs,
-            **prep.to_dict()}
     calib = _calibration(run) if quantize or criterion in DATA_CRITERIA else None
     if prune is not None or lowrank is not None:
         small, names = original, []
@@ -230,16 +248,12 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
                                  compression=None if rank else float(lowrank))
             names.append("lowrank")
         if finetune:
-            small = _finetune(run, small, out, finetune, progress)
+            small = _finetune(run, small, folder, finetune, progress)
         models["+".join(names)] = current = small.eval()
         state = small.state_dict()
-        for key in ("pruning_history", "lowrank_history"):
-            if getattr(small, key, None):
-                meta[key] = getattr(small, key)
-    if not out.exists():  # fine-tuning wrote a whole run folder already
-        out.mkdir(parents=True)
+    if not RunPaths(out).weights.exists():  # fine-tuning wrote a whole run folder already
         shutil.copy(RunPaths(run.path).config, RunPaths(out).config)
-        save_weights(RunPaths(out).weights, state, meta)
+        save_weights(RunPaths(out).weights, state, run_meta(run.config, prep, current))
     if quantize == "int8":
         from .quantize import quantize as quantize_model
         from .quantize import save_quantized

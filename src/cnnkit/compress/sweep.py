@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit._files import atomic_write, refuse_existing
+
 from .pipeline import (
     DATA_CRITERIA,
     _calibration,
@@ -37,7 +39,8 @@ def pareto_front(rows: dict[str, dict[str, Any]], cost: str = "latency_b32",
 
 def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
               quantize: bool = True, criterion: str = "l1", finetune: int = 0,
-              observer: str = "minmax", progress: bool | None = None) -> dict[str, Any]:
+              observer: str = "minmax", progress: bool | None = None,
+              overwrite: bool = False) -> dict[str, Any]:
     """Measure a grid of compressions of a classification run and find its Pareto front.
 
     Every pruning ratio (0 included), each in float and, with ``quantize``, in int8, is
@@ -55,6 +58,8 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
         finetune: epochs of fine-tuning of each pruned model (0: none; the fine-tuned
             runs go to a temporary folder).
         observer: int8 activation calibration.
+        overwrite: replace the run's ``compress_sweep.json`` / ``.png`` of an earlier sweep
+            (without it, their presence stops the call before anything is measured).
 
     Returns:
         The ``compress_sweep.json`` contents: ``rows`` (name -> measurements, ``pareto``)
@@ -65,12 +70,15 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
     from tqdm.auto import tqdm
 
     from cnnkit.train import load_run
+    from cnnkit.train.run import claim_run_folder
 
     from .prune import prune as prune_model
     from .quantize import quantize as quantize_model
 
     run = run if hasattr(run, "preprocess") else load_run(run)
     _check_classify(run)
+    refuse_existing([Path(run.path) / "compress_sweep.json", Path(run.path) / "compress_sweep.png"],
+                    overwrite)
     ratios = tuple(sorted({float(r) for r in ratios}))
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise ValueError(f"sweep ratios must lie in (0, 1), got {list(ratios)}")
@@ -90,7 +98,8 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
                 m = prune_model(original, ratio, criterion, example_inputs=x_test[:1],
                                 data=_criterion_data(calib, criterion))
                 if finetune:
-                    m = _finetune(run, m, Path(tmp) / f"p{ratio:g}", finetune, False)
+                    folder = claim_run_folder(tmp, f"p{ratio:g}", next_free=False)
+                    m = _finetune(run, m, folder, finetune, False)
             models[name] = m.eval()
             if quantize:
                 models[f"{name} int8"] = quantize_model(m, calib[0], observer=observer)
@@ -118,7 +127,6 @@ def _write_sweep(root: Path, result: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cnnkit.train.checkpoint import atomic_write
     from cnnkit.train.report import put_section
     from cnnkit.train.run import write_json
 

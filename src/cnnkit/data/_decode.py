@@ -7,10 +7,12 @@ decodes and resizes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,8 +21,10 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from cnnkit._limits import max_image_pixels, require_memory
+
 __all__ = ["image_extensions", "image_files", "default_size", "decode", "read_images",
-           "load_image", "DEFAULT_MAX_SIZE"]
+           "load_image", "open_image", "ImageTooLarge", "DEFAULT_MAX_SIZE"]
 
 DEFAULT_MAX_SIZE = 64  # default side when a folder's most common image size is larger
 
@@ -82,6 +86,34 @@ def _to_l_or_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than :func:`cnnkit._limits.max_image_pixels`
+    (refused before it is decoded)."""
+
+
+@contextlib.contextmanager
+def open_image(path: Path | str | io.BytesIO, name: str | None = None) -> Iterator[Image.Image]:
+    """``Image.open`` with the pixel count checked from the header, before any decoding: a
+    38 KB PNG can declare 6300x6300 pixels, a 144-megapixel photo costs half a gigabyte.
+
+    Raises:
+        ImageTooLarge: more pixels than :func:`cnnkit._limits.max_image_pixels`.
+        OSError, ValueError, SyntaxError, EOFError: Pillow cannot read the header.
+    """
+    limit = max_image_pixels()
+    with warnings.catch_warnings():  # the check below replaces Pillow's bomb warning
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            if im.width * im.height > limit:
+                raise ImageTooLarge(
+                    f"image '{name or path}' is {im.width}x{im.height} "
+                    f"({im.width * im.height / 1e6:.0f} megapixels), over the limit of "
+                    f"{limit / 1e6:g} megapixels per image (a guard against decompression "
+                    "bombs); downscale it, or raise the limit with the environment variable "
+                    f"CNNKIT_MAX_IMAGE_PIXELS={im.width * im.height}")
+            yield im
+
+
 def decode(path: Path | str, size: tuple[int, int] | None) -> np.ndarray:
     """Decode one file to uint8 ``[H, W]`` (grayscale) or ``[H, W, 3]`` (colour) at ``size``.
 
@@ -90,9 +122,10 @@ def decode(path: Path | str, size: tuple[int, int] | None) -> np.ndarray:
     equal everywhere is returned as grayscale.
 
     Raises:
+        ImageTooLarge: the header declares too many pixels (see :func:`open_image`).
         OSError, ValueError, SyntaxError, EOFError: Pillow cannot read the file.
     """
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im = _to_l_or_rgb(im)
     if size is not None and im.size != (size[1], size[0]):
         im = ImageOps.fit(im, (size[1], size[0]), method=Image.Resampling.BILINEAR)
@@ -114,6 +147,10 @@ def read_images(paths: Sequence[Path], size: tuple[int, int], *, name: str, stri
         ValueError: ``strict=True`` and a file cannot be read, or no file can be read.
     """
     workers = num_workers or min(4, os.cpu_count() or 1)
+    # decoded arrays (at most RGB) and the tensor they are copied into
+    require_memory(2 * len(paths) * 3 * size[0] * size[1],
+                   f"{len(paths)} images of {size[0]}x{size[1]} from '{name}'",
+                   "give a smaller --image-size, or fewer images")
 
     def safe(p: Path) -> np.ndarray | Exception:
         try:
@@ -127,20 +164,24 @@ def read_images(paths: Sequence[Path], size: tuple[int, int], *, name: str, stri
         bar = tqdm(pool.map(safe, paths), total=len(paths), desc=f"reading {name}", unit="img",
                    disable=None if progress is None else not progress, leave=False)
         for i, res in enumerate(bar):
+            if isinstance(res, ImageTooLarge) and strict:
+                raise ValueError(f"{res}; or load with strict=False to skip it") from res
             if isinstance(res, Exception):
                 if strict:
                     raise ValueError(f"cannot read image '{paths[i]}' ({res}); fix or delete the "
                                      "file, or load with strict=False to skip unreadable images"
                                      ) from res
-                bad.append(str(paths[i]))
+                bad.append((str(paths[i]), res))
             else:
                 arrays.append(res)
                 kept.append(i)
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(paths)} in '{name}': "
-                      f"{', '.join(bad[:3])}{more}; load with strict=True to stop at the first",
-                      stacklevel=5)  # read_images < _from_files < load_* < load_data
+        big = [p for p, e in bad if isinstance(e, ImageTooLarge)]
+        why = f" ({len(big)} over the {max_image_pixels() / 1e6:g}-megapixel limit)" if big else ""
+        warnings.warn(f"skipped {len(bad)} unreadable image(s){why} of {len(paths)} in '{name}': "
+                      f"{', '.join(p for p, _ in bad[:3])}{more}; load with strict=True to stop "
+                      "at the first", stacklevel=5)  # read_images < _from_files < load_*
     if not arrays:
         raise ValueError(f"none of the {len(paths)} image files in '{name}' can be read; "
                          "check that they are images Pillow can open")
@@ -177,6 +218,8 @@ def load_image(image: str | os.PathLike | Image.Image, size: tuple[int, int] | N
             raise FileNotFoundError(f"image file '{image}' does not exist")
         try:
             a = decode(image, size)
+        except ImageTooLarge:
+            raise
         except _DECODE_ERRORS as e:
             raise ValueError(f"cannot read image '{image}' ({e}); is it an image file?") from e
     t = torch.from_numpy(a)

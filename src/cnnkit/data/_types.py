@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cnnkit._limits import require_memory
+
 __all__ = ["ImageData", "IGNORE_INDEX", "to_size", "convert_channels", "resize_images",
            "resize_masks", "downscale"]
 
@@ -141,8 +143,15 @@ def resize_images(images: torch.Tensor, size: int | Sequence[int]) -> torch.Tens
     if (h, w) == (th, tw):
         return images
     rh, rw, top, left = _cover(h, w, th, tw)
+    n, c = images.shape[:2]
+    # float working copies a chunk at a time, a chunk at most ~256 MB: the output is the
+    # one allocation that grows with the data, and it is checked first
+    per_image = c * rh * rw * 4
+    require_memory(n * c * th * tw * images.element_size() + min(n, 64) * per_image,
+                   f"resizing {n} images of {c}x{h}x{w} to {c}x{th}x{tw}",
+                   f"give a smaller size (the images are {h}x{w})")
     out = []
-    for chunk in images.split(512):
+    for chunk in images.split(max(1, min(512, 2**28 // per_image))):
         x = F.interpolate(chunk.float(), size=(rh, rw), mode="bilinear", align_corners=False,
                           antialias=True)[..., top:top + th, left:left + tw]
         out.append(x.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8

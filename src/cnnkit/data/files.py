@@ -13,11 +13,15 @@ unequal R, G, B), else grayscale; ``channels=`` forces 1 or 3.
 from __future__ import annotations
 
 import csv
+import math
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from cnnkit._limits import require_memory
 
 from ._decode import default_size, image_files, read_images
 from ._types import ImageData, convert_channels, resize_images, to_size
@@ -88,8 +92,15 @@ def load_csv(path: Path, *, name: str | None = None,
             two classes, or (strict) a corrupt file.
     """
     csv_path, name = Path(path), name or str(path)
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = [(i, r) for i, r in enumerate(csv.reader(f), start=1) if any(s.strip() for s in r)]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = [(i, r) for i, r in enumerate(csv.reader(f), start=1)
+                    if any(s.strip() for s in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        reason = f"byte {e.object[e.start]:#04x} at offset {e.start} is not UTF-8 text" \
+            if isinstance(e, UnicodeDecodeError) else str(e)
+        raise ValueError(f"csv '{name}' is not a text file of path,label rows ({reason}); give "
+                         "a UTF-8 .csv (or a folder / .npz)") from None
     pcol, lcol = 0, 1
     if rows:
         head = [s.strip().lower() for s in rows[0][1]]
@@ -159,6 +170,12 @@ def load_npz(path: Path, *, name: str | None = None,
             ranges, or a length mismatch between images and labels.
     """
     name = name or str(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise ValueError(f"'{name}' is not an .npz file (an npz is a zip archive of arrays; this "
+                         "file does not start like one); save it with np.savez(path, x=images, "
+                         "y=labels)")
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.files)
@@ -167,6 +184,9 @@ def load_npz(path: Path, *, name: str | None = None,
             if xk is None or yk is None:
                 raise ValueError(f"npz '{name}' has arrays {keys}; expected images as 'x' or "
                                  "'images' and labels as 'y' or 'labels' (optional 'classes')")
+            for k in (xk, yk, "classes"):
+                if k in keys:
+                    _check_npz_array(z, k, name)
             x, y = z[xk], z[yk]
             classes = [str(c) for c in z["classes"].tolist()] if "classes" in keys else None
     except ValueError as err:
@@ -174,6 +194,9 @@ def load_npz(path: Path, *, name: str | None = None,
             raise ValueError(f"npz '{name}' holds Python objects; save class names as strings "
                              "(np.array(names, dtype=str)) and numeric arrays only") from err
         raise
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as err:
+        raise ValueError(f"npz '{name}' is damaged ({' '.join(str(err).split())}); save it "
+                         "again with np.savez") from err
     images = _npz_images(x, name)
     labels, classes = _npz_labels(y, classes, name)
     if len(labels) != images.shape[0]:
@@ -183,6 +206,19 @@ def load_npz(path: Path, *, name: str | None = None,
         images = resize_images(images, image_size)
     return ImageData(convert_channels(images, channels), labels, classes, name,
                      augment="flip_crop")
+
+
+def _check_npz_array(z: np.lib.npyio.NpzFile, key: str, name: str) -> None:
+    """Read one member's header (shape and dtype, no data) and refuse it before it is
+    decompressed if it would not fit in memory: a small npz can hold a huge array."""
+    with z.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_2_0 if version >= (2, 0) else \
+            np.lib.format.read_array_header_1_0
+        shape, _, dtype = read(f)
+    nbytes = math.prod(shape) * dtype.itemsize
+    require_memory(nbytes, f"array {key!r} of npz '{name}' ({'x'.join(map(str, shape))} "
+                   f"{dtype})", "save a smaller array (fewer or smaller images)")
 
 
 def _npz_images(x: np.ndarray, name: str) -> torch.Tensor:
@@ -229,6 +265,9 @@ def _npz_labels(y: np.ndarray, classes: list[str] | None,
         y = y[:, 0]
     if y.ndim != 1:
         raise ValueError(f"npz '{name}': labels must be one-dimensional [N], got shape {y.shape}")
+    if len(y) == 0:
+        raise ValueError(f"npz '{name}' holds no samples (0 labels); save the images and labels "
+                         "to train on")
     if y.dtype.kind in "US":
         names = [str(s) for s in y.tolist()]
         classes = classes or sorted(set(names))
@@ -245,6 +284,13 @@ def _npz_labels(y: np.ndarray, classes: list[str] | None,
             raise ValueError(f"npz '{name}': labels must be class indices 0..K-1, found "
                              f"{int(labels.min())}; remap them to 0..K-1")
         if classes is None:
+            used = len(torch.unique(labels))
+            if hi + 1 > max(2 * used, 16):  # 590000 in a file of 10 classes: a label column?
+                raise ValueError(
+                    f"npz '{name}': labels reach {hi} but only {used} values occur; labels are "
+                    f"class indices 0..K-1, so this would make {hi + 1:,} classes: remap them "
+                    "(y = np.unique(y, return_inverse=True)[1]), save them as strings, or give "
+                    "'classes' naming every class")
             classes = [str(k) for k in range(hi + 1)]
         elif hi >= len(classes):
             raise ValueError(f"npz '{name}': label {hi} but only {len(classes)} classes; give "

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ._decode import _DECODE_ERRORS, default_size, image_files, read_images
+from ._decode import _DECODE_ERRORS, default_size, image_files, open_image, read_images
 from ._types import IGNORE_INDEX, ImageData, convert_channels, to_size
 
 __all__ = ["is_pair_folder", "load_pairs", "load_images"]
@@ -52,7 +52,7 @@ def read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     Raises:
         ValueError: the file is an RGB(A) image or has indices above 255.
     """
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.load()
         if im.mode not in _MASK_MODES:
             raise ValueError(f"mask '{path}' is a {im.mode} image; save masks as 8-bit grayscale "
@@ -124,10 +124,23 @@ def load_pairs(path: Path, *, name: str | None = None,
 
 
 def _mask_classes(root: Path, masks: torch.Tensor, name: str) -> list[str]:
-    used = masks[masks != IGNORE_INDEX]
-    top = int(used.max()) if used.numel() else 0
+    values = torch.unique(masks).tolist()
+    used = [v for v in values if v != IGNORE_INDEX]
+    top = max(used, default=0)
     names_file = root / "classes.txt"
     if not names_file.is_file():
+        if len(used) < 2:
+            only = ", ".join(map(str, values))
+            hint = (" (255 marks ignored pixels: a 0/255 mask ignores its whole foreground; "
+                    "save binary masks as 0/1)") if IGNORE_INDEX in values else ""
+            raise ValueError(f"the masks in '{name}' hold only the value(s) {only}{hint}; mask "
+                             "pixels are class indices 0..K-1 and segmentation needs at least "
+                             "two classes")
+        if top + 1 > 2 * len(used):  # 0/200 masks would make 201 classes, 199 never seen
+            raise ValueError(f"the masks in '{name}' use the values {', '.join(map(str, used))}, "
+                             f"which would make {top + 1} classes with {top + 1 - len(used)} "
+                             "never seen; mask pixels are class indices 0..K-1: remap them "
+                             "(e.g. 0/200 to 0/1), or name every class in classes.txt")
         return [str(k) for k in range(max(top + 1, 2))]
     names = [s.strip() for s in names_file.read_text(encoding="utf-8").splitlines() if s.strip()]
     if top >= len(names):

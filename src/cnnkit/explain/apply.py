@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnnkit._files import refuse_existing
+
 from ._base import RegionScores, create, is_segmentation
 
 __all__ = ["explain_files", "resolve_class"]
@@ -32,15 +34,22 @@ def resolve_class(target: str | int | None, classes: list[str]) -> int | None:
 
 def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.PathLike,
                   target: str | int | None = None, layer: str | None = None,
-                  ) -> list[Path]:
+                  overwrite: bool = False) -> list[Path]:
     """Explain each image file with each method; write overlays, a grid and raw maps.
 
     Writes ``<stem>_<method>.png`` (the map over the image, with a colour bar),
     ``<stem>_<method>.npy`` (the raw map at input resolution) and ``grid.png`` (images
     by methods) into ``out``.
 
+    Args:
+        overwrite: replace files of those names already in ``out``; without it, any such
+            file stops the call before anything is computed.
+
     Returns:
         The paths written.
+
+    Raises:
+        FileExistsError: an output file exists and ``overwrite`` is False.
     """
     from cnnkit.data import load_image
     from cnnkit.train import load_run
@@ -51,6 +60,9 @@ def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"image file {missing[0]!r} does not exist; give image files")
+    out = Path(out)
+    refuse_existing([out / f"{Path(f).stem}_{m}.{ext}" for f in files for m in methods
+                     for ext in ("npy", "png")] + [out / "grid.png"], overwrite)
     c, h, w = run.preprocess.input_size
     images = [load_image(f, size=(h, w), channels=c) for f in files]
     x = torch.stack([run.preprocess(img) for img in images])
@@ -64,7 +76,6 @@ def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.
         else:
             probs = run.model(x).softmax(1)
             targets = probs.argmax(1) if cls is None else torch.full((len(files),), cls)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     all_maps: dict[str, torch.Tensor] = {}

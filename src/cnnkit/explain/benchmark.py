@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from cnnkit._files import atomic_write, refuse_existing
+
 from ._base import create, list_methods
 from .scores import deletion_insertion, energy_in_mask, pointing_game, rank_correlation
 
@@ -280,16 +282,23 @@ def _section(rows: list[dict[str, Any]], png: bytes) -> str:
             f"<img alt='Explanation benchmark' src='data:image/png;base64,{src}'>")
 
 
-def write_benchmark(run_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
+def benchmark_files(run_dir: str | Path) -> list[Path]:
+    """The files :func:`write_benchmark` writes besides the report section."""
+    return [Path(run_dir) / "benchmark.json", Path(run_dir) / "explain_benchmark.png"]
+
+
+def write_benchmark(run_dir: str | Path, rows: list[dict[str, Any]],
+                    overwrite: bool = False) -> list[Path]:
     """Write ``benchmark.json``, ``explain_benchmark.png`` and the report section.
 
     The section "Explanation benchmark" of ``report.html`` replaces an earlier one; the rest
-    of the report is kept.
+    of the report is kept. The two files of an earlier benchmark are replaced only with
+    ``overwrite`` (else FileExistsError).
     """
-    from cnnkit.train.checkpoint import atomic_write
     from cnnkit.train.report import put_section
 
     root = Path(run_dir)
+    refuse_existing(benchmark_files(root), overwrite)
     png = _plot(rows)
     atomic_write(root / "benchmark.json", json.dumps(rows, indent=2) + "\n")
     atomic_write(root / "explain_benchmark.png", png)

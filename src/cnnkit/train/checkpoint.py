@@ -1,8 +1,8 @@
 """Atomic, pickle-free files: weights and full training state in safetensors.
 
-Every write goes to a temporary file in the target folder, is flushed to disk and
-then renamed over the target (``os.replace`` is atomic on POSIX and Windows), so a
-crash leaves either the old file or the new one, never half of one.
+Every write goes through :func:`cnnkit._files.atomic_write`: a temporary file in the
+target folder, flushed to disk and renamed over the target, so a crash leaves either
+the old file or the new one, never half of one.
 
 Nothing here calls ``torch.load`` or ``pickle``: weights are safetensors, and the
 training state (optimizer, scheduler, EMA, RNG, history) is flattened into
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-__all__ = ["atomic_write", "save_weights", "load_weights", "save_state", "load_state"]
+from cnnkit._files import atomic_write
 
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; give the file the permissions open() would (0666 - umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["atomic_write", "save_weights", "load_weights", "read_header", "save_state",
+           "load_state"]
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
@@ -68,10 +49,45 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
                          "it may be truncated: use the run's other checkpoint or retrain") from e
 
 
+def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """The tensor shapes and the cnnkit metadata of a weights file, without reading its
+    tensors (so a file can be checked before anything is allocated for it).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a safetensors file, or metadata that is not cnnkit's JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; "
+                                "check the run folder or train it first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({e}); "
+                         "it may be truncated: use the run's other checkpoint or retrain") from e
+    return shapes, _metadata(meta, path)
+
+
+def _metadata(meta: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
+    if "cnnkit" not in meta:
+        return {}
+    try:
+        data = json.loads(meta["cnnkit"])
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint {str(path)!r} has damaged cnnkit metadata (not a JSON "
+                         "object); use the run's other checkpoint or retrain")
+    return data
+
+
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load safetensors weights and the cnnkit metadata saved with them."""
     tensors, meta = _read(path)
-    return tensors, json.loads(meta["cnnkit"]) if "cnnkit" in meta else {}
+    return tensors, _metadata(meta, path)
 
 
 # -- nested state <-> (tensors, JSON skeleton) -------------------------------------------
@@ -93,11 +109,23 @@ def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
 def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if "__tensor__" in obj:
+            if obj["__tensor__"] not in tensors:
+                raise ValueError(f"it names a tensor {obj['__tensor__']!r} it does not hold")
             return tensors[obj["__tensor__"]]
         if "__dict__" in obj:
-            return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+            pairs = obj["__dict__"]
+            if not isinstance(pairs, list) or not all(
+                    isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], (str, int))
+                    for kv in pairs):
+                raise ValueError("a mapping in it is not a list of [key, value] pairs")
+            return {k: _unflatten(v, tensors) for k, v in pairs}
         if "__list__" in obj:
+            if not isinstance(obj["__list__"], list):
+                raise ValueError("a list in it is not a JSON array")
             return [_unflatten(v, tensors) for v in obj["__list__"]]
+        raise ValueError(f"it holds an object of unknown kind (keys {sorted(obj)[:3]})")
+    if isinstance(obj, list):  # written as {"__list__": ...}; a bare array is not ours
+        raise ValueError("it holds a bare JSON array")
     return obj
 
 
@@ -109,9 +137,21 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Inverse of :func:`save_state`."""
+    """Inverse of :func:`save_state`.
+
+    Raises:
+        ValueError: the file is not a training state written by :func:`save_state` (its
+            JSON skeleton is damaged or names tensors it does not hold).
+    """
     tensors, meta = _read(path)
     if "state" not in meta:
         raise ValueError(f"{str(path)!r} holds no training state; resume from a run folder "
                          "written by `cnnkit train`")
-    return _unflatten(json.loads(meta["state"]), tensors)
+    try:
+        state = _unflatten(json.loads(meta["state"]), tensors)
+        if not isinstance(state, dict):
+            raise ValueError("its top level is not a mapping")
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"training state {str(path)!r} is damaged ({e}); resume cannot use it: "
+                         "restore the file or start the run again") from e
+    return state

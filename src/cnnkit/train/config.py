@@ -8,10 +8,13 @@ written as ``config.yaml`` beside every run and read back by ``--resume`` and
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "DEFAULT_MODEL", "DEFAULTS"]
+__all__ = ["TrainConfig", "DEFAULT_MODEL", "DEFAULTS", "RESUME_OPTIONS"]
 
 DEFAULT_MODEL = "tinyvgg_wide"
 # Per task: the model and data a bare `cnnkit train --task T` uses.
@@ -29,6 +32,12 @@ DEFAULTS = {
 }
 _LOSSES = {"classify": ("ce",), "segment": ("ce", "dice", "focal", "ce+dice", "focal+dice"),
            "superres": ("mse", "l1")}
+
+# What a resumed run may change: how long and how fast it learns, and where it runs; never
+# what it learns from or what it is (data, split, model, optimizer, seed), which the saved
+# state depends on. A NaN loss names two of these as the fix (--lr, --grad-clip).
+RESUME_OPTIONS = ("epochs", "lr", "grad_clip", "early_stopping", "amp", "device", "compile",
+                  "channels_last", "fast")
 
 _CHOICES = {
     "optimizer": ("sgd", "adamw"),
@@ -139,6 +148,7 @@ class TrainConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.task not in DEFAULTS:
             raise ValueError(f"task must be one of {', '.join(DEFAULTS)}, got {self.task!r}")
         defaults = DEFAULTS[self.task]
@@ -203,6 +213,23 @@ class TrainConfig:
             return own["weight_decay"]
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
+    def with_overrides(self, overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, list]]:
+        """This config with :data:`RESUME_OPTIONS` changed (for ``--resume``), validated as
+        a whole; returns it and ``{key: [old, new]}`` for the keys that changed.
+
+        Raises:
+            ValueError: a key outside :data:`RESUME_OPTIONS`, or an invalid value.
+        """
+        fixed = sorted(set(overrides) - set(RESUME_OPTIONS))
+        if fixed:
+            raise ValueError(f"a resumed run keeps its data, model and recipe, so "
+                             f"{', '.join(fixed)} cannot change; it may change "
+                             f"{', '.join(RESUME_OPTIONS)} (or start a new run)")
+        new = TrainConfig.from_dict({**self.to_dict(), **overrides})
+        changed = {k: [getattr(self, k), getattr(new, k)] for k in self.to_dict()
+                   if getattr(self, k) != getattr(new, k)}
+        return new, changed
+
     def to_dict(self) -> dict[str, Any]:
         """A YAML/JSON-safe dict (tuples become lists)."""
         d = dataclasses.asdict(self)
@@ -211,16 +238,89 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, naming unknown keys instead of ignoring them."""
+        """Build from a dict, naming unknown keys instead of ignoring them; every value is
+        checked against its field's type (:func:`_check_types`) and range."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a training configuration is a mapping of options, got "
+                            f"{type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(str(k) for k in set(d) - names)
         if unknown:
             raise ValueError(f"unknown training option(s) {', '.join(unknown)}; "
                              f"valid options: {', '.join(sorted(names))}")
-        d = dict(d)
-        if "split" in d:
-            d["split"] = tuple(d["split"])
         return cls(**d)
+
+
+def _kind(hint: Any) -> str:
+    """What a type hint accepts, in words."""
+    if hint is Any:
+        return "anything"
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_kind(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is dict:
+        return "a mapping of names to values (KEY: VALUE lines)"
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {len(args)} {_kind(args[0]).split(' ', 1)[1]}s"
+    return {bool: "true or false", int: "an integer", float: "a finite number",
+            str: "a string"}[hint]
+
+
+def _coerce(hint: Any, value: Any) -> tuple[bool, Any]:
+    """``(accepted, value)``: whether ``value`` fits ``hint``, and the value converted
+    (an integer where a float is expected, a list where a tuple is)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            ok, v = _coerce(a, value)
+            if ok:
+                return True, v
+        return False, value
+    if hint is Any:
+        return True, value
+    if hint is type(None):
+        return value is None, value
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value), value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return False, value
+        items = [_coerce(a, v) for a, v in zip(args, value, strict=True)]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value)
+        return ok, float(value) if ok else value
+    return isinstance(value, hint), value
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Check every field against its type annotation, so a hand-edited ``config.yaml``
+    (``epochs: .inf``, ``model_kwargs: 5``) or a wrong Python value fails with the key and
+    the expected type, for every field, including fields added later.
+
+    Raises:
+        ValueError: naming the key, the expected type and the value found.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        ok, converted = _coerce(hints[f.name], value)
+        if not ok:
+            raise ValueError(f"key {f.name!r} must be {_kind(hints[f.name])}, got "
+                             f"{value!r} ({type(value).__name__})")
+        setattr(config, f.name, converted)
+    name = config.name
+    if name is not None and (not name.strip() or name in (".", "..") or "\0" in name
+                             or any(s in name for s in ("/", "\\"))):
+        raise ValueError(f"key 'name' must be a folder name (no / or \\, not . or ..), got "
+                         f"{name!r}")
 
 
 def _on_cuda(device: str) -> bool:

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit._files import refuse_existing
+
 from .run import Run, load_run
 from .trainer import evaluate
 
@@ -145,7 +147,8 @@ def _palette(k: int) -> list[int]:
 
 
 def predict_dense_files(run: str | os.PathLike | Run, files: list[str], out_dir: str | Path,
-                        tile_overlap: float = 0.25, crf: bool = False) -> list[dict[str, Any]]:
+                        tile_overlap: float = 0.25, crf: bool = False,
+                        overwrite: bool = False) -> list[dict[str, Any]]:
     """Segment or upscale image files at their own size; write the results to ``out_dir``.
 
     Segmentation writes ``<stem>_mask.png`` (a palette PNG whose pixel values are the
@@ -158,6 +161,10 @@ def predict_dense_files(run: str | os.PathLike | Run, files: list[str], out_dir:
     Returns:
         One dict per file: the written paths and, for segmentation, the fraction of
         pixels of each class.
+
+    Raises:
+        FileExistsError: an output file exists and ``overwrite`` is False (checked before
+            anything is computed).
     """
     import numpy as np
     from PIL import Image
@@ -171,11 +178,13 @@ def predict_dense_files(run: str | os.PathLike | Run, files: list[str], out_dir:
     if missing:
         raise FileNotFoundError(f"image file {missing[0]!r} does not exist")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     prep, model = run.preprocess, run.model
+    scale = int(getattr(model, "scale", 1))
+    names = [f"_x{scale}.png"] if prep.task == "superres" else ["_mask.png", "_overlay.png"]
+    refuse_existing([out / f"{Path(f).stem}{n}" for f in files for n in names], overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     device = model_device(model)
     c, h, w = prep.input_size
-    scale = int(getattr(model, "scale", 1))
     tile = (h // scale, w // scale)
     results = []
     for f in files:

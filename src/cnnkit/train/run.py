@@ -24,11 +24,21 @@ import torch
 import yaml
 from torch import nn
 
-from .checkpoint import atomic_write, load_weights
-from .config import TrainConfig
+from cnnkit._files import (
+    LOCK_NAME,
+    FolderLock,
+    exists,
+    free_names,
+    is_temporary,
+    remove_temporaries,
+)
 
-__all__ = ["RunPaths", "Preprocess", "Run", "load_run", "read_config", "resolve_run",
-           "unique_run_dir"]
+from .checkpoint import atomic_write
+from .config import TrainConfig
+from .weights import load_checked
+
+__all__ = ["RunPaths", "RunFolder", "claim_run_folder", "open_run_folder", "Preprocess", "Run",
+           "load_run", "read_config", "resolve_run"]
 
 
 @dataclass(frozen=True)
@@ -70,13 +80,97 @@ class RunPaths:
         return self.root / "report.html"
 
 
-def unique_run_dir(runs_dir: str | os.PathLike, name: str) -> Path:
-    """``runs_dir/name``, or ``name-2``, ``name-3`` ... if taken."""
+# Files a run that died before its first epoch may have left: its folder can be taken over.
+_STARTED_ONLY = frozenset({"config.yaml", "metrics.jsonl", LOCK_NAME})
+
+
+@dataclass
+class RunFolder:
+    """A run folder this process writes, with its :class:`~cnnkit._files.FolderLock` held
+    until :meth:`release` (or the process's end): no second process writes into it."""
+
+    path: Path
+    lock: FolderLock
+    created: tuple[Path, ...] = ()  # folders made for it (it, then missing parents)
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def abandon(self) -> None:
+        """Release the folder and remove what was made for it, if the run wrote nothing
+        into it (it failed while setting up): a run that never started leaves no trace."""
+        if self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {LOCK_NAME}:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+            for folder in self.created:
+                try:
+                    folder.rmdir()  # only while empty: a parent with other runs stays
+                except OSError:
+                    break
+        self.release()
+
+
+def is_unstarted(path: Path) -> bool:
+    """A folder holding nothing but what a run writes before its first epoch (or nothing):
+    a run killed early, which a new run of the same name may take over."""
+    try:
+        names = {p.name for p in path.iterdir()}
+    except (NotADirectoryError, FileNotFoundError):
+        return False
+    return all(n in _STARTED_ONLY or is_temporary(n) for n in names)
+
+
+def claim_run_folder(runs_dir: str | os.PathLike, name: str, *, next_free: bool = True
+                     ) -> RunFolder:
+    """Create (or take over) the folder of a new run, atomically, and lock it.
+
+    ``runs_dir/name`` is created exclusively; if it exists it is taken over only when it
+    holds a run that never finished an epoch and no live process writes it (its lock is
+    free): what that run left is removed. Otherwise, with ``next_free``, the first free
+    ``name-2``, ``name-3`` ... is taken the same way, so two runs started together with
+    one name end in two folders.
+
+    Raises:
+        FileExistsError: ``next_free`` is False and the folder exists and is not free.
+    """
     base = Path(runs_dir) / name
-    path, i = base, 2
-    while path.exists():
-        path, i = base.with_name(f"{base.name}-{i}"), i + 1
-    return path
+    missing = [p for p in (base.parent, *base.parent.parents) if not p.exists()]
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for path in free_names(base):
+        try:
+            path.mkdir()
+            created = True
+        except FileExistsError:
+            if not is_unstarted(path):
+                if not next_free:
+                    raise
+                continue
+            created = False
+        lock = FolderLock(path)
+        if lock.acquire() and (created or is_unstarted(path)):  # re-checked under the lock
+            if not created:
+                for p in path.iterdir():
+                    if p.name != LOCK_NAME:
+                        p.unlink(missing_ok=True)
+            return RunFolder(path, lock, (path, *missing) if created else ())
+        lock.release()
+        if not next_free:
+            raise exists(path)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def open_run_folder(root: Path) -> RunFolder:
+    """Lock an existing run folder for ``--resume`` and remove the temporaries that a
+    killed write left in it.
+
+    Raises:
+        ValueError: another process is writing the run.
+    """
+    lock = FolderLock(root)
+    if not lock.acquire():
+        raise ValueError(f"run {str(root)!r} is being written by another cnnkit process (pid "
+                         f"{lock.owner() or '?'}); wait for it to end, or stop it, then resume")
+    remove_temporaries(root)
+    return RunFolder(root, lock)
 
 
 def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = "runs") -> Path:
@@ -90,15 +184,22 @@ def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = "runs") ->
 
 
 def read_config(path: Path) -> TrainConfig:
-    """A run's ``config.yaml`` (``yaml.safe_load``: no code runs), with a clear error if broken."""
+    """A run's ``config.yaml`` (``yaml.safe_load``: no code runs), every key checked.
+
+    Raises:
+        ValueError: not YAML (a ``!!python`` tag included), not a mapping, an unknown key,
+            or a value of the wrong type or range: one line naming the file and the key.
+    """
     try:
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict):
-            raise TypeError(f"expected a mapping, found {type(data).__name__}")
-        return TrainConfig.from_dict(data)
-    except (yaml.YAMLError, TypeError) as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid cnnkit config ({one_line(e)}); restore it "
                          "from a backup or retrain the run") from e
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {one_line(e)}; correct it (cnnkit train wrote the file) or "
+                         "retrain the run") from e
 
 
 def one_line(e: BaseException) -> str:
@@ -162,31 +263,6 @@ class Run:
         return self.preprocess.classes
 
 
-def build_model(meta: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from the metadata stored in its safetensors file: the registered
-    architecture, then the pruning and low-rank factorisation it went through (replayed,
-    never unpickled)."""
-    from cnnkit.models import create_model
-
-    c, h, w = meta["input_size"]
-    kwargs = dict(meta.get("model_kwargs", {}))
-    if meta.get("task", "classify") == "superres":  # the image size is the low-res input's
-        s = kwargs["scale"]
-        model = create_model(meta["model"], in_chans=c, img_size=(h // s, w // s), **kwargs)
-    else:
-        model = create_model(meta["model"], num_classes=len(meta["classes"]), in_chans=c,
-                             img_size=(h, w), **kwargs)
-    if meta.get("pruning_history"):
-        from cnnkit.compress.prune import apply_history
-
-        model = apply_history(model, meta["pruning_history"])
-    if meta.get("lowrank_history"):
-        from cnnkit.compress.lowrank import apply_lowrank_history
-
-        model = apply_lowrank_history(model, meta["lowrank_history"])
-    return model
-
-
 def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu") -> Run:
     """Load a run folder: its model (in eval mode), config and preprocessing.
 
@@ -212,12 +288,8 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
     if weights == "int8" and torch.device(device).type != "cpu":
         raise ValueError("int8 models run on the CPU only; use --device cpu")
     config = read_config(paths.config)
-    state, meta = load_weights(paths.last if weights == "last" else paths.weights)
-    if not meta:
-        raise ValueError(f"{paths.weights} carries no cnnkit metadata; "
-                         "it was not written by cnnkit")
-    model = build_model(meta)
-    model.load_state_dict(state, strict=True)
+    model, meta = load_checked(paths.last if weights == "last" else paths.weights, config,
+                               paths.config)
     model.to(device).eval()
     prep = Preprocess(tuple(meta["input_size"]), meta["mean"], meta["std"], meta["classes"],
                       meta.get("task", "classify"))
@@ -225,5 +297,22 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
         from cnnkit.compress.quantize import load_quantized
 
         model = load_quantized(paths.int8, model, torch.zeros(1, *prep.input_size))
-    summary = json.loads(paths.summary.read_text()) if paths.summary.is_file() else None
-    return Run(root, model, config, prep, summary)
+    return Run(root, model, config, prep, read_summary(paths.summary))
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A run's ``summary.json`` (None if the run has not finished).
+
+    Raises:
+        ValueError: the file is not a JSON object.
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        data = e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object); delete it and run `cnnkit "
+                         f"train --resume {path.parent}` to test the run again")
+    return data

@@ -16,69 +16,39 @@ fallback, channels_last, bf16 autocast, fused optimiser steps) are options of th
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import math
-import random
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as ddp
-from .checkpoint import atomic_write, load_state, load_weights, save_state, save_weights
+from .budget import check_run_memory
+from .checkpoint import atomic_write, load_weights, read_header, save_state, save_weights
 from .config import TrainConfig
-from .device import autocast, resolve_amp
-from .fast import first_step_with_fallback, try_compile
+from .device import resolve_amp
+from .epoch import NonFiniteLossError, train_epoch
+from .fast import try_compile
 from .optim import ModelEma, build_optimizer, build_scheduler
+from .resume import capture, deterministic_algorithms, restore, resume_config, seed_everything
 from .run import (
     Preprocess,
+    RunFolder,
     RunPaths,
-    build_model,
-    read_config,
-    resolve_run,
-    unique_run_dir,
+    claim_run_folder,
+    open_run_folder,
     write_json,
     write_yaml,
 )
 from .tasks import evaluate_classify, get_task
+from .weights import build_model, check_belongs, check_meta, check_rebuildable, run_meta
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "evaluate"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run folder keeps the last good checkpoint."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels (warn-only) while training, the caller's settings afterwards:
-    a process that trains and then benchmarks or quantises must not keep the slow ones."""
-    if not enabled:
-        yield
-        return
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cudnn.benchmark = before[2]
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None,
@@ -92,8 +62,8 @@ class Trainer:
 
     Args:
         config: the run's configuration.
-        resume: a run folder to continue; its saved config is used (``epochs`` may be
-            raised to train longer).
+        resume: a run folder to continue; its saved config is used, changed only by
+            ``overrides`` (a run that never finished an epoch simply starts).
         progress: show a progress bar (None: only when stderr is a terminal).
         callbacks: functions ``f(trainer, epoch, metrics)`` called after each epoch.
         model: start from this model instead of a fresh ``create_model(config.model)``
@@ -102,6 +72,13 @@ class Trainer:
         regularizer: ``f(model) -> scalar tensor`` added to every training step's loss
             (and so to the logged ``train_loss``), e.g. a
             :class:`cnnkit.compress.schedule.MaskSparsity` penalty.
+        overrides: with ``resume``, options of :data:`~cnnkit.train.config.RESUME_OPTIONS`
+            to change (``{"lr": 0.01, "grad_clip": 1.0}`` after a NaN loss); the changes
+            are written to ``config.yaml`` and listed in the state and ``summary.json``
+            under ``resumes``.
+        run_folder: a folder the caller created and locked for this run (``cnnkit
+            compress --out``); by default the Trainer claims ``runs_dir/name`` (or the
+            next free name) itself.
 
     Attributes:
         model: the model itself: evaluated, averaged (EMA) and saved.
@@ -124,31 +101,47 @@ class Trainer:
                  progress: bool | None = None,
                  callbacks: list[Callable[[Trainer, int, dict], None]] | None = None,
                  model: nn.Module | None = None,
-                 regularizer: Callable[[nn.Module], torch.Tensor] | None = None) -> None:
+                 regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+                 overrides: dict[str, Any] | None = None,
+                 run_folder: RunFolder | None = None) -> None:
+        self.folder: RunFolder | None = None  # the locked run folder (rank 0 only)
+        self.changes: dict[str, list] = {}
         if resume is not None:
-            root = resolve_run(resume, config.runs_dir if config else "runs")
-            saved = read_config(RunPaths(root).config)
-            if config is not None and config.epochs > saved.epochs:
-                saved.epochs = config.epochs
-            config, self.paths = saved, RunPaths(root)
-            if not self.paths.state.is_file():
-                raise FileNotFoundError(f"run {str(root)!r} has no train_state.safetensors: it "
-                                        "finished no epoch yet, so start it again without --resume")
+            root, config, self.changes = resume_config(resume, config, overrides)
+            self.paths = RunPaths(root)
             self.dist, self.device = ddp.setup(config.device)
+            if self.dist.is_main:
+                self.folder = open_run_folder(root)
         else:
+            if overrides:
+                raise ValueError("overrides= changes a resumed run; give a new run's options "
+                                 "in its TrainConfig")
             config = config or TrainConfig()
             self.dist, self.device = ddp.setup(config.device)
-            name = config.name or f"{config.model}-{Path(config.data).stem or 'data'}"
-            # Rank 0 picks the (unique) folder; the others must not pick "name-2".
-            root = str(unique_run_dir(config.runs_dir, name)) if self.dist.is_main else ""
+            if self.dist.is_main:  # rank 0 claims the folder; the others learn its name
+                name = config.name or f"{config.model}-{Path(config.data).stem or 'data'}"
+                self.folder = run_folder or claim_run_folder(config.runs_dir, name)
+            root = str(self.folder.path) if self.folder is not None else ""
             self.paths = RunPaths(Path(ddp.broadcast_text(root)))
         self.config = config
-        self.resuming = resume is not None
+        # A run killed before its first epoch has no state: resuming it starts it.
+        self.resuming = resume is not None and self.paths.state.is_file()
         self.progress = progress
         self.callbacks = list(callbacks or [])
         self._init_model = model
         self.regularizer = regularizer
-        self._setup()
+        try:
+            self._setup()
+        except BaseException:
+            if self.folder is not None and resume is None and run_folder is None:
+                self.folder.abandon()
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the run folder's lock (done by :meth:`fit` when it ends)."""
+        if self.folder is not None:
+            self.folder.release()
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -165,11 +158,20 @@ class Trainer:
                              f"(`cnnkit models --task {task.name}`)")
         seed_everything(cfg.seed)
         self.amp = resolve_amp(cfg.amp, self.device)
+        if cfg.image_size is not None and self._init_model is None:  # before any data
+            s = cfg.image_size
+            self._check_memory(SimpleNamespace(input_size=(cfg.channels or 1, s, s),
+                                               classes=["a", "b"], mask_classes=["a", "b"]))
         data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                          strict=cfg.strict, seed=cfg.seed, task=task.name, **cfg.data_options)
         self.data = data
         self.split = split_indices(data.labels, cfg.split, seed=cfg.seed)
         train_idx, val_idx, test_idx = self.split
+        if min(len(train_idx), len(val_idx), len(test_idx)) == 0:
+            raise ValueError(f"data {cfg.data!r} has {len(data)} samples, too few to split into "
+                             f"training, validation and test sets ({len(train_idx)}, "
+                             f"{len(val_idx)}, {len(test_idx)}); give at least 3 samples of every "
+                             "class (dozens to learn anything)")
         world = self.dist.world_size
         if world > 1 and min(len(val_idx), len(test_idx)) < world:
             raise ValueError(f"the validation or test split has fewer images ({len(val_idx)}, "
@@ -180,13 +182,16 @@ class Trainer:
         self.preprocess = Preprocess((c, h, w), mean, std, task.classes(data), task.name)
         augment = task.augment(data) if cfg.augment == "auto" else cfg.augment
         if self._init_model is None and self.resuming:  # a compressed run resumes compressed
-            _, meta = load_weights(self.paths.last)
+            shapes, meta = read_header(self.paths.last)
+            check_meta(meta, self.paths.last)
+            check_belongs(meta, cfg, self.paths.last, self.paths.config)
             if meta.get("pruning_history") or meta.get("lowrank_history"):
-                self._init_model = build_model(meta)
+                self._init_model = build_model(meta, shapes, self.paths.last)
         if self._init_model is not None:
             self.model = self._init_model.to(self.device)
-            self._check_rebuildable()
+            check_rebuildable(self.model, self.meta)
         else:
+            self._check_memory(data)
             self.model = create_model(cfg.model, **task.model_kwargs(data),
                                       **cfg.model_kwargs).to(self.device)
         # Dense models take sizes that are multiples of their stride: pad (or crop) once.
@@ -214,10 +219,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
         self.criterion = task.criterion()
-        self.epoch, self.history = 0, []
+        self.epoch, self.history, self.resumes = 0, [], []
         self.best_acc, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         if self.resuming:
-            self._load_state()
+            restore(self)
         # DDP broadcasts rank 0's weights at wrapping; compile wraps the DDP module, so
         # graph breaks fall at DDP's gradient buckets (TorchDynamo's DDPOptimizer).
         self._eager_model = ddp.wrap_ddp(self.model, self.device)
@@ -227,162 +232,25 @@ class Trainer:
         if compiled is not None:
             self.train_model = compiled
 
+    def _check_memory(self, data: Any) -> None:
+        """Refuse a model and batch that cannot fit in memory before they are built;
+        ``data`` is the loaded data, or a stand-in of the size ``--image-size`` asks for."""
+        check_run_memory(self.config, self.task, data)
+
     @property
     def meta(self) -> dict[str, Any]:
         """Metadata saved inside every weights file: enough to rebuild the model."""
-        kwargs = dict(self.config.model_kwargs)
-        if self.task.name == "superres":
-            kwargs["scale"] = self.config.scale
-        meta = {"model": self.config.model, "model_kwargs": kwargs, **self.preprocess.to_dict()}
-        for key in ("pruning_history", "lowrank_history"):  # how build_model rebuilds it
-            if getattr(self.model, key, None):
-                meta[key] = getattr(self.model, key)
-        return meta
+        return run_meta(self.config, self.preprocess, self.model)
 
-    def _check_rebuildable(self) -> None:
-        """A model handed in must be one its run can rebuild (registry name and options, then
-        recorded pruning / low-rank history), or the saved run would not load: refuse early."""
-        try:
-            ref = build_model(self.meta).state_dict()
-        except ValueError:  # the history does not fit the named architecture
-            ref = {}
-        got = self.model.state_dict()
-        if {k: tuple(v.shape) for k, v in ref.items()} != {k: tuple(v.shape) for k, v in
-                                                            got.items()}:
-            raise ValueError(
-                f"the model given to Trainer(model=...) is not a {self.config.model!r} with "
-                f"options {self.config.model_kwargs} plus its recorded compression history, so "
-                "its run could not be reloaded; pass the registered model (or one made from it "
-                "by cnnkit.compress.prune / decompose) and its name as config.model")
-
-    # -- state for resume --------------------------------------------------------------------
-
-    def _state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"epoch": self.epoch, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "ema": None if self.ema is None else
-                {"state": self.ema.state, "updates": self.ema.updates},
-                "rng": rng, "history": self.history, "best_acc": self.best_acc,
-                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
-
-    def _load_state(self) -> None:
-        _, meta = load_weights(self.paths.last)
-        if meta.get("classes") != self.preprocess.classes or \
-                list(meta.get("input_size", [])) != list(self.preprocess.input_size):
-            raise ValueError(
-                f"the data of run {str(self.paths.root)!r} changed since it started (classes "
-                f"{meta.get('classes')} at {meta.get('input_size')}, now "
-                f"{self.preprocess.classes} at {list(self.preprocess.input_size)}); resume "
-                "needs the same data: restore it or start a new run")
-        s = load_state(self.paths.state)
-        self.model.load_state_dict(s["model"])
-        self.optimizer.load_state_dict(s["optimizer"])
-        self.scheduler.load_state_dict(s["scheduler"])
-        if s["scaler"]:
-            self.scaler.load_state_dict(s["scaler"])
-        if self.ema is not None and s["ema"] is not None:
-            self.ema.state = {k: v.to(self.device) for k, v in s["ema"]["state"].items()}
-            self.ema.updates = s["ema"]["updates"]
-        torch.set_rng_state(s["rng"]["torch"])
-        if "cuda" in s["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(s["rng"]["cuda"], self.device)
-        self.epoch, self.history = s["epoch"], s["history"]
-        self.best_acc, self.best_epoch = s["best_acc"], s["best_epoch"]
-        self.bad_epochs = s["bad_epochs"]
+    # -- state for resume (cnnkit.train.resume) ---------------------------------------------
 
     def _eval_weights(self) -> dict[str, torch.Tensor]:
         return self.ema.state if self.ema is not None else self.model.state_dict()
 
-    # -- the loop ------------------------------------------------------------------------------
-
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.device, self.amp):
-            out = self.train_model(x)
-            loss = self.criterion(out, y)
-            if self.regularizer is not None:
-                loss = loss + self.regularizer(self.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        return out, loss
-
-    def _use_eager(self) -> None:
-        self.train_model = self._eager_model
-
     def _train_epoch(self, bar: tqdm) -> dict[str, float]:
-        cfg, model, device, dist = self.config, self.model, self.device, self.dist
-        model.train()
-        self.train_loader.set_epoch(self.epoch)
-        if dist.enabled:  # dropout & co.: a per-rank stream, a pure function of the epoch
-            torch.manual_seed(ddp.rank_seed(cfg.seed, self.epoch, dist.rank))
-        check_every = 1 if device.type == "cpu" else 32
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen, counted, t0, last_draw, bad_step = 0, 0, time.perf_counter(), 0.0, math.inf
-        tag = {"accuracy": "acc", "miou": "pix_acc", "psnr": "psnr"}[self.task.metric]
-        for step, (x, y) in enumerate(self.train_loader):
-            if self._compile_pending:
-                out, loss = first_step_with_fallback(
-                    functools.partial(self._forward_backward, x, y), model, self._use_eager)
-                self._compile_pending = False
-            else:
-                out, loss = self._forward_backward(x, y)
-            if cfg.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(model)
-            loss_sum += loss.detach() * len(y)
-            score, count = self.task.batch_score(out, y)
-            correct += score
-            counted += count
-            seen += len(y)
-            if (step + 1) % check_every == 0 and bad_step == math.inf and \
-                    not math.isfinite(float(loss_sum)):
-                if not dist.enabled:
-                    self._nonfinite(step)
-                bad_step = step  # raised below on every rank at once, or a rank would hang
-            bar.update(1)
-            now = time.perf_counter()
-            if now - last_draw > 0.5:
-                last_draw = now
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
-                                **{tag: f"{float(correct) / max(1, counted):.3f}"},
-                                sps=f"{seen / (now - t0):.0f}", refresh=False)
-        if dist.enabled:  # global sums, and the first bad step of any rank
-            totals = ddp.all_reduce_sum(torch.stack([
-                loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
-                                                                  dtype=torch.float64),
-                torch.tensor(float(counted), device=device, dtype=torch.float64)]))
-            loss_sum, correct, seen, counted = totals[0], totals[1], int(totals[2]), int(totals[3])
-            bad_step = float(ddp.all_reduce_min(torch.tensor(float(bad_step), device=device,
-                                                             dtype=torch.float64)))
-        if bad_step < math.inf:
-            self._nonfinite(int(bad_step))
-        if not math.isfinite(float(loss_sum)):
-            self._nonfinite(len(self.train_loader) - 1)
-        elapsed = time.perf_counter() - t0
-        train_score = {"accuracy": "train_accuracy", "miou": "train_pixel_accuracy",
-                       "psnr": "train_psnr"}[self.task.metric]
-        return {"train_loss": float(loss_sum) / max(1, seen),
-                train_score: float(correct) / max(1, counted),
-                "samples_per_s": seen / elapsed, "epoch_time_s": elapsed}
-
-    def _nonfinite(self, step: int) -> None:
-        global_step = self.epoch * len(self.train_loader) + step + 1
-        kept = ("the last good checkpoint is kept in " + str(self.paths.last)
-                if self.paths.last.exists() else "no epoch had finished, so no checkpoint exists")
-        raise NonFiniteLossError(
-            f"loss became NaN or infinite at epoch {self.epoch + 1}, step {step + 1} "
-            f"(global step {global_step}); {kept}; lower the learning rate (--lr) or clip "
-            "gradients (--grad-clip)")
+        """One epoch (:func:`cnnkit.train.epoch.train_epoch`); a method, so a benchmark can
+        time it on one trainer."""
+        return train_epoch(self, bar)
 
     def _evaluate(self, loader) -> dict[str, Any]:
         if self.dist.enabled:
@@ -406,9 +274,18 @@ class Trainer:
         Returns:
             The contents of ``summary.json``.
         """
+        try:
+            return self._fit()
+        finally:
+            self.release()
+            # Drop the DistributedDataParallel wrapper now, while its process group lives: a
+            # Reducer freed after destroy_process_group() can deadlock the process's exit
+            # (gloo's thread waits for the GIL the freeing thread holds).
+            self.train_model = self._eager_model = self.model
+
+    def _fit(self) -> dict[str, Any]:
         cfg, paths, main = self.config, self.paths, self.dist.is_main
-        if main:  # rank 0 alone writes the run folder and logs
-            paths.root.mkdir(parents=True, exist_ok=True)
+        if main:  # rank 0 alone writes the run folder (claimed in __init__) and logs
             write_yaml(paths.config, cfg.to_dict())
         steps = len(self.train_loader)
         bar = tqdm(total=cfg.epochs * steps, initial=self.epoch * steps, unit="step",
@@ -434,7 +311,7 @@ class Trainer:
                     if improved:
                         save_weights(paths.weights, self._eval_weights(), self.meta)
                     save_weights(paths.last, self._eval_weights(), self.meta)
-                    save_state(paths.state, self._state())
+                    save_state(paths.state, capture(self))
                     atomic_write(paths.metrics,
                                  "".join(json.dumps(m) + "\n" for m in self.history))
                 ddp.barrier()  # the epoch is on disk before any rank goes on (or stops)
@@ -476,6 +353,8 @@ class Trainer:
             "train_time_s": sum(m["epoch_time_s"] for m in self.history),
             "device": str(self.device), "processes": self.dist.world_size,
         }
+        if self.resumes:
+            summary["resumes"] = self.resumes
         if self.dist.is_main:
             write_json(self.paths.summary, summary)
             write_report(self.paths, summary, self.history, test, self.data, self.split[2])
@@ -488,7 +367,9 @@ def train(config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
 
     Args:
         config: a full configuration; or leave it None and pass options by name.
-        **options: :class:`TrainConfig` fields, plus ``progress`` and ``resume``.
+        **options: :class:`TrainConfig` fields, plus ``progress`` and ``resume`` (a run
+            folder to continue; then only :data:`~cnnkit.train.config.RESUME_OPTIONS` may
+            be given, to change them).
 
     Example:
         >>> import cnnkit
@@ -498,14 +379,13 @@ def train(config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
     progress = options.pop("progress", None)
     resume = options.pop("resume", None)
     if resume is not None:
-        # A resumed run keeps its saved config; only training longer is allowed.
-        other = sorted(set(options) - {"epochs"})
-        if other or config is not None:
-            raise ValueError(f"resume continues a run with its saved config; only epochs may be "
-                             f"given, not {', '.join(other) or 'a TrainConfig'}")
-        config = TrainConfig(epochs=options["epochs"]) if "epochs" in options else None
-    elif config is None:
+        # A resumed run keeps its saved config, but for the options a resume may change.
+        if config is not None:
+            raise ValueError("resume continues a run with its saved config; give the options "
+                             "to change by name (epochs=, lr= ...), not a TrainConfig")
+        return Trainer(resume=resume, progress=progress, overrides=options).fit()
+    if config is None:
         config = TrainConfig.from_dict(options)
     elif options:
         raise ValueError("pass either a TrainConfig or options by name, not both")
-    return Trainer(config, resume=resume, progress=progress).fit()
+    return Trainer(config, progress=progress).fit()

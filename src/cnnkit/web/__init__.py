@@ -14,5 +14,6 @@ Example:
 
 from .app import create_app, load_explorer, running, serve
 from .explorer import Explorer
+from .protocol import ServerLimits
 
-__all__ = ["Explorer", "create_app", "load_explorer", "running", "serve"]
+__all__ = ["Explorer", "ServerLimits", "create_app", "load_explorer", "running", "serve"]

@@ -12,21 +12,31 @@ is a real activation) until a whole network's answer holds at most ``max_values`
 numbers; the layer list says what was capped. One lock serialises all use of the model
 (hooks, explainers' gradient flags); finished traces are cached per input (a bounded
 LRU) and are never mutated, so answers are built from them outside the lock.
+
+The weights files are stamped when loaded (:mod:`cnnkit.web.freshness`): every answer about
+the model says which files it serves, from when, and whether they changed on disk since
+(a training still running replaces them); :meth:`Explorer.reloaded` reads them again.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from cnnkit.train.run import load_run, resolve_run
+
 from .codec import pack
 from .facts import compression_facts, layer_facts
+from .freshness import FileStamp, iso_time, weights_files
 from .inputs import InputStore, png_data_url
 from .layers import Layer, Trace, discover, layer_modules, trace
 from .neuron import filters, neuron, softmax_neuron
@@ -86,6 +96,10 @@ class Explorer:
         max_values: most values one activations answer holds.
         cache_size: traces kept (per input).
         max_uploads: uploads kept in memory.
+        inputs: the inputs of an explorer this one replaces (:meth:`reloaded`): kept, uploads
+            included, if the model takes the same size and classes.
+        stamps: the weights files as they were before ``run`` was read from them (None:
+            stamped now).
 
     Example:
         >>> from cnnkit.train import load_run
@@ -96,7 +110,8 @@ class Explorer:
 
     def __init__(self, run: Any, weights: str = "best", float_model: nn.Module | None = None,
                  max_channels: int = 64, max_side: int = 64, max_values: int = 2_000_000,
-                 cache_size: int = 4, max_uploads: int = 32) -> None:
+                 cache_size: int = 4, max_uploads: int = 32, inputs: InputStore | None = None,
+                 stamps: Sequence[FileStamp] | None = None) -> None:
         if run.preprocess.task != "classify":
             raise ValueError(f"cnnkit serve explores classifiers; {run.path} is a "
                              f"{run.preprocess.task} run")
@@ -110,7 +125,15 @@ class Explorer:
                                  max_channels, max_side, max_values)
         self.input_plan = plan_layers([self.input_size], [False], max_channels, max_side,
                                       max_values)[0]
-        self.inputs, self.test_error = self._test_inputs(run, max_uploads)
+        same = inputs is not None and inputs.input_size == self.input_size \
+            and inputs.classes == list(run.preprocess.classes)
+        self.inputs = inputs if same else self._test_inputs(run, max_uploads)
+        self.options = {"max_channels": max_channels, "max_side": max_side,
+                        "max_values": max_values, "cache_size": cache_size,
+                        "max_uploads": max_uploads}
+        self.stamps = tuple(stamps) if stamps is not None else tuple(
+            FileStamp.of(p) for p in weights_files(run.path, weights) if p.is_file())
+        self.loaded_ns = time.time_ns()
         self.cache_size = cache_size
         self._traces: OrderedDict[str, Trace] = OrderedDict()
         self._lock = threading.Lock()
@@ -119,8 +142,39 @@ class Explorer:
         int8 = self.model if weights == "int8" else None
         self.compression = compression_facts(run.path, self.float_model, int8)
 
+    @classmethod
+    def load(cls, run: str | os.PathLike, weights: str = "best", **options: Any) -> Explorer:
+        """An explorer for the run folder ``run`` (``weights``: best, last or int8)."""
+        root = resolve_run(run)
+        files = weights_files(root, weights) if weights in ("best", "last", "int8") else []
+        stamps = [FileStamp.of(p) for p in files if p.is_file()]  # before reading: a file
+        loaded = load_run(root, weights=weights)  # replaced meanwhile reads as stale
+        float_model = load_run(root).model if weights == "int8" else None
+        return cls(loaded, weights=weights, float_model=float_model, stamps=stamps, **options)
+
+    def reloaded(self) -> Explorer:
+        """A fresh explorer of the same run and weights, read from disk now, with fresh
+        caches and the same inputs (uploads included) if the model still takes them.
+
+        Raises:
+            ValueError, FileNotFoundError: the files cannot be loaded (this one stays valid).
+        """
+        return Explorer.load(self.run.path, self.weights, inputs=self.inputs, **self.options)
+
+    def freshness(self) -> dict[str, Any]:
+        """The weights files served (name, size, time, SHA-256), when they were loaded, and
+        whether any changed on disk since (``stale``)."""
+        files = [s.to_dict() for s in self.stamps]
+        return {"weights": self.weights, "weights_files": files,
+                "loaded": iso_time(self.loaded_ns), "stale": any(f["stale"] for f in files)}
+
+    @property
+    def test_error(self) -> str | None:
+        """Why the run's test split is missing, if it is."""
+        return self.inputs.error
+
     @staticmethod
-    def _test_inputs(run: Any, max_uploads: int) -> tuple[InputStore, str | None]:
+    def _test_inputs(run: Any, max_uploads: int) -> InputStore:
         """The run's test split, or (data moved or deleted) none, with the reason."""
         from cnnkit.train.evaluation import run_test_data
 
@@ -136,7 +190,8 @@ class Explorer:
                     "upload images instead"
             images = torch.zeros(0, *prep.input_size, dtype=torch.uint8)
             labels = torch.zeros(0, dtype=torch.long)
-        return InputStore(images, labels, prep.classes, prep.input_size, max_uploads), error
+        return InputStore(images, labels, prep.classes, prep.input_size, max_uploads,
+                          error=error)
 
     def _float_facts(self) -> dict[str, Any]:
         """Facts of the float model behind an int8 one, matched to the int8 layers by name."""
@@ -209,7 +264,8 @@ class Explorer:
                 "input_plan": self.input_plan.to_dict(), "layers": self.layer_list(),
                 "totals": {k: v for k, v in self.facts.items() if k != "layers"},
                 "compression": self.compression, "methods": list_methods(),
-                "cam_layer": getattr(self.float_model, "cam_layer", None)}
+                "cam_layer": getattr(self.float_model, "cam_layer", None),
+                **self.freshness()}
 
     def activations(self, key: str) -> dict[str, Any]:
         """Every layer's output for input ``key`` (capped as planned), and the prediction."""

@@ -12,6 +12,10 @@ export async function uploadImage(file) {
   return answer(await fetch("/api/upload", { method: "POST", body: form }));
 }
 
+export async function postJSON(path) {
+  return answer(await fetch(path, { method: "POST" }));
+}
+
 async function answer(response) {
   let body;
   try {

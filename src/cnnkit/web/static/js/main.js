@@ -1,6 +1,6 @@
 // cnnkit explorer: the page's state and how the views react to clicks.
 
-import { getJSON, unpack, uploadImage } from "./api.js";
+import { getJSON, postJSON, unpack, uploadImage } from "./api.js";
 import { drawLegend, fmt } from "./colors.js";
 import { clear, $ } from "./dom.js";
 import { showFilters, showNeuron, showZoom } from "./detail.js";
@@ -69,6 +69,16 @@ function updateLegend() {
     + "Probabilities: dark = 0, bright = 1.";
 }
 
+async function checkWeights() {
+  panels.showFreshness(await getJSON("/api/weights"));
+}
+
+async function reloadWeights() {
+  status("reloading the weights…");
+  await postJSON("/api/reload");
+  window.location.reload(); // everything shown may change: layers, facts, numbers
+}
+
 async function selectInput(key) {
   status("computing…");
   state.acts = decode(await getJSON("/api/activations", { input: key }));
@@ -82,6 +92,7 @@ async function selectInput(key) {
   else if (state.zoom) showZoom(state, state.zoom.layer, state.zoom.channel, onNeuron);
   if ($("#explain-show").checked) await explain();
   status("");
+  await checkWeights();
 }
 
 function onNeuron(layer, position) {
@@ -177,6 +188,9 @@ async function start() {
     if (state.zoom) showZoom(state, state.zoom.layer, state.zoom.channel, onNeuron);
   });
   $("#more").addEventListener("click", () => guarded(moreThumbs));
+  $("#reload").addEventListener("click", () => guarded(reloadWeights));
+  panels.showFreshness(info);
+  setInterval(() => guarded(checkWeights), 15000); // a training may replace the weights any time
   $("#upload").addEventListener("change", () => guarded(async () => {
     const file = $("#upload").files[0];
     if (!file) return;

@@ -7,9 +7,27 @@ import { clear, el, $ } from "./dom.js";
 export function showRunInfo(info) {
   const acc = info.summary && info.summary.test_accuracy !== undefined
     ? `test accuracy ${(100 * info.summary.test_accuracy).toFixed(1)}%` : null;
-  const parts = [info.run, `${info.model} on ${info.data}`, `${info.weights} weights`,
+  const file = info.weights_files[0];
+  const weights = file ? `${info.weights} weights of ${when(file.modified)}` : `${info.weights} weights`;
+  const parts = [info.run, `${info.model} on ${info.data}`, weights,
     `input ${info.input_size.join("×")}`, acc].filter(Boolean);
-  clear($("#run-info")).append(...parts.map((p) => el("span", { text: p })));
+  clear($("#run-info")).append(...parts.map((p) => el("span", {
+    text: p, title: p === weights && file ? `${file.name}, ${file.size} bytes, SHA-256 ${file.sha256}` : null,
+  })));
+}
+
+// A server time (ISO 8601, UTC) in the reader's own time zone.
+export function when(iso) {
+  return new Date(iso).toLocaleString();
+}
+
+// The banner saying that the weights on disk are not the ones shown (a training replaced them).
+export function showFreshness(fresh) {
+  $("#stale").hidden = !fresh.stale;
+  if (!fresh.stale) return;
+  const changed = fresh.weights_files.filter((f) => f.stale).map((f) => f.name).join(", ");
+  $("#stale-text").textContent = `${changed} changed on disk since it was loaded (${when(fresh.loaded)}): `
+    + "the numbers shown come from the old weights.";
 }
 
 export function addThumbs(listing, onPick) {

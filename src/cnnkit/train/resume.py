@@ -1,0 +1,159 @@
+"""Reproducible and resumable runs: seeding, deterministic kernels, and the training state
+a run saves after every epoch so that ``--resume`` continues it to the same result.
+
+What continuing needs beyond the weights: the optimizer's moments, the schedule's step,
+the gradient scaler, the EMA, the RNG (dropout draws) and the metrics history, saved
+pickle-free by :func:`cnnkit.train.checkpoint.save_state` (:func:`capture`) and put back
+by :func:`restore`. The data loader's shuffling and augmentation are pure functions of
+(seed, epoch), so with the RNG restored a resumed run equals an uninterrupted one.
+
+A resume may also change how long and how fast the run learns (``RESUME_OPTIONS``: after
+a NaN loss, the learning rate and gradient clipping its message names): the changes are
+checked, applied to the restored state and recorded (``resumes`` in the state and in
+``summary.json``; ``config.yaml`` holds the new values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_state, read_header
+from .config import TrainConfig
+from .run import RunPaths, is_unstarted, read_config, resolve_run
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["seed_everything", "deterministic_algorithms", "resume_config", "capture", "restore"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels (warn-only) while training, the caller's settings afterwards:
+    a process that trains and then benchmarks or quantises must not keep the slow ones."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
+def resume_config(resume: str | os.PathLike, config: TrainConfig | None,
+                  overrides: dict[str, Any] | None) -> tuple[Path, TrainConfig, dict[str, list]]:
+    """The run folder, its saved config with ``overrides`` applied, and what changed.
+
+    ``config`` (the older way to train longer) contributes its ``epochs`` if larger.
+
+    Raises:
+        FileNotFoundError: no such run, or a run with weights but no training state.
+        ValueError: a damaged config, or an option a resume may not change.
+    """
+    root = resolve_run(resume, config.runs_dir if config else "runs")
+    saved = read_config(RunPaths(root).config)
+    overrides = dict(overrides or {})
+    if config is not None and config.epochs > saved.epochs:
+        overrides.setdefault("epochs", config.epochs)
+    if not RunPaths(root).state.is_file() and not is_unstarted(root):
+        raise FileNotFoundError(f"run {str(root)!r} has weights but no train_state.safetensors, "
+                                "which --resume needs; evaluate the run as it is, or start a "
+                                "new run")
+    config, changes = saved.with_overrides(overrides)
+    return root, config, changes
+
+
+def capture(trainer: Trainer) -> dict[str, Any]:
+    """Everything :func:`restore` needs, as :func:`~cnnkit.train.checkpoint.save_state`
+    stores it."""
+    rng = {"torch": torch.get_rng_state()}
+    if trainer.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
+    return {"epoch": trainer.epoch, "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+            "ema": None if trainer.ema is None else
+            {"state": trainer.ema.state, "updates": trainer.ema.updates},
+            "rng": rng, "history": trainer.history, "best_acc": trainer.best_acc,
+            "best_epoch": trainer.best_epoch, "bad_epochs": trainer.bad_epochs,
+            "resumes": trainer.resumes}
+
+
+def restore(trainer: Trainer) -> None:
+    """Put the run's saved training state back into ``trainer`` (built from the run's
+    config), then apply and record the resume's changes.
+
+    Raises:
+        ValueError: the data changed since the run started, or the state file does not fit
+            the run (damaged, or from another run).
+    """
+    paths = trainer.paths
+    _, meta = read_header(paths.last)
+    prep = trainer.preprocess
+    if meta.get("classes") != prep.classes or \
+            list(meta.get("input_size", [])) != list(prep.input_size):
+        raise ValueError(
+            f"the data of run {str(paths.root)!r} changed since it started (classes "
+            f"{meta.get('classes')} at {meta.get('input_size')}, now {prep.classes} at "
+            f"{list(prep.input_size)}); resume needs the same data: restore it or start a new "
+            "run")
+    s = load_state(paths.state)
+    try:
+        trainer.model.load_state_dict(s["model"])
+        trainer.optimizer.load_state_dict(s["optimizer"])
+        trainer.scheduler.load_state_dict(s["scheduler"])
+        if s["scaler"] and trainer.scaler.is_enabled():
+            trainer.scaler.load_state_dict(s["scaler"])
+        if trainer.ema is not None and s["ema"] is not None:
+            trainer.ema.state = {k: v.to(trainer.device) for k, v in s["ema"]["state"].items()}
+            trainer.ema.updates = s["ema"]["updates"]
+        torch.set_rng_state(s["rng"]["torch"])
+        if "cuda" in s["rng"] and trainer.device.type == "cuda":
+            torch.cuda.set_rng_state(s["rng"]["cuda"], trainer.device)
+        trainer.epoch, trainer.history = int(s["epoch"]), list(s["history"])
+        trainer.best_acc, trainer.best_epoch = float(s["best_acc"]), int(s["best_epoch"])
+        trainer.bad_epochs = int(s["bad_epochs"])
+        trainer.resumes = list(s.get("resumes", []))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ValueError(f"{paths.state} does not fit run {str(paths.root)!r} "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); the file is "
+                         "damaged or from another run: start the run again") from e
+    if trainer.changes:
+        _apply_changes(trainer)
+
+
+def _apply_changes(trainer: Trainer) -> None:
+    """Apply a resume's new options to the restored state and record them: a new peak
+    learning rate rescales the schedule from the current step on."""
+    config, scheduler = trainer.config, trainer.scheduler
+    if config.epochs < trainer.epoch:
+        raise ValueError(f"run {str(trainer.paths.root)!r} has trained {trainer.epoch} epochs "
+                         f"already; give --epochs {trainer.epoch} or more")
+    if "lr" in trainer.changes:
+        lr = config.resolved_lr
+        scheduler.base_lrs = [lr] * len(trainer.optimizer.param_groups)
+        for group, factor in zip(trainer.optimizer.param_groups, scheduler.lr_lambdas,
+                                 strict=True):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(scheduler.last_epoch)
+    trainer.resumes.append({"epoch": trainer.epoch, "changed": trainer.changes})
