@@ -335,24 +335,40 @@ def load_quantized(path: str | Path, model: nn.Module,
         model: a float model of the same architecture (its weights are not used).
         example_inputs: one input batch of the right shape (traces and builds the graph).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no quantised model at {path}; save one with save_quantized")
-    with safe_open(str(path), "pt") as f:
-        raw = (f.metadata() or {}).get("cnnkit_quantized")
-        if raw is None:
-            raise ValueError(f"{path} was not written by save_quantized; re-save the model")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(raw)
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("cnnkit_quantized")
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if raw is not None else {}
+        meta = json.loads(raw) if raw is not None else None
+    except (SafetensorError, OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); make the int8 model "
+                         "again with cnnkit compress --quantize int8") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} was not written by save_quantized; re-save the model")
+    try:
+        return _load_quantized(meta, tensors, model, example_inputs)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+        raise ValueError(f"{path} does not hold an int8 model of this run's architecture "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); make it again "
+                         "with cnnkit compress --quantize int8") from e
 
+
+def _load_quantized(meta: dict, tensors: dict[str, torch.Tensor], model: nn.Module,
+                    example_inputs: torch.Tensor) -> fx.GraphModule:
     def get(key: str, s: dict) -> object:
         kind = s["kind"]
         if kind == "none":
             return None
         if kind == "dtype":
-            return getattr(torch, s["value"])
+            dtype = getattr(torch, s["value"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"{s['value']!r} is not a torch dtype")
+            return dtype
         if kind == "tuple":
             return tuple(get(f"{key}::{i}", item) for i, item in enumerate(s["items"]))
         if kind == "tensor":
