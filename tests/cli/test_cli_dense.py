@@ -57,6 +57,23 @@ def test_segment_predict_any_size_writes_masks(cli, seg_run, tmp_path):
     assert Image.open(json.loads(stdout)[0]["mask"]).size == (50, 61)
 
 
+def test_segment_predict_never_writes_over_earlier_predictions(cli, one_line_error, seg_run,
+                                                               tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(img)
+    for _ in range(2):  # the default folder is new each time
+        code, _, err = cli(["predict", str(seg_run), str(img)])
+        assert code == 0, err
+    assert (seg_run / "predictions" / "x_mask.png").is_file()
+    assert (seg_run / "predictions-2" / "x_mask.png").is_file()
+    line = one_line_error(*cli(["predict", str(seg_run), str(img), "--out",
+                                str(seg_run / "predictions")])[::2])
+    assert "predictions exists" in line and "--force" in line
+    code, _, err = cli(["predict", str(seg_run), str(img), "--out", str(seg_run / "predictions"),
+                        "--force"])
+    assert code == 0, err
+
+
 def test_segment_explain(cli, seg_run, tmp_path):
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(img)
