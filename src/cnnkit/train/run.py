@@ -81,7 +81,12 @@ class RunPaths:
 
 
 # Files a run that died before its first epoch may have left: its folder can be taken over.
-_STARTED_ONLY = frozenset({"config.yaml", "metrics.jsonl", LOCK_NAME})
+# What a run may have written before its first epoch was recorded (an epoch writes its
+# weights, then train_state.safetensors, then metrics.jsonl): a folder holding no more
+# than this is a run killed early, which a re-run of its name takes over and --resume
+# starts afresh.
+_BEFORE_FIRST_EPOCH = frozenset({"config.yaml", "model.safetensors", "model_last.safetensors",
+                                 LOCK_NAME})
 
 
 @dataclass
@@ -110,13 +115,13 @@ class RunFolder:
 
 
 def is_unstarted(path: Path) -> bool:
-    """A folder holding nothing but what a run writes before its first epoch (or nothing):
-    a run killed early, which a new run of the same name may take over."""
+    """A folder holding nothing but what a run writes before its first epoch is recorded
+    (or nothing): a run killed early, which a new run of the same name may take over."""
     try:
         names = {p.name for p in path.iterdir()}
     except (NotADirectoryError, FileNotFoundError):
         return False
-    return all(n in _STARTED_ONLY or is_temporary(n) for n in names)
+    return all(n in _BEFORE_FIRST_EPOCH or is_temporary(n) for n in names)
 
 
 def claim_run_folder(runs_dir: str | os.PathLike, name: str, *, next_free: bool = True
