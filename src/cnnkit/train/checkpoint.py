@@ -11,8 +11,10 @@ safetensors tensors plus a JSON skeleton stored in the file's metadata.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +37,25 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
     atomic_write(path, st_save(tensors, metadata=meta))
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[Any]:
+    """``safe_open`` with cnnkit's errors: a missing file, or a file that is not
+    safetensors (a pickle under its name, a truncated copy), named in one line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; "
                                 "check the run folder or train it first")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return st_load(path.read_bytes()), meta
+            yield f
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({e}); "
                          "it may be truncated: use the run's other checkpoint or retrain") from e
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with _opened(path) as f:
+        return st_load(Path(path).read_bytes()), f.metadata() or {}
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
@@ -57,17 +66,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], di
         FileNotFoundError: no such file.
         ValueError: not a safetensors file, or metadata that is not cnnkit's JSON object.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; "
-                                "check the run folder or train it first")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({e}); "
-                         "it may be truncated: use the run's other checkpoint or retrain") from e
+    with _opened(path) as f:
+        meta = f.metadata() or {}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     return shapes, _metadata(meta, path)
 
 
