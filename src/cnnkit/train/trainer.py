@@ -1,10 +1,9 @@
 """The Trainer: from a :class:`TrainConfig` to a finished run folder.
 
-The loop is a plain PyTorch loop (forward, loss, backward, step) with nothing on
-its hot path that a hand-written loop would not have: batches come from in-memory
-tensors (``cnnkit.data.TensorLoader``), logging reads one scalar per step on CPU
-and one per 32 steps on GPUs, and the progress bar redraws at most twice a second.
-``bench/train_throughput.py`` measures it against a hand-written loop.
+The loop (one epoch: :mod:`cnnkit.train.epoch`) is a plain PyTorch loop with nothing on
+its hot path that a hand-written loop would not have; batches come from in-memory
+tensors (``cnnkit.data.TensorLoader``). ``bench/train_throughput.py`` measures it
+against a hand-written loop. Resuming: :mod:`cnnkit.train.resume`.
 
 The same loop runs data-parallel under torchrun (``cnnkit.train.distributed``): the
 training step calls the model through ``DistributedDataParallel``, each rank takes its
@@ -159,9 +158,10 @@ class Trainer:
         seed_everything(cfg.seed)
         self.amp = resolve_amp(cfg.amp, self.device)
         if cfg.image_size is not None and self._init_model is None:  # before any data
-            s = cfg.image_size
-            self._check_memory(SimpleNamespace(input_size=(cfg.channels or 1, s, s),
-                                               classes=["a", "b"], mask_classes=["a", "b"]))
+            s = cfg.image_size  # a stand-in of the data's size: the model and batch fit?
+            check_run_memory(cfg, task, SimpleNamespace(input_size=(cfg.channels or 1, s, s),
+                                                        classes=["a", "b"],
+                                                        mask_classes=["a", "b"]))
         data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                          strict=cfg.strict, seed=cfg.seed, task=task.name, **cfg.data_options)
         self.data = data
@@ -191,7 +191,7 @@ class Trainer:
             self.model = self._init_model.to(self.device)
             check_rebuildable(self.model, self.meta)
         else:
-            self._check_memory(data)
+            check_run_memory(cfg, task, data)
             self.model = create_model(cfg.model, **task.model_kwargs(data),
                                       **cfg.model_kwargs).to(self.device)
         # Dense models take sizes that are multiples of their stride: pad (or crop) once.
@@ -231,11 +231,6 @@ class Trainer:
         self._compile_pending = compiled is not None
         if compiled is not None:
             self.train_model = compiled
-
-    def _check_memory(self, data: Any) -> None:
-        """Refuse a model and batch that cannot fit in memory before they are built;
-        ``data`` is the loaded data, or a stand-in of the size ``--image-size`` asks for."""
-        check_run_memory(self.config, self.task, data)
 
     @property
     def meta(self) -> dict[str, Any]:
