@@ -275,8 +275,10 @@ try:
 except ImportError:  # pragma: no cover - Windows
     import msvcrt
 
-    def _lock(fd: int) -> None:
+    def _lock(fd: int) -> None:  # msvcrt locks bytes from the current position: byte 0
+        os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
     def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
