@@ -138,6 +138,16 @@ def test_csv_with_and_without_header(tmp_path):
         assert d.sources[2] == str(absolute)
 
 
+def test_csv_header_naming_only_the_path_takes_the_first_other_column(tmp_path):
+    """A header naming the path column (third here) and no label column: the labels are the
+    first column that is not the path, not a column counted from the end."""
+    for i in range(2):
+        _png(tmp_path / f"{i}.png")
+    (tmp_path / "l.csv").write_text("kind,notes,image\ncat,x,0.png\ndog,y,1.png\n")
+    d = load_data(str(tmp_path / "l.csv"))
+    assert d.classes == ["cat", "dog"] and d.labels.tolist() == [0, 1]
+
+
 def test_csv_integer_labels_numeric_order(tmp_path):
     for i in range(3):
         _png(tmp_path / f"{i}.png")

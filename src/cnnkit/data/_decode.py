@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from cnnkit._limits import max_image_pixels, require_memory
 
 __all__ = ["image_extensions", "image_files", "default_size", "decode", "read_images",
-           "load_image", "open_image", "ImageTooLarge", "DEFAULT_MAX_SIZE"]
+           "load_image", "open_image", "quiet_bomb_warnings", "ImageTooLarge",
+           "DEFAULT_MAX_SIZE"]
 
 DEFAULT_MAX_SIZE = 64  # default side when a folder's most common image size is larger
 
@@ -74,10 +75,12 @@ def _to_l_or_rgb(im: Image.Image) -> Image.Image:
     if im.mode.startswith("I;16"):  # 16-bit grayscale PNG/TIFF
         return Image.fromarray(np.rint(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8))
     if im.mode in ("I", "F"):  # 32-bit int/float: 0..1 floats, 0..255 or 16-bit integers
-        a = np.asarray(im, dtype=np.float64)
-        scale = 255.0 if im.mode == "F" and a.max(initial=0) <= 1 else (
-            1 / 257 if a.max(initial=0) > 255 else 1.0)
-        return Image.fromarray(np.rint(a * scale).clip(0, 255).astype(np.uint8))
+        with np.errstate(invalid="ignore"):  # a float TIFF's signalling NaNs
+            a = np.asarray(im, dtype=np.float64)
+        top = a[np.isfinite(a)].max(initial=0)  # NaN/inf pixels: black/white
+        scale = 255.0 if im.mode == "F" and top <= 1 else (1 / 257 if top > 255 else 1.0)
+        a = np.nan_to_num(np.rint(a * scale), nan=0, posinf=255, neginf=0)
+        return Image.fromarray(a.clip(0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
@@ -101,17 +104,27 @@ def open_image(path: Path | str | io.BytesIO, name: str | None = None) -> Iterat
         OSError, ValueError, SyntaxError, EOFError: Pillow cannot read the header.
     """
     limit = max_image_pixels()
-    with warnings.catch_warnings():  # the check below replaces Pillow's bomb warning
+    with Image.open(path) as im:
+        if im.width * im.height > limit:
+            raise ImageTooLarge(
+                f"image '{name or path}' is {im.width}x{im.height} "
+                f"({im.width * im.height / 1e6:.0f} megapixels), over the limit of "
+                f"{limit / 1e6:g} megapixels per image (a guard against decompression "
+                "bombs); downscale it, or raise the limit with the environment variable "
+                f"CNNKIT_MAX_IMAGE_PIXELS={im.width * im.height}")
+        yield im
+
+
+@contextlib.contextmanager
+def quiet_bomb_warnings() -> Iterator[None]:
+    """Silence Pillow's decompression-bomb warning, which :func:`open_image`'s check (with
+    its own limit and a message that says what to do) replaces. ``catch_warnings`` changes
+    process-wide state, so it is entered once, by the thread that starts a loading job,
+    never by each decoding worker thread (concurrent entries and exits would leave the
+    filter on)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            if im.width * im.height > limit:
-                raise ImageTooLarge(
-                    f"image '{name or path}' is {im.width}x{im.height} "
-                    f"({im.width * im.height / 1e6:.0f} megapixels), over the limit of "
-                    f"{limit / 1e6:g} megapixels per image (a guard against decompression "
-                    "bombs); downscale it, or raise the limit with the environment variable "
-                    f"CNNKIT_MAX_IMAGE_PIXELS={im.width * im.height}")
-            yield im
+        yield
 
 
 def decode(path: Path | str, size: tuple[int, int] | None) -> np.ndarray:
@@ -217,7 +230,8 @@ def load_image(image: str | os.PathLike | Image.Image, size: tuple[int, int] | N
         if not Path(image).is_file():
             raise FileNotFoundError(f"image file '{image}' does not exist")
         try:
-            a = decode(image, size)
+            with quiet_bomb_warnings():
+                a = decode(image, size)
         except ImageTooLarge:
             raise
         except _DECODE_ERRORS as e:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ._decode import quiet_bomb_warnings
 from ._types import ImageData
 
 __all__ = ["register_dataset", "list_datasets", "dataset_info", "load_data"]
@@ -155,8 +156,9 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
         raise ValueError(f"cannot read data from {spec_str!r}: give a folder (one subfolder per "
                          "class), a .csv of path,label rows or an .npz of images and labels")
     _check_options(spec_str, fn, options, skip=1)
-    return fn(path, name=spec_str, image_size=image_size, channels=channels, strict=strict,
-              **options)
+    with quiet_bomb_warnings():  # open_image checks every file's pixels from its header
+        return fn(path, name=spec_str, image_size=image_size, channels=channels,
+                  strict=strict, **options)
 
 
 def _check_options(name: str, fn: Callable, options: dict, skip: int = 0) -> None:

@@ -13,9 +13,11 @@ unequal R, G, B), else grayscale; ``channels=`` forces 1 or 3.
 from __future__ import annotations
 
 import csv
+import lzma
 import math
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,10 @@ from ._types import ImageData, convert_channels, resize_images, to_size
 
 __all__ = ["load_folder", "load_csv", "load_npz"]
 
+# What a damaged zip raises while it is read: a bad archive, a corrupt deflate/bzip2/lzma
+# stream, an unknown compression method, or the encryption flag set on a member.
+_NPZ_DAMAGE = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, OSError, EOFError, KeyError,
+               NotImplementedError, RuntimeError, UnicodeDecodeError)
 _PATH_COLUMNS = {"path", "file", "filename", "filepath", "file_path", "image", "image_path",
                  "img", "images"}
 _LABEL_COLUMNS = {"label", "labels", "class", "class_name", "target", "y", "category"}
@@ -106,7 +112,8 @@ def load_csv(path: Path, *, name: str | None = None,
         head = [s.strip().lower() for s in rows[0][1]]
         if any(h in _PATH_COLUMNS for h in head) or any(h in _LABEL_COLUMNS for h in head):
             pcol = next((j for j, h in enumerate(head) if h in _PATH_COLUMNS), 0)
-            lcol = next((j for j, h in enumerate(head) if h in _LABEL_COLUMNS), 1 - pcol)
+            lcol = next((j for j, h in enumerate(head) if h in _LABEL_COLUMNS),
+                        1 if pcol == 0 else 0)  # else: the first column that is not the path
             rows = rows[1:]
     if not rows:
         raise ValueError(f"csv '{name}' has no data rows; write one 'path,label' row per image")
@@ -116,9 +123,8 @@ def load_csv(path: Path, *, name: str | None = None,
         if len(fields) <= max(pcol, lcol) or not fields[pcol] or not fields[lcol]:
             raise ValueError(f"csv '{name}' line {line}: expected 'path,label', got "
                              f"{','.join(row)!r}; fix or delete the row")
-        p = Path(fields[pcol]).expanduser()
-        p = p if p.is_absolute() else csv_path.parent / p
-        if not p.is_file():
+        p = _row_path(fields[pcol], csv_path.parent)
+        if not _is_file(p):
             missing.append((line, fields[pcol], p))
         paths.append(p)
         names.append(fields[lcol])
@@ -126,8 +132,10 @@ def load_csv(path: Path, *, name: str | None = None,
         line, given, p = missing[0]
         more = f" ({len(missing) - 1} more rows name missing files)" if len(missing) > 1 else ""
         hint = " (if line 1 is a header, name its columns path,label)" if line == 1 else ""
-        raise ValueError(f"csv '{name}' line {line}: image '{given}' not found at '{p}'{more}; "
-                         f"fix the path (relative paths are read from the csv's folder){hint}")
+        # repr: a quoted field may hold a line break, and the message is one line
+        raise ValueError(f"csv '{name}' line {line}: image {given!r} not found at {str(p)!r}"
+                         f"{more}; fix the path (relative paths are read from the csv's folder)"
+                         f"{hint}")
     try:
         classes = [str(v) for v in sorted({int(s) for s in names})]
         index = {c: k for k, c in enumerate(classes)}
@@ -137,10 +145,27 @@ def load_csv(path: Path, *, name: str | None = None,
         index = {c: k for k, c in enumerate(classes)}
         labels = [index[s] for s in names]
     if len(classes) < 2:
-        raise ValueError(f"csv '{name}' has one class ('{classes[0]}'); a classifier needs at "
+        raise ValueError(f"csv '{name}' has one class ({classes[0]!r}); a classifier needs at "
                          "least two classes")
     return _from_files(paths, labels, classes, name, image_size, channels, strict, num_workers,
                        progress)
+
+
+def _row_path(given: str, folder: Path) -> Path:
+    """A csv row's path: ``~`` expanded (left as is for an unknown user), relative paths
+    read from the csv's folder."""
+    try:
+        p = Path(given).expanduser()
+    except RuntimeError:  # "~nosuchuser/a.png": no home directory to expand to
+        p = Path(given)
+    return p if p.is_absolute() else folder / p
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:  # a name too long, or otherwise impossible: no such file
+        return False
 
 
 def _from_files(paths, labels, classes, name, image_size, channels, strict, num_workers,
@@ -181,22 +206,18 @@ def load_npz(path: Path, *, name: str | None = None,
             keys = list(z.files)
             xk = next((k for k in ("x", "images") if k in keys), None)
             yk = next((k for k in ("y", "labels") if k in keys), None)
-            if xk is None or yk is None:
-                raise ValueError(f"npz '{name}' has arrays {keys}; expected images as 'x' or "
-                                 "'images' and labels as 'y' or 'labels' (optional 'classes')")
-            for k in (xk, yk, "classes"):
-                if k in keys:
-                    _check_npz_array(z, k, name)
-            x, y = z[xk], z[yk]
-            classes = [str(c) for c in z["classes"].tolist()] if "classes" in keys else None
-    except ValueError as err:
-        if "pickle" in str(err):
-            raise ValueError(f"npz '{name}' holds Python objects; save class names as strings "
-                             "(np.array(names, dtype=str)) and numeric arrays only") from err
-        raise
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as err:
-        raise ValueError(f"npz '{name}' is damaged ({' '.join(str(err).split())}); save it "
-                         "again with np.savez") from err
+            if xk is not None and yk is not None:
+                x, y = _npz_member(z, xk, name), _npz_member(z, yk, name)
+                names = _npz_member(z, "classes", name) if "classes" in keys else None
+    except _NPZ_DAMAGE as err:
+        raise _damaged(name, err) from err
+    if xk is None or yk is None:
+        raise ValueError(f"npz '{name}' has arrays {keys}; expected images as 'x' or "
+                         "'images' and labels as 'y' or 'labels' (optional 'classes')")
+    if names is not None and names.ndim != 1:
+        raise ValueError(f"npz '{name}': 'classes' must be one name per class, [K], got shape "
+                         f"{names.shape}; save np.array(class_names, dtype=str)")
+    classes = None if names is None else [str(c) for c in names.tolist()]
     images = _npz_images(x, name)
     labels, classes = _npz_labels(y, classes, name)
     if len(labels) != images.shape[0]:
@@ -208,17 +229,33 @@ def load_npz(path: Path, *, name: str | None = None,
                      augment="flip_crop")
 
 
-def _check_npz_array(z: np.lib.npyio.NpzFile, key: str, name: str) -> None:
-    """Read one member's header (shape and dtype, no data) and refuse it before it is
-    decompressed if it would not fit in memory: a small npz can hold a huge array."""
-    with z.zip.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_2_0 if version >= (2, 0) else \
-            np.lib.format.read_array_header_1_0
-        shape, _, dtype = read(f)
+def _npz_member(z: np.lib.npyio.NpzFile, key: str, name: str) -> np.ndarray:
+    """One array of the archive. Its header (shape and dtype, no data) is read first, and
+    the array refused before it is decompressed if it would not fit in memory: a small npz
+    can hold a huge array."""
+    try:
+        with z.zip.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_2_0 if version >= (2, 0) else \
+                np.lib.format.read_array_header_1_0
+            shape, _, dtype = read(f)
+    except ValueError as err:  # not an .npy member
+        raise _damaged(name, err) from err
     nbytes = math.prod(shape) * dtype.itemsize
     require_memory(nbytes, f"array {key!r} of npz '{name}' ({'x'.join(map(str, shape))} "
                    f"{dtype})", "save a smaller array (fewer or smaller images)")
+    try:
+        return z[key]
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise ValueError(f"npz '{name}' holds Python objects; save class names as strings "
+                             "(np.array(names, dtype=str)) and numeric arrays only") from err
+        raise _damaged(name, err) from err  # data shorter than its header says
+
+
+def _damaged(name: str, err: BaseException) -> ValueError:
+    return ValueError(f"npz '{name}' is damaged ({' '.join(str(err).split())}); save it again "
+                      "with np.savez")
 
 
 def _npz_images(x: np.ndarray, name: str) -> torch.Tensor:
@@ -234,6 +271,9 @@ def _npz_images(x: np.ndarray, name: str) -> torch.Tensor:
     else:
         raise ValueError(f"npz '{name}': images must be [N, H, W], [N, H, W, C] or "
                          f"[N, C, H, W], got shape {x.shape}")
+    if 0 in x.shape[2:]:
+        raise ValueError(f"npz '{name}': images of shape {x.shape} have no pixels (a side of "
+                         "0); save images of at least 1x1 pixels")
     if x.dtype == np.bool_:
         x = x.astype(np.uint8) * 255
     if x.dtype.kind in "iu":
@@ -277,14 +317,14 @@ def _npz_labels(y: np.ndarray, classes: list[str] | None,
             raise ValueError(f"npz '{name}': labels {unknown[:5]} are not in 'classes'; add "
                              "them to 'classes' or fix the labels")
         labels = torch.tensor([index[s] for s in names], dtype=torch.long)
-    elif y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
-        labels = torch.from_numpy(y.astype(np.int64))
-        hi = int(labels.max()) if len(labels) else -1
-        if len(labels) and int(labels.min()) < 0:
+    elif y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.isfinite(y).all()
+                                   and np.all(np.mod(y, 1) == 0)):
+        lo, hi = int(y.min()), int(y.max())  # before the int64 cast, which would wrap them
+        if lo < 0:
             raise ValueError(f"npz '{name}': labels must be class indices 0..K-1, found "
-                             f"{int(labels.min())}; remap them to 0..K-1")
+                             f"{lo}; remap them to 0..K-1")
         if classes is None:
-            used = len(torch.unique(labels))
+            used = len(np.unique(y))
             if hi + 1 > max(2 * used, 16):  # 590000 in a file of 10 classes: a label column?
                 raise ValueError(
                     f"npz '{name}': labels reach {hi} but only {used} values occur; labels are "
@@ -295,6 +335,7 @@ def _npz_labels(y: np.ndarray, classes: list[str] | None,
         elif hi >= len(classes):
             raise ValueError(f"npz '{name}': label {hi} but only {len(classes)} classes; give "
                              "one class name per label value")
+        labels = torch.from_numpy(y.astype(np.int64))
     else:
         raise ValueError(f"npz '{name}': labels of dtype {y.dtype} are not supported; save "
                          "integers 0..K-1 or strings")

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ._decode import _DECODE_ERRORS, default_size, image_files, open_image, read_images
+from ._decode import (
+    _DECODE_ERRORS,
+    ImageTooLarge,
+    default_size,
+    image_files,
+    open_image,
+    read_images,
+)
 from ._types import IGNORE_INDEX, ImageData, convert_channels, to_size
 
 __all__ = ["is_pair_folder", "load_pairs", "load_images"]
@@ -50,18 +57,28 @@ def read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """A mask file as uint8 ``[H, W]`` class indices, resized (nearest) to ``size`` if given.
 
     Raises:
-        ValueError: the file is an RGB(A) image or has indices above 255.
+        ValueError: the file cannot be read, is an RGB(A) image or has indices outside 0..255.
     """
-    with open_image(path) as im:
-        im.load()
-        if im.mode not in _MASK_MODES:
-            raise ValueError(f"mask '{path}' is a {im.mode} image; save masks as 8-bit grayscale "
-                             "(L) or palette (P) PNGs whose pixel values are class indices")
-        a = np.asarray(im) if im.mode != "1" else np.asarray(im, dtype=np.uint8)
-        if a.max(initial=0) > 255:
-            raise ValueError(f"mask '{path}' has class index {int(a.max())}; at most 255 classes "
-                             "(values 0..254, 255 = ignore) are supported")
-        im = Image.fromarray(a.astype(np.uint8))
+    a = None
+    try:
+        with open_image(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in _MASK_MODES:
+                a = np.asarray(im, dtype=np.uint8) if mode == "1" else np.asarray(im)
+    except ImageTooLarge:
+        raise
+    except _DECODE_ERRORS as e:  # a mask is a label: never skipped, even when strict=False
+        raise ValueError(f"cannot read mask '{path}' ({' '.join(str(e).split())}); fix the "
+                         "file, or delete it and its image") from e
+    if a is None:
+        raise ValueError(f"mask '{path}' is a {mode} image; save masks as 8-bit grayscale "
+                         "(L) or palette (P) PNGs whose pixel values are class indices")
+    if a.min(initial=0) < 0 or a.max(initial=0) > 255:
+        bad = int(a.min()) if a.min() < 0 else int(a.max())
+        raise ValueError(f"mask '{path}' has class index {bad}; mask values are class indices "
+                         "0..254 (255 marks ignored pixels, so at most 255 classes): remap them")
+    im = Image.fromarray(a.astype(np.uint8))
     if size is not None and im.size != (size[1], size[0]):
         # The same cover-and-crop as the images (decode's ImageOps.fit), but nearest.
         im = ImageOps.fit(im, (size[1], size[0]), method=Image.Resampling.NEAREST)
@@ -142,7 +159,12 @@ def _mask_classes(root: Path, masks: torch.Tensor, name: str) -> list[str]:
                              "never seen; mask pixels are class indices 0..K-1: remap them "
                              "(e.g. 0/200 to 0/1), or name every class in classes.txt")
         return [str(k) for k in range(max(top + 1, 2))]
-    names = [s.strip() for s in names_file.read_text(encoding="utf-8").splitlines() if s.strip()]
+    try:
+        text = names_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"'{names_file}' is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                         f"offset {e.start}); save it as UTF-8, one class name per line") from None
+    names = [s.strip() for s in text.splitlines() if s.strip()]
     if top >= len(names):
         raise ValueError(f"masks in '{name}' use class index {top} but classes.txt names only "
                          f"{len(names)} classes (0..{len(names) - 1}); add the missing names")
