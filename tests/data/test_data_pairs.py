@@ -40,7 +40,7 @@ def test_pairs_matched_by_stem_with_palette_and_classes(tmp_path):
     m[10:, 10:] = 255  # unlabelled
     _pair(root, "c", m, suffix=".png")
     (root / "classes.txt").write_text("background\ncat\ndog\n")
-    d = load_data(str(root), task="segment")
+    d = load_data(str(root), targets="masks")
     assert d.mask_classes == ["background", "cat", "dog"] and d.classes == d.mask_classes
     assert d.masks.shape == (3, 16, 16) and d.masks.dtype == torch.uint8
     assert d.masks[1].unique().tolist() == [0, 2]  # the palette's indices, not its colours
@@ -55,7 +55,7 @@ def test_pairs_resized_together_nearest(tmp_path):
     root = tmp_path / "seg"
     for i in range(3):
         _pair(root, f"s{i}", _mask(40, 60, i % 2 + 1, (5, 30, 10, 50)), suffix=".png")
-    d = load_data(str(root), task="segment", image_size=20)
+    d = load_data(str(root), targets="masks", image_size=20)
     assert d.images.shape == (3, 3, 20, 20) and d.masks.shape == (3, 20, 20)
     assert set(d.masks.unique().tolist()) <= {0, 1, 2}  # nearest: no invented classes
     ref = resize_masks(torch.from_numpy(_mask(40, 60, 1, (5, 30, 10, 50)))[None], 20)[0]
@@ -86,19 +86,19 @@ def test_pair_errors(tmp_path, case, match):
         root = tmp_path / "flat"
         root.mkdir()
     with pytest.raises(ValueError, match=match):
-        load_data(str(root), task="segment")
+        load_data(str(root), targets="masks")
 
 
 def test_builtin_without_masks_refused_for_segment():
     with pytest.raises(ValueError, match="has no masks"):
-        load_data("digits", task="segment")
+        load_data("digits", targets="masks")
 
 
 def test_superres_folder_reads_all_images(tmp_path):
     for i, sub in enumerate(["", "x", "x/y"]):
         (tmp_path / "pics" / sub).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (24, 24), (i * 50, 10, 10)).save(tmp_path / "pics" / sub / f"{i}.png")
-    d = load_data(str(tmp_path / "pics"), task="superres")
+    d = load_data(str(tmp_path / "pics"), targets="images")
     assert d.images.shape == (3, 3, 24, 24) and d.classes == ["image"]
 
 

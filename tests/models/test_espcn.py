@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import cnnkit.models.espcn  # noqa: F401  (registers the builder)
 from cnnkit.analysis import summary
 from cnnkit.models import create_model, list_models
-from cnnkit.train.metrics import bicubic_downscale, bicubic_upscale, psnr
+from cnnkit.tasks.metrics import bicubic_downscale, bicubic_upscale, psnr
 
 
 def test_registered_as_superres():

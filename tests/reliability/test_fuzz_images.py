@@ -117,11 +117,12 @@ def class_trees(draw) -> list[tuple[str, bytes]]:
 
 @fuzz(400)
 @given(tree=class_trees(), strict=st.booleans(), image_size=st.none() | st.integers(1, 9),
-       channels=st.sampled_from([None, 1, 3]), task=st.sampled_from(["classify", "superres"]))
-def test_class_folders(tree, strict, image_size, channels, task):
-    data = load_files(tree, lambda root: load_data(str(root / "data"), image_size=image_size,
-                                                   channels=channels, strict=strict, task=task))
-    check_data(data, size=image_size, channels=channels, min_classes=1 + (task == "classify"))
+       channels=st.sampled_from([None, 1, 3]), targets=st.sampled_from(["labels", "images"]))
+def test_class_folders(tree, strict, image_size, channels, targets):
+    data = load_files(tree, lambda root: load_data(
+        str(root / "data"), image_size=image_size, channels=channels, strict=strict,
+        targets=targets))
+    check_data(data, size=image_size, channels=channels, min_classes=1 + (targets == "labels"))
 
 
 # -- masks ------------------------------------------------------------------------------------
@@ -183,5 +184,5 @@ def pair_folders(draw) -> list[tuple[str, bytes]]:
 @given(files=pair_folders(), strict=st.booleans(), image_size=st.none() | st.integers(1, 7))
 def test_segmentation_pairs(files, strict, image_size):
     check_data(load_files(files, lambda root: load_data(
-        str(root / "seg"), task="segment", strict=strict, image_size=image_size)),
+        str(root / "seg"), targets="masks", strict=strict, image_size=image_size)),
         size=image_size)

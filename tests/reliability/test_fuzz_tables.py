@@ -196,4 +196,4 @@ def test_wrong_data_the_property_cannot_see(tmp_path, files, spec, match):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(data)
     with pytest.raises(ValueError, match=match):
-        load_data(str(tmp_path / spec), task="segment" if spec == "seg" else "classify")
+        load_data(str(tmp_path / spec), targets="masks" if spec == "seg" else "labels")

@@ -175,13 +175,9 @@ def train(args: argparse.Namespace) -> int:
 
 def _headline(result: dict) -> str:
     """The task's test metrics on one line."""
-    if "test_miou" in result:
-        return (f"test_miou {result['test_miou']:.4f}  test_pixel_accuracy "
-                f"{result['test_pixel_accuracy']:.4f}")
-    if "test_psnr" in result:
-        return (f"test_psnr {result['test_psnr']:.2f} dB (bicubic "
-                f"{result['test_psnr_bicubic']:.2f} dB)  test_ssim {result['test_ssim']:.4f}")
-    return f"test_accuracy {result['test_accuracy']:.4f}"
+    from cnnkit.tasks import create_task
+
+    return create_task(result["task"], result).headline(result)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -197,6 +193,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
+    from cnnkit.tasks import create_task
     from cnnkit.train.evaluation import predict_files
 
     for f in args.files:
@@ -208,38 +205,32 @@ def predict(args: argparse.Namespace) -> int:
     from cnnkit.train import load_run
 
     run = load_run(args.run)
-    if run.preprocess.task != "classify":
-        return _predict_dense(run, args)
+    task = create_task(run.config.task, run.config)
+    if task.writes_predictions:
+        return _predict_files(run, task, args)
     if args.out or args.crf:
-        raise ValueError(f"{'--out' if args.out else '--crf'} is for dense-prediction runs; a "
-                         "classifier's predictions are printed (use --json to save them)")
+        raise ValueError(f"{'--out' if args.out else '--crf'} is for runs that write their "
+                         f"predictions as files; a {task.name} run's are printed (use --json to "
+                         "save them)")
     results = predict_files(run, args.files, topk=args.topk)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     for r in results:
-        ranked = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
-        print(f"{r['file']}: {ranked}")
+        print(task.prediction_line(r))
     return 0
 
 
-def _predict_dense(run, args: argparse.Namespace) -> int:
+def _predict_files(run, task, args: argparse.Namespace) -> int:
     from cnnkit.train.evaluation import predict_dense_files
 
-    if args.crf and run.preprocess.task != "segment":
-        raise ValueError("--crf refines segmentations; this run is a super-resolution run")
     with output_folder(args.out, run.path / "predictions", args.force) as out:
         results = predict_dense_files(run, args.files, out, crf=args.crf, overwrite=args.force)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     for r in results:
-        if "mask" in r:
-            top = sorted(r["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
-            print(f"{r['file']}: {r['mask']} ("
-                  + ", ".join(f"{c} {v:.1%}" for c, v in top) + ")")
-        else:
-            print(f"{r['file']}: {r['output']} ({r['size'][1]}x{r['size'][0]})")
+        print(task.prediction_line(r))
     return 0
 
 
@@ -325,7 +316,10 @@ def bench(args: argparse.Namespace) -> int:
 
 def models(args: argparse.Namespace) -> int:
     from cnnkit.models import list_models, model_info
+    from cnnkit.tasks import task_class
 
+    if args.task is not None:
+        task_class(args.task)  # an unknown task: one line naming the registered ones
     names = list_models(args.pattern, task=args.task)
     if not names:
         kind = f"{args.task} " if args.task else ""
@@ -334,6 +328,20 @@ def models(args: argparse.Namespace) -> int:
     width = max(len(n) for n in names)
     for n in names:
         print(f"{n:<{width}}  {model_info(n).doc}")
+    return 0
+
+
+def tasks(args: argparse.Namespace) -> int:
+    from cnnkit.models import list_models
+    from cnnkit.tasks import list_tasks, task_class
+
+    for name in list_tasks():
+        cls = task_class(name)
+        d = cls.defaults
+        better = "higher" if cls.higher_is_better else "lower"
+        print(f"{name:<9} {cls.description}; metric {cls.metric} ({better} is better); losses "
+              f"{', '.join(cls.losses)}; default model {d.model}, data {d.data or '(give --data)'}"
+              f"; {len(list_models(task=cls.models))} {cls.models} models")
     return 0
 
 

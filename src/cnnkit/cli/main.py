@@ -32,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (default: the small CNN on digits)",
                        description="Train a model on a built-in data set or your own folder.")
-    t.add_argument("--task", choices=["classify", "segment", "superres"],
-                   help="classify (default), segment (a class per pixel) or superres")
-    t.add_argument("--model", help="model name (see `cnnkit models`); default tinyvgg_wide, "
-                   "unet_small for segment, espcn for superres")
+    t.add_argument("--task", help="what the model predicts (see `cnnkit tasks`): classify "
+                   "(default), segment (a class per pixel), superres, regress (values)")
+    t.add_argument("--model", help="model name (see `cnnkit models`); default: the task's "
+                   "(tinyvgg_wide for classify)")
     t.add_argument("--data", help="built-in data set (see `cnnkit datasets`) or a folder, "
                    ".csv or .npz path; default digits (shapes for segment and superres)")
     t.add_argument("--scale", type=positive_int, help="superres: upscaling factor (default 3)")
@@ -178,9 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("pattern", nargs="?", help="shell pattern such as 'resnet*'")
-    m.add_argument("--task", choices=["classify", "segment", "superres"],
-                   help="only the models of this task")
+    m.add_argument("--task", help="only the models of this task (see `cnnkit tasks`)")
     m.set_defaults(func=commands.models)
+
+    tk = sub.add_parser("tasks", help="list the registered tasks: what each predicts, its "
+                        "metric and defaults")
+    tk.set_defaults(func=commands.tasks)
 
     d = sub.add_parser("datasets", help="list the built-in data sets and the user formats")
     d.set_defaults(func=commands.datasets)

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit.tasks import create_task
+from cnnkit.tasks.classify import Classify
+
 __all__ = ["compress_run", "measure_latency", "file_bytes"]
 
 
@@ -148,9 +151,9 @@ def _measure(models: dict[str, nn.Module], x_test: torch.Tensor, y_test: torch.T
 
 
 def _check_classify(run: Any) -> None:
-    if run.preprocess.task != "classify":
+    if not isinstance(create_task(run.config.task, run.config), Classify):
         raise ValueError(f"cnnkit compress works on classification runs so far; {run.path} is "
-                         f"a {run.preprocess.task} run")
+                         f"a {run.config.task} run")
 
 
 def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None,

@@ -17,26 +17,42 @@ from pathlib import Path
 from ._decode import quiet_bomb_warnings
 from ._types import ImageData
 
-__all__ = ["register_dataset", "list_datasets", "dataset_info", "load_data"]
+__all__ = ["register_dataset", "list_datasets", "dataset_info", "load_data", "TARGETS"]
 
 _DATASETS: dict[str, Callable[..., ImageData]] = {}
+_HOLDS: dict[str, tuple[str, ...]] = {}  # the targets each built-in data set holds
+# What a data set may be read for: a class per sample, a mask per sample, the inputs
+# themselves (super-resolution) or real values per sample (regression).
+TARGETS = ("labels", "masks", "images", "values")
 
 
-def register_dataset(fn: Callable[..., ImageData]) -> Callable[..., ImageData]:
+def register_dataset(fn: Callable[..., ImageData] | None = None, *,
+                     targets: tuple[str, ...] = ("labels",)):
     """Register a built-in data set under its function name.
 
-    The function is called as ``fn(image_size=..., channels=..., seed=..., **options)``
-    and returns an :class:`ImageData`; its first docstring line is the description.
+    Use it bare (``@register_dataset``) for a data set of labelled inputs, or say what
+    else it holds (``@register_dataset(targets=("labels", "masks", "images"))``). The
+    function is called as ``fn(image_size=..., channels=..., seed=..., **options)`` and
+    returns an :class:`ImageData`; its first docstring line is the description.
 
     Raises:
-        ValueError: if a data set of that name is already registered.
+        ValueError: a data set of that name is registered already, or unknown targets.
     """
-    name = fn.__name__
-    if name in _DATASETS:
-        raise ValueError(f"data set {name!r} is registered twice ({fn.__module__} and "
-                         f"{_DATASETS[name].__module__}); rename one of them")
-    _DATASETS[name] = fn
-    return fn
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unknown targets {', '.join(unknown)}; choose from "
+                         f"{', '.join(TARGETS)}")
+
+    def deco(fn: Callable[..., ImageData]) -> Callable[..., ImageData]:
+        name = fn.__name__
+        if name in _DATASETS:
+            raise ValueError(f"data set {name!r} is registered twice ({fn.__module__} and "
+                             f"{_DATASETS[name].__module__}); rename one of them")
+        _DATASETS[name] = fn
+        _HOLDS[name] = tuple(targets)
+        return fn
+
+    return deco if fn is None else deco(fn)
 
 
 def _ensure_loaded() -> None:
@@ -83,7 +99,7 @@ def _looks_like_path(spec: str) -> bool:
 
 def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
               channels: int | None = None, strict: bool = False, seed: int = 0,
-              task: str = "classify", **options) -> ImageData:
+              targets: str = "labels", **options) -> ImageData:
     """Load a built-in data set or the user data at a path.
 
     Args:
@@ -95,9 +111,12 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
         channels: force 1 (grayscale) or 3 (RGB) channels; native when None.
         strict: raise on an unreadable image instead of skipping and counting it.
         seed: seed of procedural data sets.
-        task: ``"classify"``; ``"segment"`` needs masks (``shapes``, or a folder with
-            ``images/`` and ``masks/``, see :mod:`cnnkit.data.pairs`); ``"superres"``
-            reads every image of a folder, whatever its subfolders.
+        targets: what the data must hold beside its inputs (a task's ``data_targets``):
+            ``"labels"`` (class indices); ``"masks"`` (``shapes``, or a folder with
+            ``images/`` and ``masks/``, see :mod:`cnnkit.data.pairs`); ``"images"`` (every
+            image of a folder, whatever its subfolders: the inputs are the targets);
+            ``"values"`` (real values: an npz whose ``y`` holds numbers, a csv whose label
+            column does).
         **options: options of the data set (``shapes``: ``n``, ``count`` ...).
 
     Raises:
@@ -112,17 +131,19 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
     _ensure_loaded()
     if channels not in (None, 1, 3):
         raise ValueError(f"channels={channels} is not supported; give 1 (grayscale) or 3 (RGB)")
-    if task not in ("classify", "segment", "superres"):
-        raise ValueError(f"unknown task {task!r}; choose classify, segment or superres")
+    if targets not in TARGETS:
+        raise ValueError(f"unknown targets {targets!r}; choose from {', '.join(TARGETS)}")
     spec_str = os.fspath(spec)
     if spec_str in _DATASETS:
         fn = _DATASETS[spec_str]
         _check_options(spec_str, fn, options)
         data = fn(image_size=image_size, channels=channels, seed=seed, **options)
-        if task == "segment" and data.masks is None:
-            with_masks = sorted(n for n in _DATASETS if n == "shapes")
-            raise ValueError(f"data set {spec_str!r} has no masks to segment; use "
-                             f"{', '.join(with_masks)} or a folder with images/ and masks/")
+        if targets in ("masks", "values") and targets not in _HOLDS[spec_str]:
+            have = sorted(n for n, held in _HOLDS.items() if targets in held)
+            raise ValueError(f"data set {spec_str!r} has no {targets}; use "
+                             f"{', '.join(have) or 'your own data'} or "
+                             + ("a folder with images/ and masks/" if targets == "masks"
+                                else "an .npz whose y holds numbers"))
         return data
 
     from . import files, pairs  # here, not at the top: they import this package's types only
@@ -135,34 +156,35 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
                              "path")
         raise FileNotFoundError(f"data path {spec_str!r} does not exist; give a built-in data set "
                                 f"({', '.join(sorted(_DATASETS))}) or a folder/.csv/.npz path")
-    if task != "classify" and not path.is_dir():
-        raise ValueError(f"--task {task} reads a folder, not {spec_str!r}: "
-                         + ("a folder with images/ and masks/" if task == "segment"
+    reads = {}  # what the reader is asked to read, beside the user's options
+    if targets in ("masks", "images") and not path.is_dir():
+        raise ValueError(f"{targets} are read from a folder, not {spec_str!r}: "
+                         + ("a folder with images/ and masks/" if targets == "masks"
                             else "a folder of images"))
-    if task == "segment":
+    if targets == "masks":
         if not pairs.is_pair_folder(path):
             raise ValueError(f"folder {spec_str!r} has no images/ and masks/ subfolders; "
                              "segmentation data is images/<name>.png with masks/<name>.png")
         fn = pairs.load_pairs
-    elif task == "superres":
+    elif targets == "images":
         fn = pairs.load_images
-    elif path.is_dir():
+    elif path.is_dir() and targets == "labels":
         fn = files.load_folder
-    elif path.suffix.lower() == ".csv":
-        fn = files.load_csv
-    elif path.suffix.lower() == ".npz":
-        fn = files.load_npz
+    elif path.suffix.lower() in (".csv", ".npz"):
+        fn = files.load_csv if path.suffix.lower() == ".csv" else files.load_npz
+        reads["values"] = targets == "values"
     else:
         raise ValueError(f"cannot read data from {spec_str!r}: give a folder (one subfolder per "
-                         "class), a .csv of path,label rows or an .npz of images and labels")
+                         "class), a .csv of path,label rows or an .npz of images and "
+                         + ("values" if targets == "values" else "labels"))
     _check_options(spec_str, fn, options, skip=1)
     with quiet_bomb_warnings():  # open_image checks every file's pixels from its header
         return fn(path, name=spec_str, image_size=image_size, channels=channels,
-                  strict=strict, **options)
+                  strict=strict, **reads, **options)
 
 
 def _check_options(name: str, fn: Callable, options: dict, skip: int = 0) -> None:
-    fixed = {"name", "image_size", "channels", "seed", "strict"}
+    fixed = {"name", "image_size", "channels", "seed", "strict", "values"}
     params = list(inspect.signature(fn).parameters)[skip:]
     allowed = [p for p in params if p not in fixed]
     unknown = sorted(set(options) - set(allowed))

@@ -42,6 +42,8 @@ class ImageData:
             (see :func:`cnnkit.data.list_augment`).
         skipped: number of unreadable or corrupt files skipped while loading.
         sources: the file each sample was read from (user data), else None.
+        values: float32 ``[N, K]`` real targets (regression), named by ``classes``, else
+            None; ``labels`` are then all 0 (one stratum for the split).
 
     Example:
         >>> import torch
@@ -60,6 +62,7 @@ class ImageData:
     mask_classes: list[str] | None = None
     skipped: int = 0
     sources: list[str] | None = None
+    values: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -76,6 +79,16 @@ class ImageData:
         if self.masks is not None and self.mask_classes is None:
             top = int(self.masks[self.masks != IGNORE_INDEX].max()) if self.masks.numel() else 0
             self.mask_classes = [str(k) for k in range(top + 1)]
+        if self.values is not None:
+            self.values = torch.as_tensor(self.values, dtype=torch.float32)
+            if self.values.ndim == 1:
+                self.values = self.values[:, None]
+            if self.values.ndim != 2 or len(self.values) != n:
+                raise ValueError(f"data {self.name!r}: values of shape {tuple(self.values.shape)}"
+                                 f" for {n} samples; give [N] or [N, K] values")
+            if len(self.classes) != self.values.shape[1]:
+                raise ValueError(f"data {self.name!r}: {self.values.shape[1]} values per sample "
+                                 f"but {len(self.classes)} names; name each value once")
         if self.sources is not None and len(self.sources) != n:
             raise ValueError(f"data {self.name!r}: {len(self.sources)} sources for {n} images; "
                              "give one source path per image")
@@ -100,7 +113,8 @@ class ImageData:
             self.images[idx], self.labels[idx], list(self.classes), self.name,
             masks=None if self.masks is None else self.masks[idx], augment=self.augment,
             mask_classes=self.mask_classes, skipped=self.skipped,
-            sources=None if self.sources is None else [self.sources[i] for i in idx.tolist()])
+            sources=None if self.sources is None else [self.sources[i] for i in idx.tolist()],
+            values=None if self.values is None else self.values[idx])
 
 
 def to_size(size: int | Sequence[int]) -> tuple[int, int]:

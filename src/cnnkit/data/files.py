@@ -84,7 +84,7 @@ def load_folder(path: Path, *, name: str | None = None,
 def load_csv(path: Path, *, name: str | None = None,
              image_size: int | tuple[int, int] | None = None, channels: int | None = None,
              strict: bool = False, num_workers: int | None = None,
-             progress: bool | None = None) -> ImageData:
+             progress: bool | None = None, values: bool = False) -> ImageData:
     """Read a csv of ``path,label`` rows; relative paths are resolved against the csv's folder.
 
     A first row whose columns are named (``path``/``file``/``image``...,
@@ -107,13 +107,14 @@ def load_csv(path: Path, *, name: str | None = None,
             if isinstance(e, UnicodeDecodeError) else str(e)
         raise ValueError(f"csv '{name}' is not a text file of path,label rows ({reason}); give "
                          "a UTF-8 .csv (or a folder / .npz)") from None
-    pcol, lcol = 0, 1
+    pcol, lcol, value_name = 0, 1, "value"
     if rows:
         head = [s.strip().lower() for s in rows[0][1]]
         if any(h in _PATH_COLUMNS for h in head) or any(h in _LABEL_COLUMNS for h in head):
             pcol = next((j for j, h in enumerate(head) if h in _PATH_COLUMNS), 0)
             lcol = next((j for j, h in enumerate(head) if h in _LABEL_COLUMNS),
                         1 if pcol == 0 else 0)  # else: the first column that is not the path
+            value_name = rows[0][1][lcol].strip() if lcol < len(rows[0][1]) else value_name
             rows = rows[1:]
     if not rows:
         raise ValueError(f"csv '{name}' has no data rows; write one 'path,label' row per image")
@@ -136,6 +137,9 @@ def load_csv(path: Path, *, name: str | None = None,
         raise ValueError(f"csv '{name}' line {line}: image {given!r} not found at {str(p)!r}"
                          f"{more}; fix the path (relative paths are read from the csv's folder)"
                          f"{hint}")
+    if values:  # regression: the label column holds numbers
+        return _csv_values(paths, names, name, value_name, image_size, channels, strict,
+                           num_workers, progress)
     try:
         classes = [str(v) for v in sorted({int(s) for s in names})]
         index = {c: k for k, c in enumerate(classes)}
@@ -149,6 +153,22 @@ def load_csv(path: Path, *, name: str | None = None,
                          "least two classes")
     return _from_files(paths, labels, classes, name, image_size, channels, strict, num_workers,
                        progress)
+
+
+def _csv_values(paths, texts, name, value_name, image_size, channels, strict, num_workers,
+                progress) -> ImageData:
+    numbers = []
+    for i, s in enumerate(texts):
+        try:
+            numbers.append(float(s))
+        except ValueError:
+            raise ValueError(f"csv '{name}': value {s!r} (row {i + 1} of data) is not a number; "
+                             "regression needs a number in every row's label column") from None
+        if not math.isfinite(numbers[-1]):
+            raise ValueError(f"csv '{name}': value {s!r} (row {i + 1} of data) is not finite; "
+                             "fix or drop the row")
+    return _from_files(paths, [0] * len(paths), [value_name], name, image_size, channels,
+                       strict, num_workers, progress, values=numbers)
 
 
 def _row_path(given: str, folder: Path) -> Path:
@@ -169,18 +189,19 @@ def _is_file(p: Path) -> bool:
 
 
 def _from_files(paths, labels, classes, name, image_size, channels, strict, num_workers,
-                progress) -> ImageData:
+                progress, values: list[float] | None = None) -> ImageData:
     size = to_size(image_size) if image_size is not None else default_size(paths)
     images, kept = read_images(paths, size, name=name, strict=strict, num_workers=num_workers,
                                progress=progress)
     return ImageData(convert_channels(images, channels), torch.tensor([labels[i] for i in kept]),
                      list(classes), name, augment="flip_crop", skipped=len(paths) - len(kept),
-                     sources=[str(paths[i]) for i in kept])
+                     sources=[str(paths[i]) for i in kept],
+                     values=None if values is None else torch.tensor([values[i] for i in kept]))
 
 
 def load_npz(path: Path, *, name: str | None = None,
              image_size: int | tuple[int, int] | None = None, channels: int | None = None,
-             strict: bool = False) -> ImageData:
+             strict: bool = False, values: bool = False) -> ImageData:
     """Read images and labels saved with ``np.savez``.
 
     Arrays: images as ``x`` or ``images`` (``[N, H, W]``, ``[N, H, W, C]`` or
@@ -188,7 +209,9 @@ def load_npz(path: Path, *, name: str | None = None,
     are RGBA, composited on white), labels as ``y`` or ``labels`` (integers 0..K-1
     or strings), optional ``classes`` (strings). A 4-d array is channels-last when
     its last axis has size 1, 3 or 4, else channels-first. Integer images are kept uint8,
-    float images float32. ``strict`` is accepted for a uniform signature.
+    float images float32. ``strict`` is accepted for a uniform signature. With
+    ``values=True`` (regression) ``y`` holds real numbers, ``[N]`` or ``[N, K]``, and
+    ``classes`` (optional) names the ``K`` values.
 
     Raises:
         ValueError: missing arrays (naming the keys found), bad shapes, dtypes or
@@ -219,14 +242,38 @@ def load_npz(path: Path, *, name: str | None = None,
                          f"{names.shape}; save np.array(class_names, dtype=str)")
     classes = None if names is None else [str(c) for c in names.tolist()]
     images = _npz_images(x, name)
-    labels, classes = _npz_labels(y, classes, name)
+    if values:
+        targets, classes = _npz_values(y, classes, name)
+        labels = torch.zeros(len(targets), dtype=torch.long)  # one stratum for the split
+    else:
+        targets = None
+        labels, classes = _npz_labels(y, classes, name)
     if len(labels) != images.shape[0]:
         raise ValueError(f"npz '{name}': {images.shape[0]} images but {len(labels)} labels; "
                          "save exactly one label per image")
     if image_size is not None:
         images = resize_images(images, image_size)
     return ImageData(convert_channels(images, channels), labels, classes, name,
-                     augment="flip_crop")
+                     augment="flip_crop", values=targets)
+
+
+def _npz_values(y: np.ndarray, names: list[str] | None,
+                name: str) -> tuple[torch.Tensor, list[str]]:
+    """Regression targets: ``[N]`` or ``[N, K]`` finite real numbers, and their names."""
+    if y.dtype.kind not in "iuf" or y.ndim not in (1, 2) or len(y) == 0:
+        raise ValueError(f"npz '{name}': regression values must be numbers, [N] or [N, K], got "
+                         f"{y.dtype} of shape {y.shape}; save y as floats, one row per image")
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).reshape(len(y), -1)
+    if not torch.isfinite(v).all():
+        raise ValueError(f"npz '{name}': regression values must be finite (no NaN or inf, and "
+                         "within float32's range); fix or drop those samples")
+    k = v.shape[1]
+    names = names or (["value"] if k == 1 else [f"value{j}" for j in range(k)])
+    if len(names) != k:
+        raise ValueError(f"npz '{name}': {len(names)} names in 'classes' for {k} values per "
+                         "sample; name each value once")
+    return v, names
 
 
 def _npz_member(z: np.lib.npyio.NpzFile, key: str, name: str) -> np.ndarray:

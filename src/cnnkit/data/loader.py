@@ -65,7 +65,8 @@ class TensorLoader:
     Args:
         images: uint8 ``[N, C, H, W]`` (kept uint8 on the device: 4x less memory) or
             float ``[N, C, H, W]`` in [0, 1].
-        labels: int ``[N]`` class indices or uint8 ``[N, H, W]`` masks.
+        labels: int ``[N]`` class indices, uint8 ``[N, H, W]`` masks, or float ``[N, K]``
+            values (regression).
         batch_size: samples per batch.
         shuffle: a new random order every epoch.
         drop_last: leave out the last batch if it is smaller than ``batch_size``.
@@ -111,6 +112,8 @@ class TensorLoader:
                                  "mask classes; with masks use "
                                  f"{', '.join(sorted(EXACT_POLICIES))}")
             labels = labels.to(torch.uint8)
+        elif labels.is_floating_point():  # real values per sample (regression): [N, K]
+            labels = labels.float().reshape(len(labels), -1)
         else:
             labels = labels.long().reshape(-1)
         if len(labels) != len(images):

@@ -159,7 +159,7 @@ def _shape_colours(rng: np.random.Generator, c1: np.ndarray, c2: np.ndarray,
     return col.astype(np.uint8)
 
 
-@register_dataset
+@register_dataset(targets=("labels", "masks"))
 def shapes(*, image_size: int | tuple[int, int] | None = None, channels: int | None = None,
            seed: int = 0, n: int = 3000, size: int | tuple[int, int] = 64,
            shapes: Sequence[str] = ("circle", "square", "triangle", "star"), count: int = 1,

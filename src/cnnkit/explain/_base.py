@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.tasks import Task, task_class
+
 __all__ = ["Explainer", "register_method", "create", "list_methods", "resolve_layer",
            "resolve_targets"]
 
@@ -121,52 +123,20 @@ def resolve_targets(target: Any, logits: torch.Tensor | None = None, *, batch: i
     return t, multi
 
 
-class RegionScores(nn.Module):
-    """A segmentation model seen as a classifier, so that every method explains it.
-
-    Class ``c``'s score is the sum of its logits over the pixels the model assigns to
-    ``c`` (the whole image when it assigns none), the score Seg-Grad-CAM explains
-    (Vinogradova, Dibrov and Myers 2020, "Towards interpretable semantic segmentation
-    via gradient-weighted class activation mapping"). The region is the argmax of the
-    logits being explained and is not differentiated through, so a perturbation that
-    removes the object also shrinks its region, and the score falls.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.num_classes = model.num_classes
-        self.cam_layer = getattr(model, "cam_layer", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
-        with torch.no_grad():
-            region = F.one_hot(logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2)
-            region = region.to(logits.dtype)
-            region = torch.where(region.sum((-2, -1), keepdim=True) == 0, 1.0, region)
-        return (logits * region).sum((-2, -1))
-
-    @torch.no_grad()
-    def predicted(self, x: torch.Tensor) -> torch.Tensor:
-        """Per image, the class covering most pixels, background (class 0) only if alone."""
-        logits = self.model(x)
-        area = F.one_hot(logits.argmax(1), logits.shape[1]).sum((1, 2))  # [B, K]
-        fg = area[:, 1:].sum(1, keepdim=True) > 0
-        area[:, :1] = torch.where(fg, -1, area[:, :1])
-        return area.argmax(1)
-
-
-def is_segmentation(model: nn.Module) -> bool:
-    return getattr(model, "task", "classify") == "segment"
+def explained_task(model: nn.Module) -> type[Task]:
+    """The task of a model (its ``task`` attribute; classification by default), which says
+    what of the model an explanation explains (:meth:`cnnkit.tasks.Task.explainable`)."""
+    return task_class(getattr(model, "task", "classify"))
 
 
 class Explainer:
     """Base of every explanation method; subclasses override :meth:`attribute`.
 
     Args:
-        model: any classifier ``[B, C, H, W] -> [B, num_classes]``, or a segmentation
-            model (explained through :class:`RegionScores`: class ``c`` summed over the
-            pixels predicted as ``c``; ``target=None`` is the class covering most
+        model: any classifier ``[B, C, H, W] -> [B, num_classes]``, or a model of
+            another task, seen as scores per class by its task
+            (:meth:`cnnkit.tasks.Task.explainable`: a segmentation's class ``c`` summed
+            over the pixels predicted as ``c``, ``target=None`` the class covering most
             pixels, background last).
         layer: the layer CAM-style methods read (a module or its name); the model's
             ``cam_layer`` when None. Input-gradient methods ignore it.
@@ -177,7 +147,8 @@ class Explainer:
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None) -> None:
         self.layer = resolve_layer(model, layer) if self.uses_layer else None
-        self.model = RegionScores(model) if is_segmentation(model) else model
+        self.task = explained_task(model)
+        self.model = self.task.explainable(model)
 
     # -- the one method a subclass overrides ------------------------------------------
 
@@ -191,11 +162,8 @@ class Explainer:
         if x.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         with self.model_state():
-            if target is None and isinstance(self.model, RegionScores):
-                targets, multi = self.model.predicted(x)[:, None], False
-            elif target is None:  # the predicted class costs one extra forward pass
-                with torch.no_grad():
-                    targets, multi = resolve_targets(None, self.model(x))
+            if target is None:  # the predicted class costs one extra forward pass
+                targets, multi = self.task.predicted(self.model, x)[:, None], False
             else:  # given targets cost nothing: checked against the model's class count
                 targets, multi = resolve_targets(
                     target, batch=x.shape[0], device=x.device,

@@ -11,7 +11,7 @@ import torch
 
 from cnnkit._files import refuse_existing
 
-from ._base import RegionScores, create, is_segmentation
+from ._base import create, explained_task
 
 __all__ = ["explain_files", "resolve_class"]
 
@@ -67,15 +67,10 @@ def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.
     images = [load_image(f, size=(h, w), channels=c) for f in files]
     x = torch.stack([run.preprocess(img) for img in images])
     cls = resolve_class(target, run.classes)
-    with torch.no_grad():
-        if is_segmentation(run.model):  # "probability": the share of pixels of the class
-            scorer = RegionScores(run.model)
-            pred = run.model(x).argmax(1)
-            probs = torch.nn.functional.one_hot(pred, len(run.classes)).float().mean((1, 2))
-            targets = scorer.predicted(x) if cls is None else torch.full((len(files),), cls)
-        else:
-            probs = run.model(x).softmax(1)
-            targets = probs.argmax(1) if cls is None else torch.full((len(files),), cls)
+    task = explained_task(run.model)
+    probs = task.confidence(run.model, x)
+    targets = task.predicted(task.explainable(run.model), x) if cls is None else \
+        torch.full((len(files),), cls)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     all_maps: dict[str, torch.Tensor] = {}
@@ -88,8 +83,7 @@ def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.
             stem = f"{Path(f).stem}_{method}"
             np.save(out / f"{stem}.npy", m.cpu().numpy())
             p = float(probs[i, t])
-            title = f"{method}: {run.classes[t]} " + (
-                f"({p:.0%} of pixels)" if is_segmentation(run.model) else f"(p={p:.2f})")
+            title = f"{method}: {run.classes[t]} {task.confidence_text(p)}"
             save_overlay(out / f"{stem}.png", img, m, title)
             written += [out / f"{stem}.npy", out / f"{stem}.png"]
     titles = [f"{Path(f).name}: {run.classes[t]}" for f, t in zip(files, targets.tolist(),

@@ -14,24 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "DEFAULT_MODEL", "DEFAULTS", "RESUME_OPTIONS"]
+from cnnkit.tasks import list_tasks, task_class
 
-DEFAULT_MODEL = "tinyvgg_wide"
-# Per task: the model and data a bare `cnnkit train --task T` uses.
-# Segmentation learns per step, not per epoch: small batches and SGD at 0.05 took U-Net
-# to 0.99 mIoU on shapes in 10 epochs on 2 CPU cores; ESPCN needs Adam and no weight
-# decay to beat bicubic (docs/benchmarks.md). lr/weight_decay apply to the task's own
-# optimizer; None means the formula of the attribute docs.
-DEFAULTS = {
-    "classify": {"model": DEFAULT_MODEL, "data": "digits", "loss": "ce", "epochs": 30,
-                 "batch_size": 64, "optimizer": "sgd", "lr": None, "weight_decay": None},
-    "segment": {"model": "unet_small", "data": "shapes", "loss": "ce+dice", "epochs": 10,
-                "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "weight_decay": None},
-    "superres": {"model": "espcn", "data": "shapes", "loss": "mse", "epochs": 100,
-                 "batch_size": 16, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0},
-}
-_LOSSES = {"classify": ("ce",), "segment": ("ce", "dice", "focal", "ce+dice", "focal+dice"),
-           "superres": ("mse", "l1")}
+__all__ = ["TrainConfig", "RESUME_OPTIONS"]
 
 # What a resumed run may change: how long and how fast it learns, and where it runs; never
 # what it learns from or what it is (data, split, model, optimizer, seed), which the saved
@@ -51,10 +36,11 @@ class TrainConfig:
     """Everything that determines a training run.
 
     Attributes:
-        task: ``"classify"`` (a label per image), ``"segment"`` (a label per pixel)
-            or ``"superres"`` (a ``scale`` times larger image).
+        task: a registered task (:func:`cnnkit.tasks.list_tasks`): ``"classify"`` (a
+            class per sample), ``"segment"`` (a class per pixel), ``"superres"`` (a
+            ``scale`` times larger image) or ``"regress"`` (values per sample).
         model: registry name (``cnnkit models`` lists them); per task default
-            (:data:`DEFAULTS`) when None.
+            (the task's :class:`~cnnkit.tasks.TaskDefaults`) when None.
         model_kwargs: extra builder options, e.g. ``{"attn": "eca", "width": 32}``.
         data: a built-in data set name or a folder / ``.csv`` / ``.npz`` path; per task
             default when None.
@@ -149,24 +135,28 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        if self.task not in DEFAULTS:
-            raise ValueError(f"task must be one of {', '.join(DEFAULTS)}, got {self.task!r}")
-        defaults = DEFAULTS[self.task]
-        self.model = self.model or defaults["model"]
-        self.data = self.data or defaults["data"]
-        self.optimizer = self.optimizer or defaults["optimizer"]
-        self.epochs = defaults["epochs"] if self.epochs is None else self.epochs
-        self.batch_size = defaults["batch_size"] if self.batch_size is None else self.batch_size
+        if self.task not in list_tasks():
+            raise ValueError(f"task must be one of {', '.join(list_tasks())}, got {self.task!r}")
+        defaults = task_class(self.task).defaults
+        self.model = self.model or defaults.model
+        self.data = self.data or defaults.data
+        if not self.data:
+            raise ValueError(f"task {self.task} has no built-in data set; give your data with "
+                             "--data PATH (see `cnnkit datasets`)")
+        self.optimizer = self.optimizer or defaults.optimizer
+        self.epochs = defaults.epochs if self.epochs is None else self.epochs
+        self.batch_size = defaults.batch_size if self.batch_size is None else self.batch_size
         if self.fast:  # the preset: resolved here, so config.yaml records what ran
             self.channels_last = True
             if self.compile is None:
                 self.compile = _on_cuda(self.device)
         self.compile = bool(self.compile)
+        losses = task_class(self.task).losses
         if self.loss == "auto":
-            self.loss = defaults["loss"]
-        if self.loss not in _LOSSES[self.task]:
+            self.loss = defaults.loss
+        if self.loss not in losses:
             raise ValueError(f"loss {self.loss!r} does not fit task {self.task}; choose from "
-                             f"{', '.join(_LOSSES[self.task])}")
+                             f"{', '.join(losses)}")
         if int(self.scale) < 2:
             raise ValueError(f"scale must be an integer >= 2, got {self.scale}")
         for key, choices in _CHOICES.items():
@@ -199,18 +189,18 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        own = DEFAULTS[self.task]
-        if self.optimizer == own["optimizer"] and own["lr"] is not None:
-            return own["lr"]
+        own = task_class(self.task).defaults
+        if self.optimizer == own.optimizer and own.lr is not None:
+            return own.lr
         return 0.1 * self.batch_size / 256 if self.optimizer == "sgd" else 2e-3
 
     @property
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:
             return self.weight_decay
-        own = DEFAULTS[self.task]
-        if self.optimizer == own["optimizer"] and own["weight_decay"] is not None:
-            return own["weight_decay"]
+        own = task_class(self.task).defaults
+        if self.optimizer == own.optimizer and own.weight_decay is not None:
+            return own.weight_decay
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
     def with_overrides(self, overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, list]]:

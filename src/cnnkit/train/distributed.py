@@ -49,6 +49,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cnnkit.data.shards import active, all_reduce_sum, comm_device, gather_shards
+
 from .device import resolve_device
 
 __all__ = ["DistInfo", "current", "setup", "shutdown", "is_main", "barrier", "all_reduce_sum",
@@ -148,75 +150,26 @@ def is_main() -> bool:
     return current().is_main
 
 
-def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _comm_device() -> torch.device:
-    # NCCL moves CUDA tensors only; gloo moves CPU tensors (and CUDA ones through the host).
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
-    if _active():
+    if active():
         dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t`` over all ranks, as a new tensor on ``t``'s device (``t`` itself alone)."""
-    if not _active():
-        return t
-    buf = t.detach().to(_comm_device(), copy=True)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
 
 
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
     """The elementwise minimum of ``t`` over all ranks."""
-    if not _active():
+    if not active():
         return t
-    buf = t.detach().to(_comm_device(), copy=True)
+    buf = t.detach().to(comm_device(), copy=True)
     dist.all_reduce(buf, op=dist.ReduceOp.MIN)
     return buf.to(t.device)
 
 
-def gather_shards(t: torch.Tensor) -> torch.Tensor:
-    """Undo round-robin sharding: rank r holds items r, r + W, r + 2W ... of a sequence (rows
-    of ``t``, as many as it has); every rank gets the whole sequence, in order.
-
-    Example:
-        >>> gather_shards(torch.arange(3))  # one process: unchanged
-        tensor([0, 1, 2])
-    """
-    if not _active():
-        return t
-    world, dev = dist.get_world_size(), _comm_device()
-    x = t.detach().to(dev).contiguous()
-    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(x)], device=dev))
-    counts = [int(s) for s in sizes]
-    padded = x.new_zeros((max(counts), *x.shape[1:]))
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    out = x.new_empty((sum(counts), *x.shape[1:]))
-    for r, (part, k) in enumerate(zip(parts, counts, strict=True)):
-        rows = out[r::world]
-        if len(rows) != k:
-            raise RuntimeError(f"rank {r} holds {k} items, not every {world}-th of {len(out)}: "
-                               "the shards were not made round-robin")
-        rows.copy_(part[:k])
-    return out.to(t.device)
-
-
 def broadcast_(tensors: Iterable[torch.Tensor]) -> None:
     """Overwrite ``tensors`` in place with rank 0's values (parameters, buffers, EMA state)."""
-    if not _active():
+    if not active():
         return
-    dev = _comm_device()
+    dev = comm_device()
     for t in tensors:
         buf = t.detach()
         if buf.device != dev or not buf.is_contiguous():
@@ -229,9 +182,9 @@ def broadcast_(tensors: Iterable[torch.Tensor]) -> None:
 
 def broadcast_text(text: str) -> str:
     """Rank 0's ``text`` on every rank (run folder names: rank 0 picks, the others follow)."""
-    if not _active():
+    if not active():
         return text
-    dev = _comm_device()
+    dev = comm_device()
     data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=dev)
     size = torch.tensor([len(data)], device=dev)
     dist.broadcast(size, src=0)
@@ -249,7 +202,7 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     training step; checkpoints are written from ``model`` itself, so their keys are the
     model's own (torchvision-compatible) names without a ``module.`` prefix.
     """
-    if not _active():
+    if not active():
         return model
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -61,7 +61,7 @@ def train_epoch(trainer: Trainer, bar: tqdm) -> dict[str, float]:
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen, counted, t0, last_draw, bad_step = 0, 0, time.perf_counter(), 0.0, math.inf
-    tag = {"accuracy": "acc", "miou": "pix_acc", "psnr": "psnr"}[trainer.task.metric]
+    tag = trainer.task.progress_tag
     for step, (x, y) in enumerate(trainer.train_loader):
         if trainer._compile_pending:
             out, loss = first_step_with_fallback(
@@ -108,8 +108,7 @@ def train_epoch(trainer: Trainer, bar: tqdm) -> dict[str, float]:
     if not math.isfinite(float(loss_sum)):
         nonfinite(trainer, len(trainer.train_loader) - 1)
     elapsed = time.perf_counter() - t0
-    train_score = {"accuracy": "train_accuracy", "miou": "train_pixel_accuracy",
-                   "psnr": "train_psnr"}[trainer.task.metric]
+    train_score = f"train_{trainer.task.train_metric}"
     return {"train_loss": float(loss_sum) / max(1, seen),
             train_score: float(correct) / max(1, counted),
             "samples_per_s": seen / elapsed, "epoch_time_s": elapsed}

@@ -94,7 +94,7 @@ def capture(trainer: Trainer) -> dict[str, Any]:
             "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
             "ema": None if trainer.ema is None else
             {"state": trainer.ema.state, "updates": trainer.ema.updates},
-            "rng": rng, "history": trainer.history, "best_acc": trainer.best_acc,
+            "rng": rng, "history": trainer.history, "best_acc": trainer.best_score,
             "best_epoch": trainer.best_epoch, "bad_epochs": trainer.bad_epochs,
             "resumes": trainer.resumes}
 
@@ -131,7 +131,9 @@ def restore(trainer: Trainer) -> None:
         if "cuda" in s["rng"] and trainer.device.type == "cuda":
             torch.cuda.set_rng_state(s["rng"]["cuda"], trainer.device)
         trainer.epoch, trainer.history = int(s["epoch"]), list(s["history"])
-        trainer.best_acc, trainer.best_epoch = float(s["best_acc"]), int(s["best_epoch"])
+        best = s["best_acc"]  # the headline metric's best (the key kept for older states)
+        trainer.best_score = None if best is None else float(best)
+        trainer.best_epoch = int(s["best_epoch"])
         trainer.bad_epochs = int(s["bad_epochs"])
         trainer.resumes = list(s.get("resumes", []))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:

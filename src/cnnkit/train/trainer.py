@@ -26,6 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cnnkit.tasks import create_task
+from cnnkit.tasks.classify import evaluate_classify
+
 from . import distributed as ddp
 from .budget import check_run_memory
 from .checkpoint import atomic_write, load_weights, read_header, save_state, save_weights
@@ -44,7 +47,6 @@ from .run import (
     write_json,
     write_yaml,
 )
-from .tasks import evaluate_classify, get_task
 from .weights import build_model, check_belongs, check_meta, check_rebuildable, run_meta
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "evaluate"]
@@ -149,12 +151,12 @@ class Trainer:
         from cnnkit.models import create_model, model_info
 
         cfg = self.config
-        task = self.task = get_task(cfg)
+        task = self.task = create_task(cfg.task, cfg)
         info = model_info(cfg.model)
-        if info.task != task.name:
+        if info.task != task.models:
             raise ValueError(f"model {cfg.model!r} is a {info.task} model but the task is "
-                             f"{task.name}; pass --task {info.task}, or pick a {task.name} model "
-                             f"(`cnnkit models --task {task.name}`)")
+                             f"{task.name}; pass --task {info.task}, or pick a {task.models} model "
+                             f"(`cnnkit models --task {task.models}`)")
         seed_everything(cfg.seed)
         self.amp = resolve_amp(cfg.amp, self.device)
         if cfg.image_size is not None and self._init_model is None:  # before any data
@@ -163,7 +165,8 @@ class Trainer:
                                                         classes=["a", "b"],
                                                         mask_classes=["a", "b"]))
         data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                         strict=cfg.strict, seed=cfg.seed, task=task.name, **cfg.data_options)
+                         strict=cfg.strict, seed=cfg.seed, targets=task.data_targets,
+                         **cfg.data_options)
         self.data = data
         self.split = split_indices(data.labels, cfg.split, seed=cfg.seed)
         train_idx, val_idx, test_idx = self.split
@@ -220,7 +223,7 @@ class Trainer:
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
         self.criterion = task.criterion()
         self.epoch, self.history, self.resumes = 0, [], []
-        self.best_acc, self.best_epoch, self.bad_epochs = -1.0, 0, 0
+        self.best_score, self.best_epoch, self.bad_epochs = None, 0, 0
         if self.resuming:
             restore(self)
         # DDP broadcasts rank 0's weights at wrapping; compile wraps the DDP module, so
@@ -297,9 +300,9 @@ class Trainer:
                 metrics = {"epoch": self.epoch, **metrics, "val_loss": val["loss"],
                            f"val_{key}": val[key], "lr": self.optimizer.param_groups[0]["lr"]}
                 self.history.append(metrics)
-                improved = val[key] > self.best_acc
+                improved = self.task.improved(val[key], self.best_score)
                 if improved:
-                    self.best_acc, self.best_epoch, self.bad_epochs = val[key], self.epoch, 0
+                    self.best_score, self.best_epoch, self.bad_epochs = val[key], self.epoch, 0
                 else:
                     self.bad_epochs += 1
                 if main:
@@ -337,7 +340,7 @@ class Trainer:
         summary = {
             "model": self.config.model, "data": self.config.data, "task": self.task.name,
             **self.task.summary(test),
-            f"best_val_{self.task.metric}": self.best_acc, "best_epoch": self.best_epoch,
+            f"best_val_{self.task.metric}": self.best_score, "best_epoch": self.best_epoch,
             "epochs_run": self.epoch, "stopped_early": self.epoch < self.config.epochs,
             "input_size": [c, h, w], "num_classes": len(self.preprocess.classes),
             "classes": self.preprocess.classes,
@@ -352,7 +355,8 @@ class Trainer:
             summary["resumes"] = self.resumes
         if self.dist.is_main:
             write_json(self.paths.summary, summary)
-            write_report(self.paths, summary, self.history, test, self.data, self.split[2])
+            write_report(self.paths, self.task, summary, self.history, test, self.data,
+                         self.split[2])
         ddp.barrier()  # every rank returns with the run folder complete
         return summary
 

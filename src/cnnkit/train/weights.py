@@ -21,21 +21,20 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from cnnkit._limits import require_memory
+from cnnkit.tasks import create_task, list_tasks
 
 from .checkpoint import load_weights, read_header
 from .config import TrainConfig
 
 __all__ = ["check_meta", "check_belongs", "build_model", "load_checked", "run_meta",
            "check_rebuildable", "model_kwargs"]
-
-_TASKS = ("classify", "segment", "superres")
-
 
 def _fail(path: str | os.PathLike, what: str) -> ValueError:
     return ValueError(f"{path}: {what}; the file was not written by cnnkit or was damaged: "
@@ -56,7 +55,7 @@ def check_meta(meta: dict[str, Any], path: str | os.PathLike) -> None:
     checks = {
         "model": isinstance(meta.get("model"), str),
         "model_kwargs": isinstance(meta.get("model_kwargs", {}), dict),
-        "task": meta.get("task", "classify") in _TASKS,
+        "task": meta.get("task", "classify") in list_tasks(),
         "input_size": isinstance(size, list) and len(size) in (3, 4) and all(
             isinstance(v, int) and not isinstance(v, bool) and 1 <= v for v in size),
         "classes": isinstance(meta.get("classes"), list) and all(
@@ -75,12 +74,9 @@ def check_meta(meta: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def model_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """The builder options a run's weights record: the config's, plus the scale of a
-    super-resolution model."""
-    kwargs = dict(config.model_kwargs)
-    if config.task == "superres":
-        kwargs["scale"] = config.scale
-    return kwargs
+    """The builder options a run's weights record: the config's, plus the task's own (the
+    scale of a super-resolution model)."""
+    return {**config.model_kwargs, **create_task(config.task, config).builder_options()}
 
 
 def check_belongs(meta: dict[str, Any], config: TrainConfig, path: str | os.PathLike,
@@ -107,15 +103,12 @@ def _build(meta: dict[str, Any], history: bool = True) -> nn.Module:
     pruning and low-rank factorisation it went through."""
     from cnnkit.models import create_model
 
-    c, *spatial = meta["input_size"]
     kwargs = dict(meta.get("model_kwargs", {}))
-    if meta.get("task", "classify") == "superres":  # the image size is the low-res input's
-        s = kwargs["scale"]
-        model = create_model(meta["model"], in_chans=c,
-                             img_size=tuple(v // s for v in spatial), **kwargs)
-    else:
-        model = create_model(meta["model"], num_classes=len(meta["classes"]), in_chans=c,
-                             img_size=tuple(spatial), **kwargs)
+    task = create_task(meta.get("task", "classify"), SimpleNamespace(**kwargs))
+    # what the task derives from the data (classes, channels, size), as at training time
+    like = SimpleNamespace(input_size=tuple(meta["input_size"]), classes=meta["classes"],
+                           mask_classes=meta["classes"])
+    model = create_model(meta["model"], **{**task.model_kwargs(like), **kwargs})
     if history and meta.get("pruning_history"):
         from cnnkit.compress.prune import apply_history
 

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit.tasks import create_task
+from cnnkit.tasks.classify import Classify
 from cnnkit.train.run import load_run, resolve_run
 
 from .codec import pack
@@ -112,9 +114,9 @@ class Explorer:
                  max_channels: int = 64, max_side: int = 64, max_values: int = 2_000_000,
                  cache_size: int = 4, max_uploads: int = 32, inputs: InputStore | None = None,
                  stamps: Sequence[FileStamp] | None = None) -> None:
-        if run.preprocess.task != "classify":
+        if not isinstance(create_task(run.config.task, run.config), Classify):
             raise ValueError(f"cnnkit serve explores classifiers; {run.path} is a "
-                             f"{run.preprocess.task} run")
+                             f"{run.config.task} run")
         self.run, self.weights, self.model = run, weights, run.model
         self.float_model = float_model if float_model is not None else run.model
         self.input_size = tuple(run.preprocess.input_size)

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from cnnkit.explain import create
-from cnnkit.explain._base import RegionScores
 from cnnkit.models._dense import DenseModel, pad_to_multiple
-from cnnkit.train.dense import dense_forward, window_starts
+from cnnkit.tasks.dense import dense_forward, window_starts
+from cnnkit.tasks.segment import RegionScores
 
 
 class PointwiseSeg(DenseModel):

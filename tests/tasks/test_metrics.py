@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnkit.train.metrics import (
+from cnnkit.tasks.metrics import (
     bicubic_downscale,
     bicubic_upscale,
     confusion_matrix,

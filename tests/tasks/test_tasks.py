@@ -5,8 +5,10 @@ import torch
 
 from cnnkit.data import load_data
 from cnnkit.data._types import IGNORE_INDEX
+from cnnkit.tasks import create_task, list_tasks, task_class
+from cnnkit.tasks.segment import Segment
+from cnnkit.tasks.superres import SuperRes
 from cnnkit.train import TrainConfig
-from cnnkit.train.tasks import Segment, SuperRes, get_task
 
 
 def test_per_task_defaults_and_overrides():
@@ -30,7 +32,7 @@ def test_per_task_defaults_and_overrides():
 
 
 def test_segment_prepare_pads_with_ignored_pixels():
-    data = load_data("shapes", n=6, size=20, task="segment")
+    data = load_data("shapes", n=6, size=20, targets="masks")
     task = Segment(TrainConfig(task="segment"))
     padded = task.prepare(data, 16)
     assert padded.images.shape[-2:] == (32, 32) and padded.masks.shape[-2:] == (32, 32)
@@ -53,8 +55,37 @@ def test_superres_prepare_crops_to_scale():
                                                                  4)
 
 
-def test_get_task_names():
-    assert [get_task(TrainConfig(task=t)).metric for t in ("classify", "segment", "superres")] \
-        == ["accuracy", "miou", "psnr"]
-    with pytest.raises(ValueError, match="task must be one of"):
+def test_task_registry():
+    assert list_tasks() == ["classify", "regress", "segment", "superres"]
+    assert [create_task(t, TrainConfig(task=t, data="x.npz")).metric for t in list_tasks()] \
+        == ["accuracy", "mse", "miou", "psnr"]
+    assert [task_class(t).higher_is_better for t in list_tasks()] == [True, False, True, True]
+    with pytest.raises(ValueError, match="task must be one of classify, regress, segment"):
         TrainConfig(task="detect")
+    with pytest.raises(ValueError, match="unknown task 'detect'; choose from"):
+        task_class("detect")
+
+
+def test_every_models_task_is_registered():
+    from cnnkit.models import list_models, model_info
+
+    assert {model_info(n).task for n in list_models()} <= set(list_tasks())
+    assert {task_class(t).models for t in list_tasks()} <= {model_info(n).task
+                                                           for n in list_models()}
+
+
+def test_no_task_is_named_outside_the_tasks_package():
+    """Tasks are seen through the registry only: no code above it compares a task's name
+    with a literal (models declare theirs, the tasks package defines them)."""
+    import re
+    from pathlib import Path
+
+    import cnnkit
+
+    root = Path(cnnkit.__file__).parent
+    literal = re.compile(r"task\w*\s*[!=]=\s*[\"']|[!=]=\s*[\"'](classify|segment|superres|"
+                         r"regress)[\"']")
+    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+                 if p.parts[len(root.parts)] not in ("tasks", "models")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert not offenders

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnkit.train.losses import LOSS_KINDS, SegmentationLoss, dice_loss, focal_loss
+from cnnkit.tasks.losses import LOSS_KINDS, SegmentationLoss, dice_loss, focal_loss
 
 
 def pixels(probs: list[list[float]]) -> torch.Tensor:

@@ -1,0 +1,260 @@
+"""Semantic segmentation: one class per pixel (or voxel), scored by mean IoU.
+
+Target ``[N, *spatial]`` masks of class indices (255: ignored); losses cross-entropy,
+Dice, focal or their sums (:mod:`cnnkit.tasks.losses`); the report shows test images
+beside their ground-truth and predicted masks and the per-class IoU and Dice. An
+explanation explains a class's region (:class:`RegionScores`, after Seg-Grad-CAM).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.data._types import IGNORE_INDEX
+from cnnkit.data.shards import all_reduce_sum, gather_shards, is_sharded
+
+from ._base import ReportParts, Task, TaskDefaults, autocast
+from ._registry import register_task
+from .figures import png, show, table
+
+__all__ = ["Segment", "RegionScores"]
+
+_SAMPLES = 8  # test predictions kept for the report's figures
+
+
+class RegionScores(nn.Module):
+    """A segmentation model seen as a classifier, so that every method explains it.
+
+    Class ``c``'s score is the sum of its logits over the pixels the model assigns to
+    ``c`` (the whole input when it assigns none), the score Seg-Grad-CAM explains
+    (Vinogradova, Dibrov and Myers 2020, "Towards interpretable semantic segmentation
+    via gradient-weighted class activation mapping"). The region is the argmax of the
+    logits being explained and is not differentiated through, so a perturbation that
+    removes the object also shrinks its region, and the score falls.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = model.num_classes
+        self.cam_layer = getattr(model, "cam_layer", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        dims = tuple(range(2, logits.ndim))
+        with torch.no_grad():
+            region = F.one_hot(logits.argmax(1), logits.shape[1]).movedim(-1, 1)
+            region = region.to(logits.dtype)
+            region = torch.where(region.sum(dims, keepdim=True) == 0, 1.0, region)
+        return (logits * region).sum(dims)
+
+    @torch.no_grad()
+    def predicted(self, x: torch.Tensor) -> torch.Tensor:
+        """Per input, the class covering most pixels, background (class 0) only if alone."""
+        logits = self.model(x)
+        area = F.one_hot(logits.argmax(1), logits.shape[1]).flatten(1, -2).sum(1)  # [B, K]
+        fg = area[:, 1:].sum(1, keepdim=True) > 0
+        area[:, :1] = torch.where(fg, -1, area[:, :1])
+        return area.argmax(1)
+
+
+@register_task
+class Segment(Task):
+    """Semantic segmentation: one label per pixel, scored by mean IoU."""
+
+    name = "segment"
+    description = "a class per pixel or voxel"
+    metric = "miou"
+    losses = ("ce+dice", "ce", "dice", "focal", "focal+dice")
+    # Segmentation learns per step, not per epoch: small batches and SGD at 0.05 took
+    # U-Net to 0.99 mIoU on shapes in 10 epochs on 2 CPU cores (docs/benchmarks.md).
+    defaults = TaskDefaults(model="unet_small", data="shapes", loss="ce+dice", epochs=10,
+                            batch_size=16, lr=0.05)
+    data_targets = "masks"
+    writes_predictions = True
+    train_metric, progress_tag = "pixel_accuracy", "pix_acc"
+
+    def classes(self, data: Any) -> list[str]:
+        return list(data.mask_classes)
+
+    def targets(self, data: Any) -> torch.Tensor:
+        return data.masks
+
+    def prepare(self, data: Any, multiple: int) -> Any:
+        """Pad inputs (reflected) and masks (ignored pixels) to a multiple of the stride."""
+        from cnnkit.models._dense import pad_to_multiple
+
+        spatial = data.images.shape[2:]
+        if multiple <= 1 or all(s % multiple == 0 for s in spatial):
+            return data
+        images, _ = pad_to_multiple(data.images, multiple)
+        masks, size = pad_to_multiple(data.masks, multiple, mode="constant")
+        for axis, n in enumerate(size):  # everything past the original extent: ignored
+            masks.narrow(axis + 1, n, masks.shape[axis + 1] - n).fill_(IGNORE_INDEX)
+        out = data.subset(torch.arange(len(data)))
+        out.images, out.masks = images, masks
+        return out
+
+    def align(self, data: Any, outputs: list[str], name: str) -> Any:
+        if len(data.mask_classes) > len(outputs):
+            raise ValueError(f"data {name!r} has {len(data.mask_classes)} mask classes but the "
+                             f"run's model predicts {len(outputs)}; evaluate on data labelled "
+                             "with the run's classes")
+        return data
+
+    def criterion(self) -> nn.Module:
+        from .losses import SegmentationLoss
+
+        return SegmentationLoss(self.cfg.loss, ignore_index=IGNORE_INDEX)
+
+    def batch_score(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        valid = y != IGNORE_INDEX
+        return ((out.detach().argmax(1) == y) & valid).sum(), int(valid.sum())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
+                 amp: torch.dtype | None = None) -> dict[str, Any]:
+        """mIoU, per-class IoU and Dice, pixel accuracy and loss over ``loader``."""
+        from .metrics import confusion_matrix, segmentation_scores
+
+        was_training = model.training
+        model.eval()
+        crit = self.criterion()
+        k = model.num_classes
+        cm = torch.zeros(k, k, dtype=torch.long, device=device)
+        loss, n, kept = torch.zeros((), device=device), 0, []
+        for x, y in loader:
+            with autocast(device, amp):
+                out = model(x)
+            out = out.float()
+            loss += crit(out, y) * len(y)
+            n += len(y)
+            pred = out.argmax(1)
+            cm += confusion_matrix(pred, y, k)
+            if sum(len(p) for p in kept) < _SAMPLES:
+                kept.append(pred[:_SAMPLES].to(torch.uint8).cpu())
+        model.train(was_training)
+        preds = torch.cat(kept)[:_SAMPLES] if kept else None
+        if is_sharded(loader):  # every rank has kept its first samples: interleave them back
+            cm = all_reduce_sum(cm)
+            loss, n = all_reduce_sum(torch.stack([loss, torch.tensor(float(n), device=device)]))
+            preds = gather_shards(preds)[:_SAMPLES]
+        scores = segmentation_scores(cm.cpu())
+        return {"loss": float(loss) / max(1, float(n)), **scores, "cm": cm.cpu(),
+                "preds": preds}
+
+    def summary(self, test: dict[str, Any]) -> dict[str, Any]:
+        return {"test_miou": test["miou"], "test_pixel_accuracy": test["pixel_accuracy"],
+                "test_mdice": test["mdice"], "test_iou": test["iou"], "test_loss": test["loss"]}
+
+    def headline(self, result: dict[str, Any]) -> str:
+        return (f"test_miou {result['test_miou']:.4f}  test_pixel_accuracy "
+                f"{result['test_pixel_accuracy']:.4f}")
+
+    def report(self, summary: dict[str, Any], test: dict[str, Any], data: Any,
+               test_idx: torch.Tensor) -> ReportParts:
+        classes, figures = summary["classes"], []
+        if test.get("preds") is not None and data.images.ndim == 4:
+            k = len(test["preds"])
+            figures.append(("Sample predictions", _samples(
+                data.images[test_idx[:k]], data.masks[test_idx[:k]], test["preds"], classes)))
+        rows = [[c, iou, dice] for c, iou, dice in zip(classes, test["iou"], test["dice"],
+                                                        strict=True)]
+        return ReportParts(
+            f"Test mIoU <b>{summary['test_miou']:.4f}</b> on {len(test_idx)} held-out images.",
+            figures, table("Per-class test IoU and Dice", ["class", "IoU", "Dice"], rows))
+
+    # -- explanation and prediction ------------------------------------------------------------
+
+    @classmethod
+    def explainable(cls, model: nn.Module) -> nn.Module:
+        return RegionScores(model)
+
+    @classmethod
+    def predicted(cls, scorer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return scorer.predicted(x)
+
+    @classmethod
+    def confidence(cls, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The share of the input's pixels predicted as each class."""
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        return F.one_hot(pred, model.num_classes).float().flatten(1, -2).mean(1)
+
+    @classmethod
+    def confidence_text(cls, value: float) -> str:
+        return f"({value:.0%} of pixels)"
+
+    def prediction_names(self, stem: str) -> list[str]:
+        """The files :meth:`write_prediction` writes for input ``stem``."""
+        return [f"{stem}_mask.png", f"{stem}_overlay.png"]
+
+    def write_prediction(self, pred: torch.Tensor, image: torch.Tensor, out: Path, stem: str,
+                         classes: list[str], crf: bool = False) -> dict[str, Any]:
+        """A palette mask (pixel values: class indices) and an overlay of one prediction
+        (logits ``[K, H, W]`` of ``image``, uint8 ``[C, H, W]``); ``crf`` refines it with the
+        dense CRF of DeepLab first."""
+        import numpy as np
+        from PIL import Image
+
+        if crf:
+            from cnnkit.layers import crf_refine
+
+            mask = crf_refine(pred[None], image[None].float())[0].to(torch.uint8).numpy()
+        else:
+            mask = pred.argmax(0).to(torch.uint8).numpy()
+        pal = palette(len(classes))
+        m = Image.fromarray(mask, mode="P")
+        m.putpalette(pal)
+        m.save(out / f"{stem}_mask.png")
+        colours = np.array(pal, dtype=np.float32).reshape(256, 3)[mask]
+        base = image.permute(1, 2, 0).numpy().astype(np.float32)
+        base = np.repeat(base, 3, 2) if base.shape[-1] == 1 else base
+        alpha = np.where(mask[..., None] > 0, 0.5, 0.0)  # background stays as it was
+        blend = (base * (1 - alpha) + colours * alpha).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(blend).save(out / f"{stem}_overlay.png")
+        counts = np.bincount(mask.ravel(), minlength=len(classes)) / mask.size
+        return {"mask": str(out / f"{stem}_mask.png"), "overlay": str(out / f"{stem}_overlay.png"),
+                "class_fractions": {classes[k]: round(float(v), 6)
+                                    for k, v in enumerate(counts) if v > 0}}
+
+    def prediction_line(self, result: dict[str, Any]) -> str:
+        top = sorted(result["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
+        return f"{result['file']}: {result['mask']} (" + ", ".join(
+            f"{c} {v:.1%}" for c, v in top) + ")"
+
+
+def palette(k: int) -> list[int]:
+    """Colours of classes 0..k-1 in overlays and palette masks: black, then matplotlib's
+    tab20 (Pascal VOC's palette order is arbitrary; these are easier to tell apart)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    cols = [[0, 0, 0]] + [[round(255 * v) for v in cmap(i % 20)[:3]] for i in range(k - 1)]
+    return [v for c in cols for v in c] + [0] * (3 * (256 - len(cols)))
+
+
+def _samples(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor,
+             classes: list[str]) -> str:
+    import matplotlib.pyplot as plt
+
+    n, k = len(preds), len(classes)
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    h, w = images.shape[-2:]
+    for i in range(n):
+        show(axes[i, 0], images[i], "image" if i == 0 else "")
+        for j, (m, title) in enumerate(((masks[i], "ground truth"), (preds[i], "prediction"))):
+            m = m[:h, :w].float()
+            m[m == IGNORE_INDEX] = float("nan")  # ignored pixels
+            axes[i, j + 1].imshow(m.numpy(), cmap="tab20", vmin=0, vmax=max(19, k - 1),
+                                  interpolation="nearest")
+            axes[i, j + 1].set_title(title if i == 0 else "", fontsize=8)
+            axes[i, j + 1].axis("off")
+    fig.suptitle("Test images: ground truth and predicted masks (same colour = same class)",
+                 fontsize=9)
+    return png(fig)
