@@ -30,7 +30,7 @@ __all__ = ["atomic_write", "move_new", "is_temporary", "remove_temporaries", "ma
            "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
-# What a run folder holds (cnnkit.train.run.RunPaths): no command other than the run's own
+# What a run folder holds (cnnkit.run.RunPaths): no command other than the run's own
 # training (and cnnkit compress, which writes a new run) may write over these.
 RUN_FILES = frozenset({"config.yaml", "model.safetensors", "model_last.safetensors",
                        "model_int8.safetensors", "train_state.safetensors", "metrics.jsonl",

@@ -127,5 +127,7 @@ def test_summary_of_dense_models(cli, one_line_error):
     assert res["output_shape"] == [1, 1, 51, 51] and res["total_params"] == 22_729
     code, out, err = cli(["summary", "unet3d", "--input", "1x16x16x16"])
     assert code == 0 and "Output: [1, 3, 16, 16, 16]" in out, err
-    code, _, err = cli(["summary", "resnet18", "--input", "3x16x16x16"])
-    assert "CxDxHxW is for volume models" in one_line_error(code, err)
+    code, out, err = cli(["summary", "resnet18", "--input", "3x16x16x16"])  # a 3D ResNet
+    assert code == 0 and "Output: [1, 1000]" in out, err
+    code, _, err = cli(["summary", "lenet5", "--input", "1x16x16x16"])
+    assert "lenet5 is built in 2D only, not 3D" in one_line_error(code, err)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from cnnkit._files import LOCK_NAME, FolderLock, atomic_write, make_folder
-from cnnkit.train.run import claim_run_folder
+from cnnkit.run import claim_run_folder
 
 TRAIN = ["train", "--model", "lenet5", "--data", "digits", "--epochs", "1", "--batch-size", "64",
          "--no-progress"]

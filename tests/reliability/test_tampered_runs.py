@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import save as st_save
 
 from cnnkit.models import create_model
-from cnnkit.train.checkpoint import load_weights, save_weights
+from cnnkit.run.checkpoint import load_weights, save_weights
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_last_weights_and_resume_are_checked_too(cli, one_line_error, run):
 
 
 def test_a_training_state_of_another_model_is_refused(cli, one_line_error, run, tmp_path):
-    from cnnkit.train.checkpoint import load_state, save_state
+    from cnnkit.run.checkpoint import load_state, save_state
 
     state = load_state(run / "train_state.safetensors")
     state["model"] = _lenet_state()

@@ -18,9 +18,9 @@ import torch
 import torch.multiprocessing as mp
 
 from cnnkit.data import TensorLoader
+from cnnkit.run.checkpoint import load_weights
 from cnnkit.train import NonFiniteLossError, TrainConfig, Trainer
 from cnnkit.train import distributed as ddp
-from cnnkit.train.checkpoint import load_weights
 from cnnkit.train.sync_bn import SyncBatchNorm, convert_sync_batchnorm
 
 WORLD = 2
@@ -103,10 +103,11 @@ def test_sync_batchnorm_is_batchnorm_in_one_process_with_the_same_keys():
 # -- two processes ----------------------------------------------------------------------------
 
 def _count_writes() -> dict[str, int]:
-    """Count every run-folder write (all go through checkpoint.atomic_write) in this process."""
-    from cnnkit.train import checkpoint
+    """Count every run-folder write (all go through cnnkit._files.atomic_write) in this
+    process."""
+    from cnnkit import _files
 
-    original, calls = checkpoint.atomic_write, {"n": 0}
+    original, calls = _files.atomic_write, {"n": 0}
 
     def counting(*args, **kwargs):
         calls["n"] += 1
@@ -128,7 +129,7 @@ def _stop_after(epoch):
 def _worker(rank: int, tmp: str) -> None:
     import torch.distributed as dist
 
-    import cnnkit.train.report  # noqa: F401 - imported before its atomic_write is counted
+    import cnnkit.run.report  # noqa: F401 - imported before its atomic_write is counted
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from cnnkit.data import TensorLoader
 from cnnkit.models import create_model
+from cnnkit.run.checkpoint import load_weights
 from cnnkit.train import TrainConfig, Trainer
-from cnnkit.train.checkpoint import load_weights
 from cnnkit.train.device import _cpu_has_bf16, autocast, resolve_amp
 from cnnkit.train.optim import build_optimizer, fused_supported
 

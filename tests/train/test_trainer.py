@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
+from cnnkit.run.checkpoint import load_weights
 from cnnkit.train import NonFiniteLossError, TrainConfig, Trainer, load_run, train
-from cnnkit.train.checkpoint import load_weights
 from cnnkit.train.evaluation import evaluate_run
 
 
@@ -152,7 +152,7 @@ def test_resume_through_train_keeps_the_saved_epochs(tmp_path):
 
 
 def test_resume_refuses_changed_data(tmp_path):
-    from cnnkit.train.checkpoint import save_weights
+    from cnnkit.run.checkpoint import save_weights
 
     broken = Trainer(small(tmp_path, name="c", epochs=2), progress=False,
                      callbacks=[_stop_after(1)])

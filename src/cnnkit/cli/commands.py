@@ -76,8 +76,8 @@ _COMMAND_ARGS = {"resume", "runs_dir", "no_progress", "json", "command", "func",
 
 def _resume_args(args: argparse.Namespace) -> tuple[Path, dict]:
     """The run folder and the options to change (``RESUME_OPTIONS``) for ``--resume``."""
-    from cnnkit.train.config import RESUME_OPTIONS
-    from cnnkit.train.run import resolve_run
+    from cnnkit.run import resolve_run
+    from cnnkit.run.config import RESUME_OPTIONS
 
     given = {k: v for k, v in vars(args).items()
              if k not in _COMMAND_ARGS and v is not None and v is not False}
@@ -107,8 +107,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _launch(args: argparse.Namespace, config, resume: Path | None) -> int:
     """``cnnkit train --nproc N``: the same command under torchrun, N processes."""
+    from cnnkit.run import RunPaths, read_config
     from cnnkit.train import distributed
-    from cnnkit.train.run import RunPaths, read_config
 
     batch = (read_config(RunPaths(resume).config) if resume is not None else config).batch_size
     if batch % args.nproc:
@@ -260,14 +260,8 @@ def summary(args: argparse.Namespace) -> int:
         if args.num_classes:
             kwargs["num_classes"] = args.num_classes
         if args.input:
-            kwargs.update(in_chans=args.input[0], img_size=args.input[1:])
-        try:
-            model = create_model(target, **kwargs)
-        except (ValueError, TypeError) as e:
-            if not args.input or len(args.input) == 3:
-                raise
-            raise ValueError(f"{target} takes images (--input CxHxW); CxDxHxW is for volume "
-                             "models such as unet3d") from e
+            kwargs["input_size"] = args.input
+        model = create_model(target, **kwargs)  # a size it cannot take: one line, its own
         size = args.input or model.default_cfg["input_size"]
     try:
         result = model_summary(model, tuple(size))

@@ -25,17 +25,19 @@ def kv(text: str) -> tuple[str, object]:
 
 
 def size(text: str) -> tuple[int, ...]:
-    """``3x224x224`` -> (3, 224, 224); volumes ``CxDxHxW`` (3D models) give four values."""
+    """``3x224x224`` -> (3, 224, 224): channels, then 1 to 3 spatial sizes (``CxL`` for
+    sequences, ``CxHxW`` for images, ``CxDxHxW`` for volumes)."""
     try:
-        size = tuple(int(v) for v in text.lower().split("x"))
+        values = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
-        size = ()
-    if len(size) not in (3, 4):
-        msg = f"expected CxHxW such as 3x224x224 (CxDxHxW for volumes), got {text!r}"
+        values = ()
+    if len(values) not in (2, 3, 4):
+        msg = (f"expected CxHxW such as 3x224x224 (CxL for sequences, CxDxHxW for volumes), "
+               f"got {text!r}")
         raise argparse.ArgumentTypeError(msg) from None
-    if min(size) < 1:
+    if min(values) < 1:
         raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return size
+    return values
 
 
 def number(text: str, kind: type, low: float, low_ok: bool, high: float = math.inf):

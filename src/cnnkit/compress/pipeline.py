@@ -109,7 +109,7 @@ def _criterion_data(calib: tuple[torch.Tensor, torch.Tensor] | None, criterion: 
 def _finetune(run: Any, model: nn.Module, folder: Any, epochs: int,
               progress: bool | None) -> nn.Module:
     """Fine-tune ``model`` with the run's own recipe at a tenth of its learning rate, as the
-    run folder ``folder`` (a claimed :class:`~cnnkit.train.run.RunFolder`); returns the
+    run folder ``folder`` (a claimed :class:`~cnnkit.run.RunFolder`); returns the
     reloaded best weights."""
     from cnnkit.train import TrainConfig, Trainer, load_run
 
@@ -164,7 +164,7 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
     """Compress a classification run into a new run folder and measure both.
 
     Args:
-        run: a run folder or a :class:`cnnkit.train.run.Run`.
+        run: a run folder or a :class:`cnnkit.run.Run`.
         out: the new run folder (must not exist).
         prune: fraction of channels to remove per group (structured, see
             :func:`cnnkit.compress.prune.prune`), or None.
@@ -188,8 +188,8 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
         ``lowrank`` or ``pruned+lowrank``; ``int8``) with accuracy, params, MACs, bytes and
         latency, and the speed-ups.
     """
+    from cnnkit.run import claim_run_folder
     from cnnkit.train import load_run
-    from cnnkit.train.run import claim_run_folder
 
     run = run if hasattr(run, "preprocess") else load_run(run)
     _check_classify(run)
@@ -223,9 +223,9 @@ def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
               global_ranking: bool, finetune: int, lowrank: str | float | None,
               quantize: str | None, observer: str, qat: int,
               progress: bool | None) -> dict[str, Any]:
-    from cnnkit.train.checkpoint import save_weights
-    from cnnkit.train.run import RunPaths, write_json
-    from cnnkit.train.weights import run_meta
+    from cnnkit.run import RunPaths, write_json
+    from cnnkit.run.checkpoint import save_weights
+    from cnnkit.run.weights import run_meta
 
     from .prune import prune as prune_model
 

@@ -284,7 +284,7 @@ def save_quantized(qmodel: fx.GraphModule, path: str | Path) -> Path:
     (through :func:`quantize`, or :func:`cnnkit.compress.qat.prepare_qat` for a model with
     ``quant_config["qat"]``).
     """
-    from cnnkit.train.checkpoint import atomic_write
+    from cnnkit.run.checkpoint import atomic_write
 
     path = Path(path)
     atomic_write(path, quantized_bytes(qmodel))

@@ -69,8 +69,8 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
 
     from tqdm.auto import tqdm
 
+    from cnnkit.run import claim_run_folder
     from cnnkit.train import load_run
-    from cnnkit.train.run import claim_run_folder
 
     from .prune import prune as prune_model
     from .quantize import quantize as quantize_model
@@ -127,8 +127,8 @@ def _write_sweep(root: Path, result: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cnnkit.train.report import put_section
-    from cnnkit.train.run import write_json
+    from cnnkit.run import write_json
+    from cnnkit.run.report import put_section
 
     rows, front = result["rows"], result["pareto"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -295,7 +295,7 @@ def write_benchmark(run_dir: str | Path, rows: list[dict[str, Any]],
     of the report is kept. The two files of an earlier benchmark are replaced only with
     ``overwrite`` (else FileExistsError).
     """
-    from cnnkit.train.report import put_section
+    from cnnkit.run.report import put_section
 
     root = Path(run_dir)
     refuse_existing(benchmark_files(root), overwrite)

@@ -1,10 +1,12 @@
 """Recalibration ("attention") blocks: a learned gate in (0, 1) multiplies a feature map.
 
-Every block maps ``[N, C, H, W] -> [N, C, H, W]`` and differs only in the shape of
-its gate: per channel (SE, cSE, ECA), per pixel (sSE), both (scSE), or per channel
-and per row times per column (ELA). Models never import the classes directly: they
-take ``attn: str | None`` and call :func:`create_attn` once, so one registry name
-works in every architecture.
+Every block maps ``[N, C, *spatial] -> [N, C, *spatial]`` and differs only in the shape
+of its gate: per channel (SE, cSE, ECA), per position (sSE), both (scSE), or per channel
+and per position along each axis (ELA). The blocks hold no number of dimensions: they
+reduce over ``range(2, x.ndim)``, so one block (and one state_dict) serves 1D, 2D and 3D
+networks, and the 2D layouts stay those of the papers' reference code. Models never
+import the classes directly: they take ``attn: str | None`` and call :func:`create_attn`
+once, so one registry name works in every architecture.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .nd import spatial_axes
+
 __all__ = [
     "SqueezeExcite", "ChannelSE", "SpatialSE", "SCSE", "ECA", "ELA",
     "eca_kernel_size", "register_attn", "create_attn", "list_attn",
@@ -26,6 +30,15 @@ __all__ = [
 def _check_channels(channels: int) -> None:
     if channels < 1:
         raise ValueError(f"channels must be a positive int, got {channels}")
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, *spatial]`` as ``[N, C, prod(spatial), 1]``, so a 1x1 ``nn.Conv2d`` applies.
+
+    A 1x1 convolution acts on each position alone, so flattening the positions is exact;
+    2D maps pass through unchanged (the same operations as before dimensions were added).
+    """
+    return x if x.ndim == 4 else x.reshape(x.shape[0], x.shape[1], -1, 1)
 
 
 class SqueezeExcite(nn.Module):
@@ -76,8 +89,9 @@ class SqueezeExcite(nn.Module):
         self.gate = gate_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+        s = x.mean(spatial_axes(x), keepdim=True)  # [N, C, 1, ...]
+        g = self.gate(self.fc2(self.act(self.fc1(_as_2d(s)))))
+        return x * g.view(s.shape)
 
 
 class ChannelSE(SqueezeExcite):
@@ -134,7 +148,8 @@ class SpatialSE(nn.Module):
         self.gate = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(self.conv(x))
+        g = self.gate(self.conv(_as_2d(x)))  # [N, 1, positions(, 1)]
+        return x * g.view(x.shape[0], 1, *x.shape[2:])
 
 
 class SCSE(nn.Module):
@@ -234,8 +249,8 @@ class ECA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
-        y = self.conv(x.mean((2, 3)).unsqueeze(1))  # [N, 1, C]: channels are the 1D axis
-        return x * self.gate(y).view(n, c, 1, 1)
+        y = self.conv(x.mean(spatial_axes(x)).unsqueeze(1))  # [N, 1, C]: channels are the axis
+        return x * self.gate(y).view(n, c, *(1,) * (x.ndim - 2))
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -250,10 +265,12 @@ class ELA(nn.Module):
     and along H (one per column); both strips go through the same depthwise
     ``Conv1d(k)`` (no bias), GroupNorm and sigmoid, giving ``a_h[N, C, H]`` and
     ``a_w[N, C, W]``; the output is ``x * a_h * a_w`` broadcast, so each channel's
-    gate is an outer product (rank 1 over space). Defaults are the paper's ELA-B
-    (kernel 7, depthwise, 16 GroupNorm groups). GroupNorm needs its group count to
-    divide C, so ``num_groups`` is lowered to the largest divisor of C not above it
-    (24 channels -> 12 groups).
+    gate is an outer product (rank 1 over space). In any number of dimensions there is
+    one strip per spatial axis (the mean over the other axes), all through the same
+    layers: a 1D signal gets one gate per position, a volume a product of three.
+    Defaults are the paper's ELA-B (kernel 7, depthwise, 16 GroupNorm groups).
+    GroupNorm needs its group count to divide C, so ``num_groups`` is lowered to the
+    largest divisor of C not above it (24 channels -> 12 groups).
 
     Args:
         channels: input (and output) channels C.
@@ -282,9 +299,14 @@ class ELA(nn.Module):
         return self.gate(self.gn(self.conv(strip)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_h = self._strip_gate(x.mean(3))  # [N, C, H]
-        a_w = self._strip_gate(x.mean(2))  # [N, C, W]
-        return x * a_h.unsqueeze(3) * a_w.unsqueeze(2)
+        axes = spatial_axes(x)
+        out = x
+        for axis in axes:  # 2D: a_h [N, C, H] (mean over W), then a_w [N, C, W] (mean over H)
+            others = tuple(a for a in axes if a != axis)
+            strip = x.mean(others) if others else x
+            shape = [x.shape[0], x.shape[1]] + [x.shape[a] if a == axis else 1 for a in axes]
+            out = out * self._strip_gate(strip).view(shape)
+        return out
 
 
 # The registry: name -> constructor taking ``channels`` first.

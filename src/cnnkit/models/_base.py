@@ -3,7 +3,7 @@
 Explain, compress, analysis and the trainer see models only through this contract,
 never through per-architecture ``if``s (the timm convention):
 
-* ``forward_features(x)``: the last feature map ``[B, C, h, w]`` before pooling.
+* ``forward_features(x)``: the last feature map ``[B, C, *spatial]`` before pooling.
 * ``forward_head(x, pre_logits=False)``: pooling and classifier; with
   ``pre_logits=True`` the pooled features before the last linear layer.
 * ``reset_classifier(num_classes)``: a fresh classifier for another number of classes.
@@ -12,14 +12,19 @@ never through per-architecture ``if``s (the timm convention):
   ``module`` is the qualified name of the stage's output module.
 * ``cam_layer``: qualified name of the module whose output explanations (Grad-CAM)
   use by default, normally the last convolutional stage.
-* ``default_cfg``: ``{"input_size": (C, H, W), "mean": (...), "std": (...),
-  "num_classes": int, "paper": str}``.
+* ``default_cfg``: ``{"input_size": (C, *spatial), "mean": (...), "std": (...),
+  "num_classes": int, "paper": str}``; ``len(spatial)`` (1, 2 or 3) is the number of
+  dimensions the model was built in (:mod:`cnnkit.layers.nd`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+from cnnkit.layers import nd
 
 __all__ = ["Classifier", "to_2tuple", "resolve_stem", "check_img_size", "imagenet_stats",
            "init_weights"]
@@ -33,17 +38,22 @@ def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(h), int(w))
 
 
-def resolve_stem(stem: str, img_size: int | tuple[int, int]) -> str:
-    """Resolve ``stem="auto"`` to ``"small"`` for inputs under 64 pixels, else ``"imagenet"``.
+def _smallest_side(img_size: int | Sequence[int]) -> int:
+    return img_size if isinstance(img_size, int) else min(int(s) for s in img_size)
 
-    The ``"imagenet"`` stem downsamples by 4 (a 7x7 stride-2 convolution and a
-    max-pool, or two pools in VGG); the ``"small"`` stem keeps the resolution, so
-    a network's total stride is 8 and 32x32 and 8x8 inputs keep spatial maps.
+
+def resolve_stem(stem: str, img_size: int | Sequence[int]) -> str:
+    """Resolve ``stem="auto"``: ``"small"`` if the smallest side is under 64, else ``"imagenet"``.
+
+    ``img_size`` is an int or the spatial sizes in any number of dimensions. The
+    ``"imagenet"`` stem downsamples by 4 (a 7x7 stride-2 convolution and a max-pool,
+    or two pools in VGG); the ``"small"`` stem keeps the resolution, so a network's
+    total stride is 8 and 32x32 and 8x8 inputs keep spatial maps.
     """
     if stem not in ("auto", "imagenet", "small"):
         raise ValueError(f"unknown stem {stem!r}; choose 'auto', 'imagenet' or 'small'")
     if stem == "auto":
-        return "small" if min(to_2tuple(img_size)) < 64 else "imagenet"
+        return "small" if _smallest_side(img_size) < 64 else "imagenet"
     return stem
 
 
@@ -59,18 +69,24 @@ def imagenet_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]
     return (round(mean, 4),) * in_chans, (round(std, 4),) * in_chans
 
 
-def init_weights(model: nn.Module) -> None:
+def init_weights(model: nn.Module, dims: int = 2) -> None:
     """torchvision's initialisation of VGG and MobileNet, so fresh models match its statistics.
 
     Convolutions: He normal, fan-out, ReLU gain (He et al. 2015, "Delving Deep into
-    Rectifiers"); norms: weight 1, bias 0; linear layers: N(0, 0.01); biases 0.
+    Rectifiers"); norms: weight 1, bias 0; linear layers: N(0, 0.01); biases 0. The
+    convolutions and norms are those of the network's ``dims`` and the 2D ones, which
+    include the 1x1 gates of recalibration blocks in every number of dimensions (their
+    layout does not depend on it), so a gate starts alike in 1D, 2D and 3D networks (a 1D
+    network's ``Conv1d`` type also covers the channel convolutions of ECA and ELA).
     """
+    convs = (nn.Conv2d, nd.conv(dims))
+    norms = (nn.BatchNorm2d, nd.batch_norm(dims))
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, convs):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, norms):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
@@ -78,10 +94,10 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def check_img_size(family: str, img_size: int | tuple[int, int], stem: str,
+def check_img_size(family: str, img_size: int | Sequence[int], stem: str,
                    reduction: int) -> None:
-    """Raise a ValueError with the fix if ``img_size`` is smaller than the total stride."""
-    if min(to_2tuple(img_size)) >= reduction:
+    """Raise a ValueError with the fix if a side of ``img_size`` is below the total stride."""
+    if _smallest_side(img_size) >= reduction:
         return
     fix = f"use img_size >= {reduction}" + (" or stem='small'" if stem != "small" else "")
     raise ValueError(f"img_size {img_size} is too small for {family} with the {stem!r} stem "
@@ -122,8 +138,8 @@ class Classifier(nn.Module):
         name = next(n for n, m in self.named_modules() if m is old)
         if isinstance(old, nn.Linear):
             new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-        elif isinstance(old, nn.Conv2d) and old.kernel_size == (1, 1):
-            new = nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None)
+        elif isinstance(old, nd.CONVS) and set(old.kernel_size) == {1}:
+            new = type(old)(old.in_channels, num_classes, 1, bias=old.bias is not None)
         else:
             raise TypeError(f"{type(self).__name__}: cannot reset a {type(old).__name__} "
                             "classifier; override reset_classifier")

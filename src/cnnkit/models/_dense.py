@@ -1,6 +1,7 @@
 """The contract of dense-prediction models: segmentation and super-resolution.
 
-A dense model maps ``[B, C, H, W]`` to one prediction per output pixel:
+A dense model maps ``[B, C, H, W]`` to one prediction per output pixel (``[B, C, L]`` or
+``[B, C, D, H, W]`` for the models built in 1D or 3D, :mod:`cnnkit.layers.nd`):
 
 * ``task = "segment"``: logits ``[B, num_classes, H, W]`` at the input resolution
   (class 0 is the background where the data has one);
@@ -28,6 +29,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cnnkit.layers import nd
+
+from ._base import imagenet_stats
+from ._registry import create_model
 
 __all__ = ["DenseModel", "Encoder", "pad_to_multiple"]
 
@@ -64,22 +70,23 @@ class DenseModel(nn.Module):
     cam_layer: str
     default_cfg: dict
 
-    def describe_backbone(self, backbone: Encoder, in_chans: int, img_size, paper: str) -> None:
+    def describe_backbone(self, backbone: Encoder, in_chans: int,
+                          img_size: int | Sequence[int], paper: str) -> None:
         """Set the contract's attributes of a model whose features come from ``backbone``.
 
         The stages are the backbone's (qualified under ``backbone.model.``), the stride
         multiple its deepest reduction, the explanation layer its last stage and the
-        normalisation ImageNet's, as the backbone's checkpoints expect.
+        normalisation ImageNet's, as the backbone's checkpoints expect. ``img_size`` is an
+        int (2D) or the spatial sizes.
         """
-        from ._base import imagenet_stats, to_2tuple
-
         self.scale = 1
         self.size_multiple = max(f["reduction"] for f in backbone.model.feature_info)
         self.feature_info = [dict(f, module=f"backbone.model.{f['module']}")
                              for f in backbone.model.feature_info]
         self.cam_layer = self.feature_info[-1]["module"]
         mean, std = imagenet_stats(in_chans)
-        self.default_cfg = dict(input_size=(in_chans, *to_2tuple(img_size)), mean=mean, std=std,
+        _, spatial = nd.resolve_input_size(None, in_chans, img_size)
+        self.default_cfg = dict(input_size=(in_chans, *spatial), mean=mean, std=std,
                                 num_classes=self.num_classes, paper=paper, task=self.task)
 
 
@@ -99,7 +106,8 @@ class Encoder(nn.Module):
         name: a registered classifier (``"resnet18"``, ``"vgg16_bn"``, ``"mobilenet_v2"`` ...).
         in_chans: input channels.
         out_indices: which ``feature_info`` stages to return, shallow to deep; all when None.
-        **kwargs: builder options (``img_size``, ``stem``, ``attn``, ``output_stride`` ...).
+        **kwargs: builder options (``img_size``, ``stem``, ``attn``, ``output_stride`` ...);
+            an ``img_size`` of 1 or 3 sizes builds the backbone in 1D or 3D.
 
     Attributes:
         channels: channels of each returned stage.
@@ -114,8 +122,6 @@ class Encoder(nn.Module):
     def __init__(self, name: str, in_chans: int = 3, out_indices: Sequence[int] | None = None,
                  **kwargs) -> None:
         super().__init__()
-        from ._registry import create_model
-
         self.model = create_model(name, in_chans=in_chans, **kwargs)
         info = getattr(self.model, "feature_info", None)
         if not info:
@@ -139,11 +145,12 @@ class Encoder(nn.Module):
         handles = [m.register_forward_hook(lambda _m, _i, _o, key=n: called.add(key))
                    for n, m in leaves]
         side = max(f["reduction"] for f in model.feature_info)
+        dims = len(getattr(model, "default_cfg", {}).get("input_size", (in_chans, 1, 1))) - 1
         ref = next(model.parameters())
         was_training = model.training
         try:
             with torch.no_grad():
-                model.eval().forward_features(torch.zeros(1, in_chans, side, side,
+                model.eval().forward_features(torch.zeros(1, in_chans, *(side,) * dims,
                                                           device=ref.device, dtype=ref.dtype))
         finally:
             for h in handles:

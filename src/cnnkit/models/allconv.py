@@ -32,6 +32,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..layers import nd
 from ._base import Classifier, to_2tuple
 from ._registry import register_model
 
@@ -98,8 +99,14 @@ class AllConvNet(Classifier):
 
 
 @register_model
-def allconv(num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 32,
-            drop_rate: float = 0.5, drop_in_rate: float = 0.2,
-            head_relu: bool = True) -> AllConvNet:
-    """All-CNN-C (Springenberg et al. 2015, Striving for Simplicity): strided convs, no pools."""
-    return AllConvNet(num_classes, in_chans, img_size, drop_rate, drop_in_rate, head_relu)
+def allconv(num_classes: int = 10, in_chans: int | None = None,
+            img_size: int | tuple[int, int] | None = None, drop_rate: float = 0.5,
+            drop_in_rate: float = 0.2, head_relu: bool = True,
+            input_size: tuple[int, int, int] | None = None) -> AllConvNet:
+    """All-CNN-C (Springenberg et al. 2015, Striving for Simplicity): strided convs, no pools.
+
+    2D only (the paper's CIFAR network); the default input is 3x32x32.
+    """
+    in_chans, spatial = nd.resolve_input_size(input_size, in_chans, img_size, default=(3, 32, 32),
+                                              dims=(2,), family="allconv")
+    return AllConvNet(num_classes, in_chans, spatial, drop_rate, drop_in_rate, head_relu)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers import nd
 from ._base import to_2tuple
 from ._dense import DenseModel
 from ._registry import register_model
@@ -91,21 +92,25 @@ class ESPCN(DenseModel):
 
 
 @register_model(task="superres")
-def espcn(scale: int = 3, in_chans: int = 1, num_classes: int | None = None,
-          img_size: int | tuple[int, int] = 17, act: str = "tanh") -> ESPCN:
+def espcn(scale: int = 3, in_chans: int | None = None, num_classes: int | None = None,
+          img_size: int | tuple[int, int] | None = None, act: str = "tanh",
+          input_size: tuple[int, int, int] | None = None) -> ESPCN:
     """ESPCN (Shi et al. 2016): three LR convolutions and a sub-pixel shuffle upscaling.
 
     Shi, Caballero, Huszár, Totz, Aitken, Bishop, Rueckert and Wang (2016), "Real-time
     single image and video super-resolution using an efficient sub-pixel convolutional
     neural network". ``num_classes`` is the number of output channels, which for
     super-resolution must equal ``in_chans``; it is accepted so generic callers can pass it.
+    2D only (the sub-pixel shuffle is); the default LR input is 1x17x17.
 
     Example:
         >>> m = espcn(scale=2, in_chans=3)
         >>> tuple(m(torch.rand(1, 3, 10, 12)).shape)
         (1, 3, 20, 24)
     """
+    in_chans, spatial = nd.resolve_input_size(input_size, in_chans, img_size, default=(1, 17, 17),
+                                              dims=(2,), family="espcn")
     if num_classes is not None and num_classes != in_chans:
         raise ValueError(f"espcn outputs an image with in_chans={in_chans} channels, so "
                          f"num_classes must be None or {in_chans}, got {num_classes}")
-    return ESPCN(scale=scale, in_chans=in_chans, img_size=img_size, act=act)
+    return ESPCN(scale=scale, in_chans=in_chans, img_size=spatial, act=act)

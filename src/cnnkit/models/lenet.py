@@ -14,6 +14,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..layers import nd
 from ._base import Classifier, to_2tuple
 from ._registry import register_model
 
@@ -73,7 +74,13 @@ class LeNet5(Classifier):
 
 
 @register_model
-def lenet5(num_classes: int = 10, in_chans: int = 1, img_size: int | tuple[int, int] = 32,
-           act: str = "tanh") -> LeNet5:
-    """LeNet-5 (LeCun et al. 1998): two conv/subsampling stages and three dense layers."""
-    return LeNet5(num_classes, in_chans, img_size, act)
+def lenet5(num_classes: int = 10, in_chans: int | None = None,
+           img_size: int | tuple[int, int] | None = None, act: str = "tanh",
+           input_size: tuple[int, int, int] | None = None) -> LeNet5:
+    """LeNet-5 (LeCun et al. 1998): two conv/subsampling stages and three dense layers.
+
+    2D only (its dense layers are sized for a 2D map); the default input is 1x32x32.
+    """
+    in_chans, spatial = nd.resolve_input_size(input_size, in_chans, img_size, default=(1, 32, 32),
+                                              dims=(2,), family="lenet5")
+    return LeNet5(num_classes, in_chans, spatial, act)

@@ -21,6 +21,19 @@ are unchanged, so ImageNet checkpoints load into an atrous backbone.
 With the default stem, ``attn=None`` and 1000 classes, module names, state_dict keys,
 shapes and initialisation follow torchvision, so its checkpoints load with
 ``strict=True``.
+
+The same description builds 1D and 3D ResNets (``input_size=(C, L)`` or ``(C, D, H, W)``;
+:mod:`cnnkit.layers.nd`): every kxk kernel becomes k or kxkxk, the stem, strides,
+widths and the classifier stay, as the 3D ResNets of Hara, Kataoka and Satoh (2018),
+"Can Spatiotemporal 3D CNNs Retrace the History of 2D CNNs and ImageNet?", CVPR, and
+the 1D ones of Wang, Yan and Oates (2017), "Time Series Classification from Scratch
+with Deep Neural Networks: A Strong Baseline", IJCNN.
+
+Example:
+    >>> import torch
+    >>> m = resnet18(num_classes=4, input_size=(1, 16, 32, 32))
+    >>> m(torch.randn(2, 1, 16, 32, 32)).shape, m.conv1.weight.shape
+    (torch.Size([2, 4]), torch.Size([64, 1, 3, 3, 3]))
 """
 
 from __future__ import annotations
@@ -29,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.layers import nd
 from cnnkit.layers.attention import create_attn
 
-from ._base import Classifier, imagenet_stats, resolve_stem, to_2tuple
+from ._base import Classifier, imagenet_stats, resolve_stem
 from ._registry import register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet"]
@@ -40,47 +54,51 @@ _PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition"
 _WRN_PAPER = "Zagoruyko and Komodakis 2016, Wide Residual Networks"
 
 
-def conv3x3(in_chs: int, out_chs: int, stride: int = 1, groups: int = 1,
-            dilation: int = 1) -> nn.Conv2d:
-    """3x3 convolution, padding = dilation (size-preserving at stride 1), no bias."""
-    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=dilation, groups=groups,
-                     bias=False, dilation=dilation)
+def conv3x3(in_chs: int, out_chs: int, stride: int = 1, groups: int = 1, dilation: int = 1,
+            conv_layer: type[nn.Module] = nn.Conv2d) -> nn.Module:
+    """3x3 (3, 3x3x3) convolution, padding = dilation (size-preserving at stride 1), no bias."""
+    return conv_layer(in_chs, out_chs, 3, stride=stride, padding=dilation, groups=groups,
+                      bias=False, dilation=dilation)
 
 
-def conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
+def conv1x1(in_chs: int, out_chs: int, stride: int = 1,
+            conv_layer: type[nn.Module] = nn.Conv2d) -> nn.Module:
     """1x1 convolution, no bias (a BatchNorm follows)."""
-    return nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+    return conv_layer(in_chs, out_chs, 1, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut.
 
     ``attn`` recalibrates the residual branch before the addition, as in SE-ResNet
-    (Hu, Shen and Sun 2018, "Squeeze-and-Excitation Networks").
+    (Hu, Shen and Sun 2018, "Squeeze-and-Excitation Networks"). ``conv_layer`` and
+    ``norm_layer`` are the types of the network's number of dimensions.
     """
 
     expansion = 1
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
-                 attn: str | None = None, dilation: int = 1,
-                 first_dilation: int | None = None) -> None:
+                 attn: str | None = None, dilation: int = 1, first_dilation: int | None = None,
+                 conv_layer: type[nn.Module] = nn.Conv2d,
+                 norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64; "
                              "use the Bottleneck block for ResNeXt / wide variants")
         # The first block of a dilated stage enters with the previous stage's dilation
         # (torchvision's rule for Bottleneck, timm's for BasicBlock).
-        self.conv1 = conv3x3(in_chs, planes, stride, dilation=first_dilation or dilation)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv1 = conv3x3(in_chs, planes, stride, dilation=first_dilation or dilation,
+                             conv_layer=conv_layer)
+        self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes, dilation=dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, dilation=dilation, conv_layer=conv_layer)
+        self.bn2 = norm_layer(planes)
         self.attn = create_attn(attn, planes)
         self.downsample = downsample
         self.stride = stride
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         """The BatchNorm closing the residual branch (zeroed by ``zero_init_residual``)."""
         return self.bn2
 
@@ -103,24 +121,25 @@ class Bottleneck(nn.Module):
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
-                 attn: str | None = None, dilation: int = 1,
-                 first_dilation: int | None = None) -> None:
+                 attn: str | None = None, dilation: int = 1, first_dilation: int | None = None,
+                 conv_layer: type[nn.Module] = nn.Conv2d,
+                 norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         out_chs = planes * self.expansion
-        self.conv1 = conv1x1(in_chs, width)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.conv1 = conv1x1(in_chs, width, conv_layer=conv_layer)
+        self.bn1 = norm_layer(width)
         # torchvision: the 3x3 of a dilated stage's first block keeps the previous dilation.
-        self.conv2 = conv3x3(width, width, stride, groups, first_dilation or dilation)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = conv1x1(width, out_chs)
-        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.conv2 = conv3x3(width, width, stride, groups, first_dilation or dilation, conv_layer)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, out_chs, conv_layer=conv_layer)
+        self.bn3 = norm_layer(out_chs)
         self.relu = nn.ReLU(inplace=True)
         self.attn = create_attn(attn, out_chs)
         self.downsample = downsample
         self.stride = stride
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         """The BatchNorm closing the residual branch (zeroed by ``zero_init_residual``)."""
         return self.bn3
 
@@ -139,11 +158,12 @@ class ResNet(Classifier):
         block: :class:`BasicBlock` or :class:`Bottleneck`.
         layers: number of blocks in each of the four stages.
         num_classes: classifier outputs.
-        in_chans: input channels.
-        img_size: input size, used to resolve ``stem="auto"`` and for ``default_cfg``.
+        in_chans: input channels (3 unless ``input_size`` says otherwise).
+        img_size: spatial size (224 unless ``input_size`` says otherwise): an int (2D)
+            or 1 to 3 sizes, used to resolve ``stem="auto"`` and for ``default_cfg``.
         stem: ``"imagenet"`` (7x7 stride-2 conv and 3x3 max-pool, total stride 32),
             ``"small"`` (3x3 stride-1 conv, no pool, total stride 8, for 32x32 or 8x8
-            inputs) or ``"auto"`` (small below 64 pixels).
+            inputs) or ``"auto"`` (small when the smallest side is under 64).
         attn: recalibration block name from :func:`cnnkit.layers.attention.list_attn`
             inserted in every residual block, or None.
         zero_init_residual: zero the last BatchNorm of each residual branch so every
@@ -158,6 +178,8 @@ class ResNet(Classifier):
             Atrous Convolution for Semantic Image Segmentation"). The small stem divides
             every reduction by 4 (16 gives 4, 8 gives 2).
         paper: citation stored in ``default_cfg``.
+        input_size: ``(C, L)``, ``(C, H, W)`` or ``(C, D, H, W)``: the network is built in
+            that many dimensions (:func:`cnnkit.layers.nd.resolve_input_size`).
 
     Example:
         >>> m = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10, img_size=32)
@@ -166,11 +188,11 @@ class ResNet(Classifier):
     """
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],
-                 num_classes: int = 1000, in_chans: int = 3,
-                 img_size: int | tuple[int, int] = 224, stem: str = "auto",
+                 num_classes: int = 1000, in_chans: int | None = None,
+                 img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
                  attn: str | None = None, zero_init_residual: bool = False, groups: int = 1,
                  width_per_group: int = 64, drop_rate: float = 0.0, output_stride: int = 32,
-                 paper: str = _PAPER) -> None:
+                 paper: str = _PAPER, input_size: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must give the block count of 4 stages, got {layers}")
@@ -178,17 +200,22 @@ class ResNet(Classifier):
             raise ValueError(f"output_stride must be 32, 16 or 8, got {output_stride!r}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-        self.stem = resolve_stem(stem, img_size)
+        in_chans, spatial = nd.resolve_input_size(input_size, in_chans, img_size,
+                                                  default=(3, 224, 224), family="ResNet")
+        self.dims = dims = len(spatial)
+        self.stem = resolve_stem(stem, spatial)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.groups, self.base_width = groups, width_per_group
         self.inplanes, self.dilation, self.output_stride = 64, 1, output_stride
         # Registration order = torchvision's, so state_dict keys come in the same order.
         small = self.stem == "small"  # keep the resolution: a 32px input leaves 4x4 at layer4
-        self.conv1 = (nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False) if small
-                      else nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False))
-        self.bn1 = nn.BatchNorm2d(64)
+        conv, norm = nd.conv(dims), nd.batch_norm(dims)
+        self.conv1 = (conv(in_chans, 64, 3, stride=1, padding=1, bias=False) if small
+                      else conv(in_chans, 64, 7, stride=2, padding=3, bias=False))
+        self.bn1 = norm(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if small else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = (nn.Identity() if small
+                        else nd.max_pool(dims)(kernel_size=3, stride=2, padding=1))
         stem_reduction = 1 if small else 4
         # Stages 3 and 4 trade their stride for dilation when output_stride asks for it.
         dilate = {32: (False, False), 16: (False, True), 8: (True, True)}[output_stride]
@@ -196,7 +223,7 @@ class ResNet(Classifier):
         self.layer2 = self._make_layer(block, 128, layers[1], 2, attn)
         self.layer3 = self._make_layer(block, 256, layers[2], 2, attn, dilate[0])
         self.layer4 = self._make_layer(block, 512, layers[3], 2, attn, dilate[1])
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.avgpool = nd.adaptive_avg_pool(dims)((1,) * dims)
         self.num_features = 512 * block.expansion
         self.fc = nn.Linear(self.num_features, num_classes)
         self._init_weights(zero_init_residual)
@@ -208,7 +235,7 @@ class ResNet(Classifier):
         ]
         self.cam_layer = "layer4"
         mean, std = imagenet_stats(in_chans)
-        self.default_cfg = dict(input_size=(in_chans, *to_2tuple(img_size)), mean=mean,
+        self.default_cfg = dict(input_size=(in_chans, *spatial), mean=mean,
                                 std=std, num_classes=num_classes, paper=paper)
 
     def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int,
@@ -218,15 +245,16 @@ class ResNet(Classifier):
         if dilate:  # torchvision's replace_stride_with_dilation
             self.dilation *= stride
             stride = 1
+        conv, norm = nd.conv(self.dims), nd.batch_norm(self.dims)
         downsample = None
         if stride != 1 or self.inplanes != out_chs:  # the shortcut must match shape
-            downsample = nn.Sequential(conv1x1(self.inplanes, out_chs, stride),
-                                       nn.BatchNorm2d(out_chs))
+            downsample = nn.Sequential(conv1x1(self.inplanes, out_chs, stride, conv), norm(out_chs))
+        types = dict(conv_layer=conv, norm_layer=norm)
         mods = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
-                      attn, dilation=self.dilation, first_dilation=previous_dilation)]
+                      attn, dilation=self.dilation, first_dilation=previous_dilation, **types)]
         self.inplanes = out_chs
         mods += [block(out_chs, planes, groups=self.groups, base_width=self.base_width,
-                       attn=attn, dilation=self.dilation) for _ in range(1, blocks)]
+                       attn=attn, dilation=self.dilation, **types) for _ in range(1, blocks)]
         return nn.Sequential(*mods)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -234,9 +262,9 @@ class ResNet(Classifier):
         for name, m in self.named_modules():
             if ".attn" in name:  # recalibration blocks keep their own initialisation
                 continue
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nd.conv(self.dims)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            elif isinstance(m, (nd.batch_norm(self.dims), nn.GroupNorm)):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
         if zero_init_residual:
@@ -262,82 +290,93 @@ class ResNet(Classifier):
 
 
 
-def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int,
-            in_chans: int, img_size: int | tuple[int, int], stem: str, attn: str | None,
-            **kwargs) -> ResNet:
-    return ResNet(block, layers, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                  stem=stem, attn=attn, **kwargs)
+def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], **kwargs) -> ResNet:
+    return ResNet(block, layers, **kwargs)
 
 
 @register_model
-def resnet18(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
-             stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-             drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
+def resnet18(num_classes: int = 1000, in_chans: int | None = None,
+             img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
+             attn: str | None = None, zero_init_residual: bool = False, drop_rate: float = 0.0,
+             output_stride: int = 32, input_size: tuple[int, ...] | None = None) -> ResNet:
     """ResNet-18 (He et al. 2016): BasicBlocks [2, 2, 2, 2], 11.7M parameters."""
-    return _resnet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, img_size, stem, attn,
+    return _resnet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_chans=in_chans,
+                   img_size=img_size, stem=stem, attn=attn,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
-                   output_stride=output_stride)
+                   output_stride=output_stride, input_size=input_size)
 
 
 @register_model
-def resnet34(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
-             stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-             drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
+def resnet34(num_classes: int = 1000, in_chans: int | None = None,
+             img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
+             attn: str | None = None, zero_init_residual: bool = False, drop_rate: float = 0.0,
+             output_stride: int = 32, input_size: tuple[int, ...] | None = None) -> ResNet:
     """ResNet-34 (He et al. 2016): BasicBlocks [3, 4, 6, 3], 21.8M parameters."""
-    return _resnet(BasicBlock, [3, 4, 6, 3], num_classes, in_chans, img_size, stem, attn,
+    return _resnet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans,
+                   img_size=img_size, stem=stem, attn=attn,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
-                   output_stride=output_stride)
+                   output_stride=output_stride, input_size=input_size)
 
 
 @register_model
-def resnet50(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
-             stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-             drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
+def resnet50(num_classes: int = 1000, in_chans: int | None = None,
+             img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
+             attn: str | None = None, zero_init_residual: bool = False, drop_rate: float = 0.0,
+             output_stride: int = 32, input_size: tuple[int, ...] | None = None) -> ResNet:
     """ResNet-50 v1.5 (He et al. 2016): Bottlenecks [3, 4, 6, 3], 25.6M parameters."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, img_size, stem, attn,
+    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans,
+                   img_size=img_size, stem=stem, attn=attn,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
-                   output_stride=output_stride)
+                   output_stride=output_stride, input_size=input_size)
 
 
 @register_model
-def resnet101(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
-              stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-              drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
+def resnet101(num_classes: int = 1000, in_chans: int | None = None,
+              img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
+              attn: str | None = None, zero_init_residual: bool = False, drop_rate: float = 0.0,
+              output_stride: int = 32, input_size: tuple[int, ...] | None = None) -> ResNet:
     """ResNet-101 v1.5 (He et al. 2016): Bottlenecks [3, 4, 23, 3], 44.5M parameters."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes, in_chans, img_size, stem, attn,
+    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, in_chans=in_chans,
+                   img_size=img_size, stem=stem, attn=attn,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
-                   output_stride=output_stride)
+                   output_stride=output_stride, input_size=input_size)
 
 
 @register_model
-def resnet152(num_classes: int = 1000, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
-              stem: str = "auto", attn: str | None = None, zero_init_residual: bool = False,
-              drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
+def resnet152(num_classes: int = 1000, in_chans: int | None = None,
+              img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
+              attn: str | None = None, zero_init_residual: bool = False, drop_rate: float = 0.0,
+              output_stride: int = 32, input_size: tuple[int, ...] | None = None) -> ResNet:
     """ResNet-152 v1.5 (He et al. 2016): Bottlenecks [3, 8, 36, 3], 60.2M parameters."""
-    return _resnet(Bottleneck, [3, 8, 36, 3], num_classes, in_chans, img_size, stem, attn,
+    return _resnet(Bottleneck, [3, 8, 36, 3], num_classes=num_classes, in_chans=in_chans,
+                   img_size=img_size, stem=stem, attn=attn,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
-                   output_stride=output_stride)
+                   output_stride=output_stride, input_size=input_size)
 
 
 @register_model
-def wide_resnet50_2(num_classes: int = 1000, in_chans: int = 3,
-                    img_size: int | tuple[int, int] = 224, stem: str = "auto",
+def wide_resnet50_2(num_classes: int = 1000, in_chans: int | None = None,
+                    img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
                     attn: str | None = None, zero_init_residual: bool = False,
-                    drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
+                    drop_rate: float = 0.0, output_stride: int = 32,
+                    input_size: tuple[int, ...] | None = None) -> ResNet:
     """Wide ResNet-50-2 (Zagoruyko and Komodakis 2016): ResNet-50, bottleneck width x2."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, img_size, stem, attn,
+    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans,
+                   img_size=img_size, stem=stem, attn=attn,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
-                   output_stride=output_stride,
+                   output_stride=output_stride, input_size=input_size,
                    width_per_group=128, paper=_WRN_PAPER)
 
 
 @register_model
-def wide_resnet101_2(num_classes: int = 1000, in_chans: int = 3,
-                     img_size: int | tuple[int, int] = 224, stem: str = "auto",
+def wide_resnet101_2(num_classes: int = 1000, in_chans: int | None = None,
+                     img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
                      attn: str | None = None, zero_init_residual: bool = False,
-                     drop_rate: float = 0.0, output_stride: int = 32) -> ResNet:
+                     drop_rate: float = 0.0, output_stride: int = 32,
+                     input_size: tuple[int, ...] | None = None) -> ResNet:
     """Wide ResNet-101-2 (Zagoruyko and Komodakis 2016): ResNet-101, bottleneck width x2."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes, in_chans, img_size, stem, attn,
+    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, in_chans=in_chans,
+                   img_size=img_size, stem=stem, attn=attn,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
-                   output_stride=output_stride,
+                   output_stride=output_stride, input_size=input_size,
                    width_per_group=128, paper=_WRN_PAPER)

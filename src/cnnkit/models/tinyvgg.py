@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..layers import nd
 from ._base import Classifier, to_2tuple
 from ._registry import register_model
 
@@ -61,15 +62,25 @@ class TinyVGG(Classifier):
 
 
 
+def _tinyvgg(num_classes: int, in_chans: int | None, img_size: int | tuple[int, int] | None,
+             width: int, input_size: tuple[int, int, int] | None) -> TinyVGG:
+    # 2D only: the dense layer is sized for the flattened 2D map (CNN Explainer's 64x64).
+    in_chans, spatial = nd.resolve_input_size(input_size, in_chans, img_size, default=(3, 64, 64),
+                                              dims=(2,), family="tinyvgg")
+    return TinyVGG(num_classes, in_chans, spatial, width)
+
+
 @register_model
-def tinyvgg(num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 64,
-            width: int = 10) -> TinyVGG:
+def tinyvgg(num_classes: int = 10, in_chans: int | None = None,
+            img_size: int | tuple[int, int] | None = None, width: int = 10,
+            input_size: tuple[int, int, int] | None = None) -> TinyVGG:
     """Tiny VGG of CNN Explainer (Wang et al. 2020): 2 x (conv-conv-pool), 10 filters."""
-    return TinyVGG(num_classes, in_chans, img_size, width)
+    return _tinyvgg(num_classes, in_chans, img_size, width, input_size)
 
 
 @register_model
-def tinyvgg_wide(num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 64,
-                 width: int = 64) -> TinyVGG:
+def tinyvgg_wide(num_classes: int = 10, in_chans: int | None = None,
+                 img_size: int | tuple[int, int] | None = None, width: int = 64,
+                 input_size: tuple[int, int, int] | None = None) -> TinyVGG:
     """Tiny VGG with 64 filters per convolution: the small default CNN of `cnnkit train`."""
-    return TinyVGG(num_classes, in_chans, img_size, width)
+    return _tinyvgg(num_classes, in_chans, img_size, width, input_size)

@@ -22,6 +22,11 @@ Options beyond the paper:
 * ``backbone="resnet18"`` (any zoo classifier) replaces the contracting path by
   :class:`~cnnkit.models._dense.Encoder`; the decoder upsamples through its
   ``feature_info`` stages (one skip per stage) and then, without skips, to the input size.
+* ``input_size=(C, L)`` or ``(C, D, H, W)`` builds the same network in 1D or 3D
+  (:mod:`cnnkit.layers.nd`): 3x3x3 convolutions, 2x2x2 pools and up-convolutions, as the
+  volumetric U-Nets of Cicek et al. (2016, :mod:`cnnkit.models.unet3d`, which also moves
+  the channel doubling) and Milletari, Navab and Ahmadi (2016), "V-Net: Fully
+  Convolutional Neural Networks for Volumetric Medical Image Segmentation", 3DV.
 
 Example:
     >>> import torch
@@ -36,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import nd
 from ..layers.attention import create_attn
-from ._base import imagenet_stats, to_2tuple
+from ._base import imagenet_stats
 from ._dense import DenseModel, Encoder
 from ._registry import register_model
 
@@ -52,8 +58,9 @@ class DoubleConv(nn.Module):
     """Two 3x3 convolutions, each followed by (BatchNorm and) ReLU, then an optional gate.
 
     The building block of U-Net (Ronneberger et al. 2015) and, with ``dims=3``, of 3D U-Net
-    (Cicek et al. 2016). Convolutions keep their bias only without normalisation (a bias
-    before BatchNorm is cancelled by its mean subtraction).
+    (Cicek et al. 2016); its convolution and norm types come from
+    :mod:`cnnkit.layers.nd`. Convolutions keep their bias only without normalisation (a
+    bias before BatchNorm is cancelled by its mean subtraction).
 
     Args:
         in_chs: input channels.
@@ -61,15 +68,14 @@ class DoubleConv(nn.Module):
         out_chs: channels of the second convolution.
         norm: BatchNorm after each convolution.
         padding: same-size (True) or valid (False) convolutions.
-        attn: recalibration block after the second ReLU (2-D only); None for none.
-        dims: 2 or 3 spatial dimensions.
+        attn: recalibration block after the second ReLU; None for none.
+        dims: 1, 2 or 3 spatial dimensions.
     """
 
     def __init__(self, in_chs: int, mid_chs: int, out_chs: int, norm: bool = True,
                  padding: bool = True, attn: str | None = None, dims: int = 2) -> None:
         super().__init__()
-        conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        conv, bn = nd.conv(dims), nd.batch_norm(dims)
         pad = 1 if padding else 0
         self.conv1 = conv(in_chs, mid_chs, 3, padding=pad, bias=not norm)
         self.norm1 = bn(mid_chs) if norm else nn.Identity()
@@ -110,11 +116,13 @@ def _valid_output(n: int, depth: int) -> int | None:
     return n
 
 
-def _init(model: nn.Module) -> None:
+def _init(model: nn.Module, dims: int = 2) -> None:
     # He normal on every convolution: the paper's "Gaussian with std sqrt(2/N)", N the
-    # incoming nodes of one neuron (fan-in).
+    # incoming nodes of one neuron (fan-in). The network's own types, and the 2D ones of
+    # the recalibration gates (whose layout is the same in every number of dimensions).
+    kinds = (nn.Conv2d, nn.ConvTranspose2d, nd.conv(dims), nd.conv_transpose(dims))
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        if isinstance(m, kinds):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -125,8 +133,8 @@ class UNet(DenseModel):
 
     Args:
         num_classes: output channels (classes including the background).
-        in_chans: input channels.
-        img_size: nominal input size for ``default_cfg``.
+        in_chans: input channels (3 unless ``input_size`` says otherwise).
+        img_size: nominal input size for ``default_cfg``: an int (2D) or 1 to 3 sizes.
         depth: number of 2x2 poolings (4 in the paper).
         width: channels of the first level; doubled at every level (64 in the paper).
         norm: ``"batch"`` or None (the paper's plain conv-ReLU).
@@ -135,6 +143,8 @@ class UNet(DenseModel):
         backbone: a zoo classifier whose ``feature_info`` stages replace the contracting
             path; ``depth``, ``width`` and ``padding=False`` do not apply then.
         stem: the backbone's stem (``"auto"``, ``"imagenet"`` or ``"small"``).
+        input_size: ``(C, L)``, ``(C, H, W)`` or ``(C, D, H, W)``: the network (and the
+            backbone) is built in that many dimensions.
 
     Attributes:
         encoder: a ModuleList of :class:`DoubleConv` (level 0 .. bottleneck), or an
@@ -144,11 +154,15 @@ class UNet(DenseModel):
         head: the 1x1 classifier convolution.
     """
 
-    def __init__(self, num_classes: int = 2, in_chans: int = 3,
-                 img_size: int | tuple[int, int] = 512, depth: int = 4, width: int = 64,
-                 norm: str | None = "batch", padding: bool = True, attn: str | None = None,
-                 backbone: str | None = None, stem: str = "auto") -> None:
+    def __init__(self, num_classes: int = 2, in_chans: int | None = None,
+                 img_size: int | tuple[int, ...] | None = None, depth: int = 4,
+                 width: int = 64, norm: str | None = "batch", padding: bool = True,
+                 attn: str | None = None, backbone: str | None = None, stem: str = "auto",
+                 input_size: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        in_chans, spatial = nd.resolve_input_size(input_size, in_chans, img_size,
+                                                  default=(3, 512, 512), family="U-Net")
+        self.dims = dims = len(spatial)
         if norm not in _NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose 'batch' or None")
         if depth < 1 or width < 1:
@@ -162,61 +176,62 @@ class UNet(DenseModel):
         if backbone is None:
             chans = [width * 2 ** i for i in range(depth + 1)]
             self.encoder: nn.Module = nn.ModuleList(
-                DoubleConv(c_in, c, c, use_bn, padding, attn)
+                DoubleConv(c_in, c, c, use_bn, padding, attn, dims)
                 for c_in, c in zip([in_chans, *chans[:-1]], chans, strict=True))
-            self.pool = nn.MaxPool2d(2, 2)
+            self.pool = nd.max_pool(dims)(2, 2)
             self.up, self.decoder = nn.ModuleList(), nn.ModuleList()
             for c in reversed(chans[:-1]):  # upconv halves the channels, as the paper
-                self.up.append(nn.ConvTranspose2d(2 * c, c, 2, stride=2))
-                self.decoder.append(DoubleConv(2 * c, c, c, use_bn, padding, attn))
+                self.up.append(nd.conv_transpose(dims)(2 * c, c, 2, stride=2))
+                self.decoder.append(DoubleConv(2 * c, c, c, use_bn, padding, attn, dims))
             self.feature_info = [dict(num_chs=c, reduction=2 ** i, module=f"encoder.{i}")
                                  for i, c in enumerate(chans)]
             self.size_multiple = 2 ** depth
             last = chans[0]
         else:
-            self.encoder = Encoder(backbone, in_chans=in_chans, img_size=img_size, stem=stem)
+            self.encoder = Encoder(backbone, in_chans=in_chans, img_size=spatial, stem=stem)
             chans, reds = self.encoder.channels, self.encoder.reductions
             last = chans[-1]
             self.up, self.decoder = nn.ModuleList(), nn.ModuleList()
             for c, r_skip, r_deep in zip(chans[-2::-1], reds[-2::-1], reds[:0:-1], strict=True):
-                self.up.append(self._upsampler(last, c, r_deep, r_skip, backbone))
-                self.decoder.append(DoubleConv(2 * c, c, c, use_bn, True, attn))
+                self.up.append(self._upsampler(last, c, r_deep, r_skip, backbone, dims))
+                self.decoder.append(DoubleConv(2 * c, c, c, use_bn, True, attn, dims))
                 last = c
             r = reds[0]
             while r > 1:  # no skip above the shallowest stage: upsample by 2 to the input size
                 if r % 2:
                     raise ValueError(f"backbone {backbone!r} has a first-stage stride {r}, "
                                      "not a power of 2; choose another backbone")
-                self.up.append(nn.ConvTranspose2d(last, max(last // 2, 1), 2, stride=2))
+                self.up.append(nd.conv_transpose(dims)(last, max(last // 2, 1), 2, stride=2))
                 last = max(last // 2, 1)
-                self.decoder.append(DoubleConv(last, last, last, use_bn, True, attn))
+                self.decoder.append(DoubleConv(last, last, last, use_bn, True, attn, dims))
                 r //= 2
             self.feature_info = [dict(s, module=f"encoder.model.{s['module']}")
                                  for s in self.encoder.stages]
             self.size_multiple = max(reds)
-        self.head = nn.Conv2d(last, num_classes, 1)
+        self.head = nd.conv(dims)(last, num_classes, 1)
         self.cam_layer = f"decoder.{len(self.decoder) - 1}"
         if not padding:
             # Total border lost by valid convolutions: 4 px per block, in input pixels.
             self.border = 12 * 2 ** depth - 8
         mean, std = imagenet_stats(in_chans)
-        self.default_cfg = dict(input_size=(in_chans, *to_2tuple(img_size)), mean=mean, std=std,
+        self.default_cfg = dict(input_size=(in_chans, *spatial), mean=mean, std=std,
                                 num_classes=num_classes, paper=_PAPER, task="segment")
-        _init(self.decoder)
-        _init(self.up)
-        _init(self.head)
+        _init(self.decoder, dims)
+        _init(self.up, dims)
+        _init(self.head, dims)
         if backbone is None:
-            _init(self.encoder)
+            _init(self.encoder, dims)
 
     @staticmethod
-    def _upsampler(c_in: int, c_out: int, r_deep: int, r_skip: int, name: str) -> nn.Module:
+    def _upsampler(c_in: int, c_out: int, r_deep: int, r_skip: int, name: str,
+                   dims: int = 2) -> nn.Module:
         if r_deep % r_skip:
             raise ValueError(f"backbone {name!r}: stage strides {r_skip} -> {r_deep} are not "
                              "integer multiples; choose another backbone")
         ratio = r_deep // r_skip
         if ratio == 1:  # two stages at one resolution: only match the channels
-            return nn.Conv2d(c_in, c_out, 1)
-        return nn.ConvTranspose2d(c_in, c_out, ratio, stride=ratio)
+            return nd.conv(dims)(c_in, c_out, 1)
+        return nd.conv_transpose(dims)(c_in, c_out, ratio, stride=ratio)
 
     def _mirror_pad(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Overlap-tile: mirror-pad so the valid network's output covers every input pixel.
@@ -225,19 +240,20 @@ class UNet(DenseModel):
         the start (the output is slightly larger when the input size is not a "valid" one).
         """
         pads, crops = [], []
-        for n in x.shape[-2:]:
+        sizes = x.shape[2:]
+        for n in sizes:
             extra = 0
             while (out := _valid_output(n + extra + self.border, self.depth)) is None \
                     or out < n + extra:
                 extra += 2
             pads.append((self.border + extra) // 2)
             crops.append(extra // 2)
-        ph, pw = pads
-        mode = "reflect" if min(x.shape[-2:]) > max(pads) else "replicate"
-        return F.pad(x, (pw, pw, ph, ph), mode=mode), crops
+        mode = "reflect" if min(sizes) > max(pads) else "replicate"
+        widths = [p for pad in reversed(pads) for p in (pad, pad)]  # last axis first
+        return F.pad(x, widths, mode=mode), crops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
+        size = x.shape[2:]
         if isinstance(self.encoder, Encoder):
             feats = self.encoder(x)
             y = feats[-1]
@@ -256,20 +272,21 @@ class UNet(DenseModel):
         for i, (up, block) in enumerate(zip(self.up, self.decoder, strict=True)):
             y = up(y)
             if i < len(skips):
-                y = block(torch.cat([center_crop(skips[i], y.shape[-2:]), y], dim=1))
+                y = block(torch.cat([center_crop(skips[i], y.shape[2:]), y], dim=1))
             else:
                 y = block(y)
         y = self.head(y)
         if not self.padding:
-            (ch, cw), (h, w) = crops, size
-            y = y[..., ch:ch + h, cw:cw + w]
+            y = y[(..., *(slice(c, c + n) for c, n in zip(crops, size, strict=True)))]
         return y
 
 
 @register_model(task="segment")
-def unet(num_classes: int = 2, in_chans: int = 3, img_size: int | tuple[int, int] = 512,
-         depth: int = 4, width: int = 64, norm: str | None = "batch", padding: bool = True,
-         attn: str | None = None, backbone: str | None = None, stem: str = "auto") -> UNet:
+def unet(num_classes: int = 2, in_chans: int | None = None,
+         img_size: int | tuple[int, ...] | None = None, depth: int = 4, width: int = 64,
+         norm: str | None = "batch", padding: bool = True, attn: str | None = None,
+         backbone: str | None = None, stem: str = "auto",
+         input_size: tuple[int, ...] | None = None) -> UNet:
     """U-Net with concatenated skips (Ronneberger, Fischer and Brox 2015, U-Net: ... Segmentation).
 
     Ronneberger, Fischer and Brox (2015), "U-Net: Convolutional Networks for Biomedical
@@ -278,11 +295,17 @@ def unet(num_classes: int = 2, in_chans: int = 3, img_size: int | tuple[int, int
     img_size 512 is a multiple of the padded model's 16.
     """
     return UNet(num_classes, in_chans, img_size, depth, width, norm, padding, attn, backbone,
-                stem)
+                stem, input_size)
 
 
 @register_model(task="segment")
-def unet_small(num_classes: int = 2, in_chans: int = 3, img_size: int | tuple[int, int] = 64,
-               norm: str | None = "batch", attn: str | None = None) -> UNet:
-    """Small U-Net, width 16 and depth 4, for CPU training (Ronneberger, Fischer and Brox 2015)."""
-    return UNet(num_classes, in_chans, img_size, depth=4, width=16, norm=norm, attn=attn)
+def unet_small(num_classes: int = 2, in_chans: int | None = None,
+               img_size: int | tuple[int, ...] | None = None, norm: str | None = "batch",
+               attn: str | None = None, input_size: tuple[int, ...] | None = None) -> UNet:
+    """Small U-Net, width 16 and depth 4, for CPU training (Ronneberger, Fischer and Brox 2015).
+
+    The default input is 3x64x64.
+    """
+    in_chans, spatial = nd.resolve_input_size(input_size, in_chans, img_size,
+                                              default=(3, 64, 64), family="U-Net")
+    return UNet(num_classes, in_chans, spatial, depth=4, width=16, norm=norm, attn=attn)

@@ -6,7 +6,8 @@ Zagoruyko and Komodakis (2016), "Wide Residual Networks", BMVC. A 3x3 stem conv 
 Deep Residual Networks") of widths 16k, 32k and 64k with strides 1, 2, 2, and a
 final BN-ReLU, global average pool and linear classifier. WRN-28-10 has 36.5M
 parameters. The ImageNet bottleneck variants are ``wide_resnet50_2`` and
-``wide_resnet101_2`` in :mod:`cnnkit.models.resnet`.
+``wide_resnet101_2`` in :mod:`cnnkit.models.resnet`. ``input_size=(C, L)`` or
+``(C, D, H, W)`` builds the same network in 1D or 3D (:mod:`cnnkit.layers.nd`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnkit.layers import nd
 from cnnkit.layers.attention import create_attn
 
-from ._base import Classifier, to_2tuple
+from ._base import Classifier
 from ._registry import register_model
 
 __all__ = ["PreActBlock", "WideResNet"]
@@ -31,22 +33,24 @@ class PreActBlock(nn.Module):
     When the shape changes, the shortcut is a 1x1 convolution applied to the
     pre-activated input (as in the authors' code), so both paths see BN-ReLU(x).
     ``attn`` recalibrates the residual branch before the addition (SE placement).
+    ``conv_layer`` and ``norm_layer`` are the types of the network's number of dimensions.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, dropout: float = 0.0,
-                 attn: str | None = None) -> None:
+                 attn: str | None = None, conv_layer: type[nn.Module] = nn.Conv2d,
+                 norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_chs)
+        self.bn1 = norm_layer(in_chs)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.conv1 = conv_layer(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = norm_layer(out_chs)
         self.relu2 = nn.ReLU(inplace=True)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, stride=1, padding=1, bias=False)
+        self.conv2 = conv_layer(out_chs, out_chs, 3, stride=1, padding=1, bias=False)
         self.attn = create_attn(attn, out_chs)
         self.shortcut = None
         if stride != 1 or in_chs != out_chs:
-            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+            self.shortcut = conv_layer(in_chs, out_chs, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.relu1(self.bn1(x))
@@ -61,14 +65,17 @@ class WideResNet(Classifier):
 
     Args:
         num_classes: classifier outputs.
-        in_chans: input channels.
-        img_size: input size (only recorded in ``default_cfg``: the net is fully
-            convolutional up to a global pool).
+        in_chans: input channels (3 unless ``input_size`` says otherwise).
+        img_size: input size, an int (2D) or 1 to 3 sizes (32 unless ``input_size`` says
+            otherwise); recorded in ``default_cfg``: the net is fully convolutional up to
+            a global pool.
         depth: total depth ``d``; ``(d - 4)`` must be divisible by 6.
         widen_factor: width multiplier ``k``.
         dropout: dropout probability between the two convolutions of each block.
         attn: recalibration block name from :func:`cnnkit.layers.attention.list_attn`
             inserted in every block, or None.
+        input_size: ``(C, L)``, ``(C, H, W)`` or ``(C, D, H, W)``: the network is built in
+            that many dimensions.
 
     Example:
         >>> m = WideResNet(depth=10, widen_factor=1)
@@ -76,10 +83,15 @@ class WideResNet(Classifier):
         torch.Size([2, 10])
     """
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3,
-                 img_size: int | tuple[int, int] = 32, depth: int = 28, widen_factor: int = 10,
-                 dropout: float = 0.0, attn: str | None = None) -> None:
+    def __init__(self, num_classes: int = 10, in_chans: int | None = None,
+                 img_size: int | tuple[int, ...] | None = None, depth: int = 28,
+                 widen_factor: int = 10, dropout: float = 0.0, attn: str | None = None,
+                 input_size: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        in_chans, spatial = nd.resolve_input_size(input_size, in_chans, img_size,
+                                                  default=(3, 32, 32), family="WRN")
+        self.dims = dims = len(spatial)
+        conv, norm = nd.conv(dims), nd.batch_norm(dims)
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40 ...), "
                              f"got {depth}")
@@ -91,21 +103,22 @@ class WideResNet(Classifier):
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.num_classes, self.in_chans = num_classes, in_chans
         self.depth, self.widen_factor = depth, widen_factor
-        self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
+        self.conv1 = conv(in_chans, 16, 3, padding=1, bias=False)
         in_chs = 16
         for g, (width, stride) in enumerate(zip(widths, (1, 2, 2), strict=True)):
             blocks = []
             for i in range(n):
-                blocks.append(PreActBlock(in_chs, width, stride if i == 0 else 1, dropout, attn))
+                blocks.append(PreActBlock(in_chs, width, stride if i == 0 else 1, dropout, attn,
+                                          conv, norm))
                 in_chs = width
             self.add_module(f"block{g + 1}", nn.Sequential(*blocks))
         # Pre-activation blocks end un-normalised, so the head needs its own BN-ReLU.
-        self.bn = nn.BatchNorm2d(in_chs)
+        self.bn = norm(in_chs)
         self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.avgpool = nd.adaptive_avg_pool(dims)((1,) * dims)
         self.num_features = in_chs
         self.fc = nn.Linear(in_chs, num_classes)
-        self._init_weights()
+        self._init_weights(conv, norm)
 
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module="block1"),
                              dict(num_chs=widths[1], reduction=2, module="block2"),
@@ -115,18 +128,18 @@ class WideResNet(Classifier):
             mean, std = CIFAR10_MEAN, CIFAR10_STD
         else:
             mean, std = (0.5,) * in_chans, (0.5,) * in_chans
-        self.default_cfg = dict(input_size=(in_chans, *to_2tuple(img_size)), mean=mean,
+        self.default_cfg = dict(input_size=(in_chans, *spatial), mean=mean,
                                 std=std, num_classes=num_classes,
                                 paper="Zagoruyko and Komodakis 2016, Wide Residual Networks")
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, conv: type[nn.Module], norm: type[nn.Module]) -> None:
         # The authors' scheme: He-normal (fan_out) convs, unit BN, zero linear bias.
         for name, m in self.named_modules():
             if ".attn" in name:  # recalibration blocks keep their own initialisation
                 continue
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, conv):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, norm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
@@ -147,8 +160,10 @@ class WideResNet(Classifier):
 
 
 @register_model
-def wide_resnet(num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 32,
-                depth: int = 28, widen_factor: int = 10, dropout: float = 0.0,
-                attn: str | None = None) -> WideResNet:
+def wide_resnet(num_classes: int = 10, in_chans: int | None = None,
+                img_size: int | tuple[int, ...] | None = None, depth: int = 28,
+                widen_factor: int = 10, dropout: float = 0.0, attn: str | None = None,
+                input_size: tuple[int, ...] | None = None) -> WideResNet:
     """Wide ResNet WRN-d-k for CIFAR (Zagoruyko and Komodakis 2016); WRN-28-10 by default."""
-    return WideResNet(num_classes, in_chans, img_size, depth, widen_factor, dropout, attn)
+    return WideResNet(num_classes, in_chans, img_size, depth, widen_factor, dropout, attn,
+                      input_size)

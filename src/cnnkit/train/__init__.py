@@ -8,8 +8,8 @@ so the package itself is made callable and calling it calls :func:`train`.
 import sys
 import types
 
-from .config import TrainConfig
-from .run import Preprocess, Run, load_run
+from cnnkit.run import Preprocess, Run, TrainConfig, load_run
+
 from .trainer import NonFiniteLossError, Trainer, evaluate, train
 
 __all__ = ["TrainConfig", "Trainer", "train", "evaluate", "load_run", "Run", "Preprocess",

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from cnnkit._files import refuse_existing
+from cnnkit.run import Run, load_run
 from cnnkit.tasks import create_task, task_class
-
-from .run import Run, load_run
 
 __all__ = ["evaluate_run", "predict_files", "predict_dense_files", "run_test_data",
            "run_test_split"]

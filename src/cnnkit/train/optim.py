@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from cnnkit.run import TrainConfig
 
 __all__ = ["param_groups", "build_optimizer", "fused_supported", "lr_factor", "build_scheduler",
            "ModelEma"]

@@ -3,7 +3,7 @@ a run saves after every epoch so that ``--resume`` continues it to the same resu
 
 What continuing needs beyond the weights: the optimizer's moments, the schedule's step,
 the gradient scaler, the EMA, the RNG (dropout draws) and the metrics history, saved
-pickle-free by :func:`cnnkit.train.checkpoint.save_state` (:func:`capture`) and put back
+pickle-free by :func:`cnnkit.run.checkpoint.save_state` (:func:`capture`) and put back
 by :func:`restore`. The data loader's shuffling and augmentation are pure functions of
 (seed, epoch), so with the RNG restored a resumed run equals an uninterrupted one.
 
@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .checkpoint import load_state, read_header
-from .config import TrainConfig
-from .run import RunPaths, is_unstarted, read_config, resolve_run
+from cnnkit.run import RunPaths, TrainConfig, is_unstarted, read_config, resolve_run
+from cnnkit.run.checkpoint import load_state, read_header
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -84,7 +83,7 @@ def resume_config(resume: str | os.PathLike, config: TrainConfig | None,
 
 
 def capture(trainer: Trainer) -> dict[str, Any]:
-    """Everything :func:`restore` needs, as :func:`~cnnkit.train.checkpoint.save_state`
+    """Everything :func:`restore` needs, as :func:`~cnnkit.run.checkpoint.save_state`
     stores it."""
     rng = {"torch": torch.get_rng_state()}
     if trainer.device.type == "cuda":

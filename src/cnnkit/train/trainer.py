@@ -26,28 +26,29 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cnnkit.tasks import create_task
-from cnnkit.tasks.classify import evaluate_classify
-
-from . import distributed as ddp
-from .budget import check_run_memory
-from .checkpoint import atomic_write, load_weights, read_header, save_state, save_weights
-from .config import TrainConfig
-from .device import resolve_amp
-from .epoch import NonFiniteLossError, train_epoch
-from .fast import try_compile
-from .optim import ModelEma, build_optimizer, build_scheduler
-from .resume import capture, deterministic_algorithms, restore, resume_config, seed_everything
-from .run import (
+from cnnkit._files import atomic_write
+from cnnkit.run import (
     Preprocess,
     RunFolder,
     RunPaths,
+    TrainConfig,
     claim_run_folder,
     open_run_folder,
     write_json,
     write_yaml,
 )
-from .weights import build_model, check_belongs, check_meta, check_rebuildable, run_meta
+from cnnkit.run.checkpoint import load_weights, read_header, save_state, save_weights
+from cnnkit.run.weights import build_model, check_belongs, check_meta, check_rebuildable, run_meta
+from cnnkit.tasks import create_task
+from cnnkit.tasks.classify import evaluate_classify
+
+from . import distributed as ddp
+from .budget import check_run_memory
+from .device import resolve_amp
+from .epoch import NonFiniteLossError, train_epoch
+from .fast import try_compile
+from .optim import ModelEma, build_optimizer, build_scheduler
+from .resume import capture, deterministic_algorithms, restore, resume_config, seed_everything
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "evaluate"]
 
@@ -73,7 +74,7 @@ class Trainer:
         regularizer: ``f(model) -> scalar tensor`` added to every training step's loss
             (and so to the logged ``train_loss``), e.g. a
             :class:`cnnkit.compress.schedule.MaskSparsity` penalty.
-        overrides: with ``resume``, options of :data:`~cnnkit.train.config.RESUME_OPTIONS`
+        overrides: with ``resume``, options of :data:`~cnnkit.run.config.RESUME_OPTIONS`
             to change (``{"lr": 0.01, "grad_clip": 1.0}`` after a NaN loss); the changes
             are written to ``config.yaml`` and listed in the state and ``summary.json``
             under ``resumes``.
@@ -328,7 +329,7 @@ class Trainer:
             return self._finish()
 
     def _finish(self) -> dict[str, Any]:
-        from .report import write_report
+        from cnnkit.run.report import write_report
 
         if self.dist.is_main:
             best, _ = load_weights(self.paths.weights)
@@ -367,7 +368,7 @@ def train(config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
     Args:
         config: a full configuration; or leave it None and pass options by name.
         **options: :class:`TrainConfig` fields, plus ``progress`` and ``resume`` (a run
-            folder to continue; then only :data:`~cnnkit.train.config.RESUME_OPTIONS` may
+            folder to continue; then only :data:`~cnnkit.run.config.RESUME_OPTIONS` may
             be given, to change them).
 
     Example:

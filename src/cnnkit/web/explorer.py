@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit.run import load_run, resolve_run
 from cnnkit.tasks import create_task
 from cnnkit.tasks.classify import Classify
-from cnnkit.train.run import load_run, resolve_run
 
 from .codec import pack
 from .facts import compression_facts, layer_facts
@@ -89,7 +89,7 @@ class Explorer:
     """A classifier run for the web app; one instance is shared by all requests.
 
     Args:
-        run: a loaded :class:`cnnkit.train.run.Run` (classification).
+        run: a loaded :class:`cnnkit.run.Run` (classification).
         weights: which weights ``run`` holds (``best``, ``last`` or ``int8``), for display.
         float_model: for an int8 run, the float model it was quantised from: explanations
             need gradients and the summary a float model, so both use it.

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cnnkit.train.run import RunPaths
+from cnnkit.run import RunPaths
 
 __all__ = ["FileStamp", "weights_files", "iso_time"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnkit.train.checkpoint import atomic_write, load_state, load_weights, save_state, save_weights
+from cnnkit.run.checkpoint import atomic_write, load_state, load_weights, save_state, save_weights
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):

@@ -19,7 +19,7 @@ from cnnkit.tasks import Task
 from cnnkit.tasks.figures import fmt, png
 
 from .checkpoint import atomic_write
-from .run import RunPaths
+from .folder import RunPaths
 
 __all__ = ["write_report", "put_section"]
 

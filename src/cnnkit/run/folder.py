@@ -1,4 +1,4 @@
-"""Run folders: what a training writes, and :func:`load_run` to read it back.
+"""Run folders: their layout, claiming one for a new run, locking one to resume it.
 
 A run folder ``runs/<name>/`` holds:
 
@@ -10,19 +10,19 @@ A run folder ``runs/<name>/`` holds:
 * ``metrics.jsonl``: one JSON line per epoch;
 * ``summary.json``: final test metrics (``test_accuracy``) and ``input_size`` [C, H, W];
 * ``report.html``: curves, confusion matrix and sample predictions, self-contained.
+
+:func:`cnnkit.run.load_run` reads one back.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from torch import nn
 
 from cnnkit._files import (
     LOCK_NAME,
@@ -35,10 +35,9 @@ from cnnkit._files import (
 
 from .checkpoint import atomic_write
 from .config import TrainConfig
-from .weights import load_checked
 
-__all__ = ["RunPaths", "RunFolder", "claim_run_folder", "open_run_folder", "Preprocess", "Run",
-           "load_run", "read_config", "resolve_run"]
+__all__ = ["RunPaths", "RunFolder", "claim_run_folder", "open_run_folder", "is_unstarted",
+           "read_config", "resolve_run", "write_json", "write_yaml"]
 
 
 @dataclass(frozen=True)
@@ -217,107 +216,3 @@ def write_yaml(path: Path, data: dict) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, indent=2) + "\n")
-
-
-@dataclass
-class Preprocess:
-    """How a run's model expects its input: size, channels, normalisation and classes.
-
-    Calling it on an image file, a PIL image or a ``[C, H, W]`` tensor in [0, 1]
-    returns the normalised float tensor ``[C, H, W]`` the model was trained on.
-    """
-
-    input_size: tuple[int, int, int]
-    mean: list[float]
-    std: list[float]
-    classes: list[str] = field(default_factory=list)
-    task: str = "classify"
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return (x - mean) / std
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        from cnnkit.data import load_image
-
-        c, h, w = self.input_size
-        if not isinstance(image, torch.Tensor):
-            image = load_image(image, size=(h, w), channels=c)
-        if image.dtype == torch.uint8:
-            image = image.float() / 255
-        return self.normalize(image)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"input_size": list(self.input_size), "mean": list(self.mean),
-                "std": list(self.std), "classes": list(self.classes), "task": self.task}
-
-
-@dataclass
-class Run:
-    """A trained run, read back by :func:`load_run`."""
-
-    path: Path
-    model: nn.Module
-    config: TrainConfig
-    preprocess: Preprocess
-    summary: dict[str, Any] | None
-
-    @property
-    def classes(self) -> list[str]:
-        return self.preprocess.classes
-
-
-def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu") -> Run:
-    """Load a run folder: its model (in eval mode), config and preprocessing.
-
-    Only YAML, JSON and safetensors are read, so loading never executes code.
-
-    Args:
-        path: the run folder (or its name inside ``runs/``).
-        weights: ``"best"`` (by validation accuracy), ``"last"``, or ``"int8"``: the
-            int8 model ``cnnkit compress --quantize int8`` wrote (CPU only).
-        device: where to put the model.
-
-    Example:
-        >>> run = load_run("runs/tinyvgg_wide-digits")  # doctest: +SKIP
-        >>> run.model(run.preprocess("digit.png")[None]).argmax()  # doctest: +SKIP
-    """
-    root = resolve_run(path)
-    paths = RunPaths(root)
-    if weights not in ("best", "last", "int8"):
-        raise ValueError(f"weights must be 'best', 'last' or 'int8', got {weights!r}")
-    if weights == "int8" and not paths.int8.is_file():
-        raise ValueError(f"{root} has no int8 model; make one with `cnnkit compress {root} "
-                         "--quantize int8 --out NEW_RUN`")
-    if weights == "int8" and torch.device(device).type != "cpu":
-        raise ValueError("int8 models run on the CPU only; use --device cpu")
-    config = read_config(paths.config)
-    model, meta = load_checked(paths.last if weights == "last" else paths.weights, config,
-                               paths.config)
-    model.to(device).eval()
-    prep = Preprocess(tuple(meta["input_size"]), meta["mean"], meta["std"], meta["classes"],
-                      meta.get("task", "classify"))
-    if weights == "int8":
-        from cnnkit.compress.quantize import load_quantized
-
-        model = load_quantized(paths.int8, model, torch.zeros(1, *prep.input_size))
-    return Run(root, model, config, prep, read_summary(paths.summary))
-
-
-def read_summary(path: Path) -> dict[str, Any] | None:
-    """A run's ``summary.json`` (None if the run has not finished).
-
-    Raises:
-        ValueError: the file is not a JSON object.
-    """
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        data = e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is damaged (not a JSON object); delete it and run `cnnkit "
-                         f"train --resume {path.parent}` to test the run again")
-    return data

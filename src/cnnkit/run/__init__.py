@@ -1,0 +1,30 @@
+"""Run folders: what a run writes and how it is read back, below every library.
+
+A run folder (``runs/<name>/``) is the unit every command works on: ``cnnkit train``
+writes one, ``eval``, ``predict``, ``explain``, ``compress``, ``export`` and ``serve`` read
+one (:func:`load_run`), and ``compress`` writes a new one. This package holds its parts:
+the resolved configuration (:class:`TrainConfig`, ``config.yaml``), the layout and its
+claims and locks (:mod:`.folder`), pickle-free weights and training state
+(:mod:`.checkpoint`), the checks a weights file must pass (:mod:`.weights`), reading a
+run back (:mod:`.load`) and ``report.html`` (:mod:`.report`). It sits above ``models``,
+``data`` and ``tasks`` and below the libraries (``train``, ``explain``, ``compress``,
+``analysis``), which all read and write runs through it.
+"""
+
+from .config import RESUME_OPTIONS, TrainConfig
+from .folder import (
+    RunFolder,
+    RunPaths,
+    claim_run_folder,
+    is_unstarted,
+    open_run_folder,
+    read_config,
+    resolve_run,
+    write_json,
+    write_yaml,
+)
+from .load import Preprocess, Run, load_run, read_summary
+
+__all__ = ["TrainConfig", "RESUME_OPTIONS", "RunPaths", "RunFolder", "claim_run_folder",
+           "open_run_folder", "is_unstarted", "read_config", "resolve_run", "write_json",
+           "write_yaml", "Preprocess", "Run", "load_run", "read_summary"]
