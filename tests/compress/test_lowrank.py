@@ -179,9 +179,11 @@ def test_decompose_resnet18_energy_close(resnet):
 
 @pytest.mark.parametrize("kind", ["cp", "tucker"])
 def test_factorize_model_matches_he_variance(kind):
+    # The CP product of four random factors is heavy-tailed (one seed's ratio has a standard
+    # deviation of ~0.3): 64 seeds bring the mean's to ~0.04, well inside the bounds.
     conv = nn.Conv2d(64, 64, 3, padding=1)
     ratios = []
-    for seed in range(4):
+    for seed in range(64):
         torch.manual_seed(seed)
         seq = factorize_model(nn.Sequential(conv), kind=kind, skip_first=False)[0]
         w = seq[0].weight[:, :, 0, 0]
@@ -191,7 +193,7 @@ def test_factorize_model_matches_he_variance(kind):
         else:
             eff = torch.einsum("os,srhw,ri->oihw", seq[2].weight[:, :, 0, 0], seq[1].weight, w)
         ratios.append(eff.var().item() / (2 / (64 * 9)))
-    assert 0.8 < sum(ratios) / len(ratios) < 1.25
+    assert 0.85 < sum(ratios) / len(ratios) < 1.15
     x = torch.randn(1, 64, 8, 8)
     assert seq(x).shape == conv(x).shape
 
@@ -287,3 +289,8 @@ def test_decomposed_model_finetunes_and_reloads(tmp_path):
     with pytest.raises(ValueError, match="could not be reloaded"):
         Trainer(TrainConfig(model="lenet5", data="digits", epochs=1, runs_dir=str(tmp_path)),
                 model=small, progress=False)
+
+
+def test_factorised_layers_are_2d_and_3d_networks_are_refused():
+    with pytest.raises(ValueError, match="factorised convolutions are 2D"):
+        factorize_model(create_model("resnet18", num_classes=3, input_size=(1, 8, 8, 8)))

@@ -16,7 +16,8 @@ layers, each judged by measured latency and accuracy.
   :func:`compress_run` is ``cnnkit compress``.
 """
 
-from .binary import BinaryWeightConv2d, XNORConv2d, binarize
+from cnnkit.layers.binary import BinaryWeightConv2d, XNORConv2d, binarize
+
 from .export import export
 from .graph import Group, Member, dependency_groups
 from .lowrank import decompose, factorize_model

@@ -3,7 +3,8 @@
 Tucker-2 (Kim et al. 2016) and CP by alternating least squares (Lebedev et al. 2015) for
 ``kxk`` convolutions, truncated SVD (Eckart and Young 1936) for linear layers and 1x1
 convolutions, the rank selection they share, and their parameter counts.
-:mod:`cnnkit.compress.lowrank` applies them to whole models.
+:mod:`cnnkit.compress.lowrank` applies them to whole models; the layer structures are
+:mod:`cnnkit.layers.lowrank`'s.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 
 import torch
 from torch import nn
+
+from cnnkit.layers.lowrank import cp_layers, svd_layers, tucker2_layers
 
 __all__ = ["cp_als", "cp_conv", "cp_params", "select_rank", "svd_conv1x1", "svd_linear",
            "svd_params", "tucker2_conv", "tucker2_params"]
@@ -105,14 +108,13 @@ def svd_linear(linear: nn.Linear, rank: int | str | None = None,
     the truncation is the best rank-R approximation in Frobenius norm.
     """
     first, second, r = _svd_factors(linear.weight.detach(), rank, compression)
-    f = nn.Linear(linear.in_features, r, bias=False)
-    g = nn.Linear(r, linear.out_features, bias=linear.bias is not None)
+    seq = svd_layers(linear, r)
     with torch.no_grad():
-        f.weight.copy_(first)
-        g.weight.copy_(second)
+        seq[0].weight.copy_(first)
+        seq[1].weight.copy_(second)
         if linear.bias is not None:
-            g.bias.copy_(linear.bias)
-    return nn.Sequential(f, g).to(linear.weight.device)
+            seq[1].bias.copy_(linear.bias)
+    return seq
 
 
 def svd_conv1x1(conv: nn.Conv2d, rank: int | str | None = None,
@@ -121,15 +123,13 @@ def svd_conv1x1(conv: nn.Conv2d, rank: int | str | None = None,
     _check_conv(conv)
     w = conv.weight.detach()
     first, second, r = _svd_factors(w[:, :, 0, 0], rank, compression)
-    f = nn.Conv2d(conv.in_channels, r, 1, stride=conv.stride, padding=conv.padding,
-                  padding_mode=conv.padding_mode, bias=False)
-    g = nn.Conv2d(r, conv.out_channels, 1, bias=conv.bias is not None)
+    seq = svd_layers(conv, r)
     with torch.no_grad():
-        f.weight.copy_(first[:, :, None, None])
-        g.weight.copy_(second[:, :, None, None])
+        seq[0].weight.copy_(first[:, :, None, None])
+        seq[1].weight.copy_(second[:, :, None, None])
         if conv.bias is not None:
-            g.bias.copy_(conv.bias)
-    return nn.Sequential(f, g).to(w.device)
+            seq[1].bias.copy_(conv.bias)
+    return seq
 
 
 def _check_conv(conv: nn.Conv2d) -> None:
@@ -177,18 +177,15 @@ def tucker2_conv(conv: nn.Conv2d, rank: int | str | tuple[int, int] | None = Non
         u_in = _leading(_unfold(torch.einsum("oihw,os->sihw", w, u_out), 1), r_in)
         u_out = _leading(_unfold(torch.einsum("oihw,ir->orhw", w, u_in), 0), r_out)
     core = torch.einsum("oihw,os,ir->srhw", w, u_out, u_in)
-    first = nn.Conv2d(conv.in_channels, r_in, 1, bias=False)
-    mid = nn.Conv2d(r_in, r_out, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, padding_mode=conv.padding_mode, bias=False)
-    last = nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None)
+    seq = tucker2_layers(conv, r_in, r_out)
     dtype = conv.weight.dtype
     with torch.no_grad():
-        first.weight.copy_(u_in.T[:, :, None, None].to(dtype))
-        mid.weight.copy_(core.to(dtype))
-        last.weight.copy_(u_out[:, :, None, None].to(dtype))
+        seq[0].weight.copy_(u_in.T[:, :, None, None].to(dtype))
+        seq[1].weight.copy_(core.to(dtype))
+        seq[2].weight.copy_(u_out[:, :, None, None].to(dtype))
         if conv.bias is not None:
-            last.bias.copy_(conv.bias)
-    return nn.Sequential(first, mid, last).to(conv.weight.device)
+            seq[2].bias.copy_(conv.bias)
+    return seq
 
 
 # ----------------------------------------------------------------------------- CP
@@ -261,24 +258,16 @@ def cp_conv(conv: nn.Conv2d, rank: int | str | None = None, compression: float |
     w = conv.weight.detach()
     r = _cp_rank(w.double(), rank, compression)
     a, b, c, d = cp_als(w, r, iters=iters, tol=tol, seed=seed)
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    pad = conv.padding
-    pad_h, pad_w = (pad, pad) if isinstance(pad, str) else ((pad[0], 0), (0, pad[1]))
-    first = nn.Conv2d(conv.in_channels, r, 1, bias=False)
-    vert = nn.Conv2d(r, r, (kh, 1), stride=(sh, 1), padding=pad_h, dilation=(dh, 1), groups=r,
-                     padding_mode=conv.padding_mode, bias=False)
-    horiz = nn.Conv2d(r, r, (1, kw), stride=(1, sw), padding=pad_w, dilation=(1, dw), groups=r,
-                      padding_mode=conv.padding_mode, bias=False)
-    last = nn.Conv2d(r, conv.out_channels, 1, bias=conv.bias is not None)
+    seq = cp_layers(conv, r)
     dtype = w.dtype
     with torch.no_grad():
-        first.weight.copy_(b.T[:, :, None, None].to(dtype))
-        vert.weight.copy_(c.T[:, None, :, None].to(dtype))
-        horiz.weight.copy_(d.T[:, None, None, :].to(dtype))
-        last.weight.copy_(a[:, :, None, None].to(dtype))
+        seq[0].weight.copy_(b.T[:, :, None, None].to(dtype))
+        seq[1].weight.copy_(c.T[:, None, :, None].to(dtype))
+        seq[2].weight.copy_(d.T[:, None, None, :].to(dtype))
+        seq[3].weight.copy_(a[:, :, None, None].to(dtype))
         if conv.bias is not None:
-            last.bias.copy_(conv.bias)
-    return nn.Sequential(first, vert, horiz, last).to(w.device)
+            seq[3].bias.copy_(conv.bias)
+    return seq
 
 
 def _effective_weight(seq: nn.Sequential) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cnnkit.analysis.tracer import _arg, _tensors
+from cnnkit.models._surgery import Member
 
 __all__ = ["Group", "Member", "dependency_groups"]
 
@@ -56,27 +57,6 @@ _ADD = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__",
 _CAT = frozenset({"cat", "concat", "concatenate"})
 _CONV = frozenset({"conv1d", "conv2d", "conv3d"})
 _RESHAPE = frozenset({"flatten", "view", "reshape"})
-
-
-@dataclass(frozen=True)
-class Member:
-    """One layer's share of a group: channels ``offset + c * span + [0, span)``, c < channels.
-
-    ``kind`` is ``"out"`` (output channels of a conv / rows of a linear), ``"in"`` (input
-    channels of a conv / input features of a linear), ``"bn"`` (a BatchNorm's channels) or
-    ``"dw"`` (a depthwise conv, whose input and output channel are the same). ``span`` is
-    1 except for a linear layer after a flatten, where one channel is ``h * w`` features.
-    """
-
-    name: str
-    kind: str
-    offset: int = 0
-    span: int = 1
-
-    def indices(self, channels: torch.Tensor) -> torch.Tensor:
-        """Positions in this layer's dimension of the group's ``channels``."""
-        return (self.offset + channels[:, None] * self.span
-                + torch.arange(self.span)[None, :]).reshape(-1)
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 
-from .graph import Group, Member, dependency_groups
+from cnnkit.models._surgery import apply_history, apply_step, default_inputs, refresh_metadata
+
+from .graph import Group, dependency_groups
 from .importance import Criterion, criteria, get_criterion, register_criterion
 
 __all__ = ["Criterion", "apply_history", "criteria", "get_criterion", "prune",
@@ -102,7 +101,7 @@ def _scored_groups(model: nn.Module, criterion: str, example_inputs: Any, data: 
     device; a random batch at ``default_cfg["input_size"]`` when None)."""
     score_fn = get_criterion(criterion)
     if example_inputs is None:
-        example_inputs = _default_inputs(model)
+        example_inputs = default_inputs(model)
         if example_inputs is None:
             raise ValueError("model has no default_cfg['input_size']: pass example_inputs")
     device = next(model.parameters()).device
@@ -130,129 +129,10 @@ def _commit(model: nn.Module, plan: list[dict], inputs: Any) -> nn.Module:
     step = max((h["step"] for h in history), default=-1) + 1
     entries = [{"step": step, **entry} for entry in plan]
     pruned = copy.deepcopy(model)
-    _apply(pruned, entries)
+    apply_step(pruned, entries)
     pruned.pruning_history = history + entries
     device = next(pruned.parameters()).device  # the inputs may predate a move to a GPU
-    _refresh_metadata(pruned, tuple(t.to(device) for t in inputs))
+    refresh_metadata(pruned, tuple(t.to(device) for t in inputs))
     return pruned
 
 
-def apply_history(base_model: nn.Module, history: list[dict]) -> nn.Module:
-    """Replay a ``pruning_history`` on a fresh copy of the unpruned architecture.
-
-    Example:
-        >>> from cnnkit.models import create_model
-        >>> small = prune(create_model("tinyvgg", img_size=32), 0.5)
-        >>> again = apply_history(create_model("tinyvgg", img_size=32), small.pruning_history)
-        >>> again.fc.in_features == small.fc.in_features
-        True
-    """
-    model = copy.deepcopy(base_model)
-    for step in sorted({h["step"] for h in history}):
-        _apply(model, [h for h in history if h["step"] == step])
-    model.pruning_history = list(history)
-    _refresh_metadata(model, _default_inputs(model))
-    return model
-
-
-def _default_inputs(model: nn.Module) -> torch.Tensor | None:
-    cfg = getattr(model, "default_cfg", None)
-    if not isinstance(cfg, dict) or "input_size" not in cfg:
-        return None
-    return torch.randn(1, *cfg["input_size"])
-
-
-def _refresh_metadata(model: nn.Module, inputs: Any) -> None:
-    """Keep the Classifier contract true after surgery: ``feature_info`` channel counts
-    (measured by one forward with hooks) and ``num_features`` / ``flat_features``."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if isinstance(head, nn.Linear):
-        for attr in ("num_features", "flat_features"):
-            if isinstance(getattr(model, attr, None), int):
-                setattr(model, attr, head.in_features)
-    info = getattr(model, "feature_info", None)
-    if not info or inputs is None:
-        return
-    modules, chans = dict(model.named_modules()), {}
-
-    def record(key: str) -> Callable:
-        def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
-            chans[key] = out.shape[1]  # returns None: the output itself is left alone
-        return hook
-
-    handles = [modules[f["module"]].register_forward_hook(record(f["module"]))
-               for f in info if f.get("module") in modules]
-    training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(*((inputs,) if isinstance(inputs, torch.Tensor) else inputs))
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
-    for f in info:
-        f["num_chs"] = chans.get(f.get("module"), f.get("num_chs"))
-
-
-def _apply(model: nn.Module, entries: list[dict]) -> None:
-    """Surgery for one step: entries index the channels of the model as it is now."""
-    modules = dict(model.named_modules())
-    removed: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for entry in entries:
-        dropped = torch.tensor(sorted(set(range(entry["channels"])) - set(entry["kept"])),
-                               dtype=torch.long)
-        for name, kind, offset, span in entry["members"]:
-            if name not in modules:
-                raise ValueError(f"pruning history names layer {name!r} that the model lacks; "
-                                 "apply it to the architecture it was recorded on")
-            dim = "in" if kind == "in" else "out"
-            removed[(name, dim)].update(Member(name, kind, offset, span).indices(dropped)
-                                        .tolist())
-    for name in sorted({n for n, _ in removed}):
-        old = modules[name]
-        new = _shrink(old, removed.get((name, "out"), set()), removed.get((name, "in"), set()))
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, new)
-
-
-def _keep(size: int, drop: set[int]) -> torch.Tensor:
-    if any(i >= size for i in drop):
-        raise ValueError(f"pruning history removes index {max(drop)} of a dimension of "
-                         f"size {size}; it does not match this model")
-    return torch.tensor([i for i in range(size) if i not in drop], dtype=torch.long)
-
-
-def _shrink(old: nn.Module, drop_out: set[int], drop_in: set[int]) -> nn.Module:
-    """A new module of ``old``'s type without the dropped output / input channels."""
-    w = old.weight if getattr(old, "weight", None) is not None else None
-    kw = dict(device=w.device if w is not None else None, dtype=w.dtype if w is not None else None)
-    if isinstance(old, _ConvNd) and not old.transposed:
-        keep_out = _keep(old.out_channels, drop_out)
-        depthwise = old.groups > 1
-        # Depthwise: channel c is input c and output c at once ("dw" members drop both).
-        keep_in = keep_out if depthwise else _keep(old.in_channels, drop_in)
-        new = type(old)(len(keep_in), len(keep_out), old.kernel_size, old.stride, old.padding,
-                        old.dilation, len(keep_out) if depthwise else 1, old.bias is not None,
-                        old.padding_mode, **kw)
-        weight = old.weight.detach()[keep_out]
-        new.weight.data.copy_(weight if depthwise else weight[:, keep_in])
-    elif isinstance(old, nn.Linear):
-        keep_out, keep_in = _keep(old.out_features, drop_out), _keep(old.in_features, drop_in)
-        new = nn.Linear(len(keep_in), len(keep_out), old.bias is not None, **kw)
-        new.weight.data.copy_(old.weight.detach()[keep_out][:, keep_in])
-    elif isinstance(old, _BatchNorm):
-        keep_out = _keep(old.num_features, drop_out)
-        new = type(old)(len(keep_out), old.eps, old.momentum, old.affine,
-                        old.track_running_stats, **kw)
-        for key in ("weight", "running_mean", "running_var"):
-            if getattr(old, key, None) is not None:
-                getattr(new, key).data.copy_(getattr(old, key).detach()[keep_out])
-        if old.track_running_stats:
-            new.num_batches_tracked.copy_(old.num_batches_tracked)
-    else:
-        raise ValueError(f"cannot prune a {type(old).__name__}; structured pruning supports "
-                         "Conv1d/2d/3d, Linear and BatchNorm layers")
-    if getattr(old, "bias", None) is not None:
-        new.bias.data.copy_(old.bias.detach()[keep_out])
-    new.train(old.training)
-    return new

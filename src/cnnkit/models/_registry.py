@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from cnnkit.layers.binary import binarize
+from cnnkit.layers.lowrank import factorize_model
+
 __all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info",
            "suggest"]
 
@@ -116,12 +119,12 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
         conv: ``"standard"``, or ``"cp"`` / ``"tucker"`` for a network whose ``kxk``
             convolutions (all but the first) are low-rank factor sequences from the start
             (a-priori compression, Lebedev et al. 2015 / Kim et al. 2016; see
-            :func:`cnnkit.compress.lowrank.factorize_model`).
+            :func:`cnnkit.layers.lowrank.factorize_model`).
         conv_rank: the factorised convolutions' rank as a fraction of their channels.
         binary: ``"bwn"`` (binary weights) or ``"xnor"`` (binary weights and inputs,
             Rastegari et al. 2016) for a network whose convolutions, all but the first and
             the classifier, are binary from the start; see
-            :func:`cnnkit.compress.binary.binarize`.
+            :func:`cnnkit.layers.binary.binarize`.
         **kwargs: passed to the builder (``img_size``, ``stem``, ``attn``, widths ...).
 
     Raises:
@@ -149,15 +152,10 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
     if binary not in (None, "bwn", "xnor"):
         raise ValueError(f"unknown binary {binary!r}; choose 'bwn' or 'xnor'")
     model = info.builder(**kwargs)
-    # Compressed layer types from the start (a-priori compression): lazily imported, since
-    # compress builds on models, not the other way round.
+    # Compressed layer types from the start (a-priori compression): layers of cnnkit.layers.
     if conv != "standard":
-        from cnnkit.compress.lowrank import factorize_model
-
         model = factorize_model(model, kind=conv, rank_ratio=conv_rank, inplace=True)
     if binary is not None:
-        from cnnkit.compress.binary import binarize
-
         model = binarize(model, mode=binary)
     model.model_name = name
     return model

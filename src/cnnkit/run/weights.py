@@ -28,6 +28,9 @@ import torch
 from torch import nn
 
 from cnnkit._limits import require_memory
+from cnnkit.layers.lowrank import apply_lowrank_history
+from cnnkit.models import create_model
+from cnnkit.models._surgery import apply_history
 from cnnkit.tasks import create_task, list_tasks
 
 from .checkpoint import load_weights, read_header
@@ -101,7 +104,6 @@ def check_belongs(meta: dict[str, Any], config: TrainConfig, path: str | os.Path
 def _build(meta: dict[str, Any], history: bool = True) -> nn.Module:
     """The model ``meta`` describes: the registered architecture, then (``history``) the
     pruning and low-rank factorisation it went through."""
-    from cnnkit.models import create_model
 
     kwargs = dict(meta.get("model_kwargs", {}))
     task = create_task(meta.get("task", "classify"), SimpleNamespace(**kwargs))
@@ -110,12 +112,8 @@ def _build(meta: dict[str, Any], history: bool = True) -> nn.Module:
                            mask_classes=meta["classes"])
     model = create_model(meta["model"], **{**task.model_kwargs(like), **kwargs})
     if history and meta.get("pruning_history"):
-        from cnnkit.compress.prune import apply_history
-
         model = apply_history(model, meta["pruning_history"])
     if history and meta.get("lowrank_history"):
-        from cnnkit.compress.lowrank import apply_lowrank_history
-
         model = apply_lowrank_history(model, meta["lowrank_history"])
     return model
 

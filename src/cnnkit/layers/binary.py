@@ -158,6 +158,12 @@ def binarize(model: nn.Module, mode: str = "bwn", skip_first_last: bool = True,
         raise ValueError(f"unknown binarization mode {mode!r}; choose one of {_MODES}")
     if input_scale not in _INPUT_SCALES:
         raise ValueError(f"unknown input_scale {input_scale!r}; choose one of {_INPUT_SCALES}")
+    other = sorted({type(m).__name__ for m in model.modules()
+                    if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d,
+                                      nn.ConvTranspose3d))})
+    if other:  # refused, not left real-valued without a word
+        raise ValueError(f"binary convolutions are 2D (nn.Conv2d); this model has "
+                         f"{', '.join(other)} layers: binarize 2D networks only")
     model = copy.deepcopy(model)
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     skip: set[str] = set()

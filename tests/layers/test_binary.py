@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.compress.binary import (
+from cnnkit.layers.binary import (
     BinaryWeightConv2d,
     XNORConv2d,
     binarize,
@@ -176,3 +176,11 @@ def test_binary_model_trains_through_the_trainer(tmp_path):
     run = load_run(tmp_path / "bwn")
     assert sum(isinstance(m, BinaryWeightConv2d) for m in run.model.modules()) == 1
     assert result["test_accuracy"] > 0.6  # chance is 0.1
+
+
+def test_1d_and_3d_networks_are_refused_not_left_real_valued():
+    from cnnkit.models import create_model
+
+    for size in ((1, 32), (1, 8, 8, 8)):
+        with pytest.raises(ValueError, match="binary convolutions are 2D"):
+            binarize(create_model("resnet18", num_classes=3, input_size=size))
