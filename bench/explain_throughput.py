@@ -59,9 +59,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import cnnkit.explain
-from cnnkit.analysis.bench.report import load_average
-from cnnkit.analysis.bench.report import machine as machine_info
 from cnnkit.models import create_model
+from cnnkit.workflows.bench.report import load_average
+from cnnkit.workflows.bench.report import machine as machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from cnnkit.analysis.summary import summary
-from cnnkit.compress.pipeline import measure_latency
 from cnnkit.compress.prune import prune
 from cnnkit.models import create_model
+from cnnkit.workflows.compress import measure_latency
 
 KWARGS = dict(num_classes=10, img_size=32, stem="small")
 SHAPE = (3, 32, 32)

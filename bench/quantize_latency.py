@@ -26,7 +26,6 @@ import torch
 from safetensors.torch import save_file
 
 import cnnkit
-from cnnkit.compress.pipeline import measure_latency
 from cnnkit.compress.quantize import (
     freeze_quantized,
     quantize,
@@ -35,6 +34,7 @@ from cnnkit.compress.quantize import (
 )
 from cnnkit.data import load_data, split_indices
 from cnnkit.models import create_model
+from cnnkit.workflows.compress import measure_latency
 
 LATENCY_MODELS = {
     "resnet18 32x32": ("resnet18", dict(num_classes=10, img_size=32, stem="small"), (3, 32, 32)),

@@ -6,7 +6,7 @@ and normalisation, in one process, one epoch each in turn (ABAB...). After
 ``--warmup`` epochs, the median samples/s of each side is taken and their ratio
 reported; the ratio is the claim, absolute numbers only describe this run.
 
-The hand-written loop is ``cnnkit.analysis.bench.plain.PlainLoop`` (the one ``cnnkit
+The hand-written loop is ``cnnkit.workflows.bench.plain.PlainLoop`` (the one ``cnnkit
 bench`` times too; its docstring lists what it does per batch), built from the Trainer's
 training split, statistics, augmentation policy, hyper-parameters, optimiser
 implementation and initial weights.
@@ -49,9 +49,9 @@ from typing import Any
 
 import torch
 
-from cnnkit.analysis.bench.plain import PlainLoop
-from cnnkit.analysis.bench.report import load_average, machine_text, write_section
 from cnnkit.train import TrainConfig, Trainer
+from cnnkit.workflows.bench.plain import PlainLoop
+from cnnkit.workflows.bench.report import load_average, machine_text, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"

@@ -25,7 +25,7 @@ _EXPORTS = {
     "train": "cnnkit.train",
     "Trainer": "cnnkit.train",
     "TrainConfig": "cnnkit.train",
-    "load_run": "cnnkit.train",
+    "load_run": "cnnkit.workflows.load",
     "summary": "cnnkit.analysis",
 }
 
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from cnnkit.analysis import summary
     from cnnkit.data import list_datasets, load_data
     from cnnkit.models import create_model, list_models, register_model
-    from cnnkit.train import TrainConfig, Trainer, load_run, train
+    from cnnkit.train import TrainConfig, Trainer, train
+    from cnnkit.workflows.load import load_run
 
 
 # The subpackages, imported on first use: `import cnnkit; cnnkit.explain.create(...)` works

@@ -7,7 +7,7 @@ import torch
 
 
 def test_compress_prune_quantize_reloads(cli, shared_run, tmp_path):
-    from cnnkit.train import load_run
+    from cnnkit.workflows.load import load_run
 
     out = tmp_path / "small"
     code, stdout, err = cli(["compress", str(shared_run.path), "--prune", "0.5", "--quantize",
@@ -83,7 +83,7 @@ def test_compress_data_criterion_gets_training_data(cli, shared_run, tmp_path):
 def test_compress_qat_int8_reloads(cli, shared_run, tmp_path):
     # --qat fine-tunes through fake quantisation; the int8 file records it and reloads the
     # QAT graph, reproducing the measured accuracy.
-    from cnnkit.train import load_run
+    from cnnkit.workflows.load import load_run
 
     out = tmp_path / "qat"
     code, stdout, err = cli(["compress", str(shared_run.path), "--quantize", "int8", "--qat", "1",
@@ -102,7 +102,7 @@ def test_compress_qat_int8_reloads(cli, shared_run, tmp_path):
 
 def test_compress_prune_then_lowrank_reloads(cli, shared_run, tmp_path):
     # Both histories are recorded and replayed in order (prune, then factorise).
-    from cnnkit.train import load_run
+    from cnnkit.workflows.load import load_run
 
     out = tmp_path / "plr"
     code, stdout, err = cli(["compress", str(shared_run.path), "--prune", "0.25", "--lowrank",

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.data import load_data
 from cnnkit.layers.binary import (
     BinaryWeightConv2d,
     XNORConv2d,
@@ -13,7 +14,6 @@ from cnnkit.layers.binary import (
     binarize_weight,
     sign_ste,
 )
-from cnnkit.data import load_data
 from cnnkit.models import create_model
 
 

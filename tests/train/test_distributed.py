@@ -283,7 +283,7 @@ def test_sync_batchnorm_over_two_processes_equals_batchnorm_over_one(two_process
 def test_a_distributed_run_loads_with_load_run(two_processes):
     from cnnkit.models import create_model
     from cnnkit.train import load_run
-    from cnnkit.train.evaluation import evaluate_run
+    from cnnkit.workflows.evaluate import evaluate_run
 
     tmp, ranks = two_processes
     run = load_run(tmp / "runs" / "sync_bn")  # keys as the plain model's: no module. prefix

@@ -8,7 +8,7 @@ import yaml
 
 from cnnkit.run.checkpoint import load_weights
 from cnnkit.train import NonFiniteLossError, TrainConfig, Trainer, load_run, train
-from cnnkit.train.evaluation import evaluate_run
+from cnnkit.workflows.evaluate import evaluate_run
 
 
 def small(tmp_path, **kw) -> TrainConfig:

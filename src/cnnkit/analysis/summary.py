@@ -36,8 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit.layers.ops import tensors
+
 from .receptive_field import ReceptiveField
-from .tracer import ForwardTracer, _tensors
+from .tracer import ForwardTracer
 
 __all__ = ["LayerSummary", "ModelSummary", "summary", "format_count", "format_bytes"]
 
@@ -198,7 +200,7 @@ def _fmt_shape(shape: Shape) -> str:
 def _shape_of(output: Any) -> Shape:
     if isinstance(output, torch.Tensor):
         return tuple(output.shape)
-    return tuple(tuple(t.shape) for t in _tensors(output))
+    return tuple(tuple(t.shape) for t in tensors(output))
 
 
 def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
@@ -211,9 +213,9 @@ def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
 
 
 def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    tensors = list(itertools.chain(model.parameters(), model.buffers()))
-    device = tensors[0].device if tensors else torch.device("cpu")
-    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    held = list(itertools.chain(model.parameters(), model.buffers()))
+    device = held[0].device if held else torch.device("cpu")
+    dtype = next((t.dtype for t in held if t.is_floating_point()), torch.float32)
     return device, dtype
 
 
@@ -291,7 +293,7 @@ def summary(model: nn.Module, input_size: Sequence[int], batch_size: int = 1,
     def post_hook(name: str, module: nn.Module, args: Any, output: Any) -> None:
         new = [p for p in module.parameters() if id(p) not in counted]
         counted.update(id(p) for p in new)
-        outs = list(_tensors(output))
+        outs = list(tensors(output))
         field = tracer.field(outs[0]) if outs else None
         rows.append(LayerSummary(
             name, type(module).__name__, _shape_of(output), sum(p.numel() for p in new),
@@ -304,7 +306,7 @@ def summary(model: nn.Module, input_size: Sequence[int], batch_size: int = 1,
         try:
             with tracer:
                 out = model(x)
-            outs = list(_tensors(out))
+            outs = list(tensors(out))
             out_field = tracer.field(outs[0]) if outs else None
         finally:
             tracer.close()

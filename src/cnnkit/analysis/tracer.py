@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
+
+from cnnkit.layers.ops import arg, ntuple, tensors
 
 from .receptive_field import ReceptiveField, adaptive_window
 
@@ -49,32 +51,6 @@ _TAPS = {"nearest": 1, "nearest-exact": 1, "linear": 2, "bilinear": 2, "trilinea
 _GLOBAL = {"linear", "bilinear"}
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a (nested) tuple / list / dict, in order."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    """Argument ``name`` of a functional call, passed by position ``index`` or by keyword."""
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
-
-
-def _ntuple(value: Any, n: int) -> tuple:
-    if isinstance(value, (int, float)):
-        return (value,) * n
-    value = tuple(value)
-    return value if len(value) == n else (value[0],) * n
-
-
 _NORMS = frozenset({"batch_norm", "group_norm", "layer_norm", "instance_norm"})
 
 
@@ -88,12 +64,12 @@ def _macs(name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> int:
     multiply-accumulate per output element.
     """
     if _CONV.match(name):
-        return out.numel() * math.prod(_arg(args, kwargs, 1, "weight").shape[1:])
+        return out.numel() * math.prod(arg(args, kwargs, 1, "weight").shape[1:])
     if _CONV_T.match(name):
-        x = _arg(args, kwargs, 0, "input")
-        return x.numel() * math.prod(_arg(args, kwargs, 1, "weight").shape[1:])
+        x = arg(args, kwargs, 0, "input")
+        return x.numel() * math.prod(arg(args, kwargs, 1, "weight").shape[1:])
     if name == "linear":
-        return out.numel() * _arg(args, kwargs, 1, "weight").shape[-1]
+        return out.numel() * arg(args, kwargs, 1, "weight").shape[-1]
     if name in _NORMS:
         return out.numel()
     return 0
@@ -108,46 +84,46 @@ def _spatial_rule(name: str, args: tuple, kwargs: dict, field: ReceptiveField,
     n = len(field.extent or ())
     ones = (1,) * n
     if (m := _CONV.match(name)) and int(m[1]) == n:
-        kernel = tuple(_arg(args, kwargs, 1, "weight").shape[2:])
-        stride = _ntuple(_arg(args, kwargs, 3, "stride", 1), n)
-        dilation = _ntuple(_arg(args, kwargs, 5, "dilation", 1), n)
-        padding = _arg(args, kwargs, 4, "padding", 0)
+        kernel = tuple(arg(args, kwargs, 1, "weight").shape[2:])
+        stride = ntuple(arg(args, kwargs, 3, "stride", 1), n)
+        dilation = ntuple(arg(args, kwargs, 5, "dilation", 1), n)
+        padding = arg(args, kwargs, 4, "padding", 0)
         if isinstance(padding, str):
             # "valid" is no padding; "same" puts d(k-1)//2 first (an odd pixel goes last).
             padding = tuple(0 if padding == "valid" else d * (k - 1) // 2
                             for k, d in zip(kernel, dilation, strict=True))
-        return field.window(kernel, stride, _ntuple(padding, n), dilation, extent)
+        return field.window(kernel, stride, ntuple(padding, n), dilation, extent)
     if (m := _CONV_T.match(name)) and int(m[1]) == n:
-        kernel = tuple(_arg(args, kwargs, 1, "weight").shape[2:])
-        return field.transposed(kernel, _ntuple(_arg(args, kwargs, 3, "stride", 1), n),
-                                _ntuple(_arg(args, kwargs, 4, "padding", 0), n),
-                                _ntuple(_arg(args, kwargs, 7, "dilation", 1), n), extent)
+        kernel = tuple(arg(args, kwargs, 1, "weight").shape[2:])
+        return field.transposed(kernel, ntuple(arg(args, kwargs, 3, "stride", 1), n),
+                                ntuple(arg(args, kwargs, 4, "padding", 0), n),
+                                ntuple(arg(args, kwargs, 7, "dilation", 1), n), extent)
     if (m := _MAX_POOL.match(name) or _AVG_POOL.match(name)) and int(m[1]) == n:
-        kernel = _ntuple(_arg(args, kwargs, 1, "kernel_size"), n)
-        stride = _ntuple(_arg(args, kwargs, 2, "stride") or kernel, n)
-        padding = _ntuple(_arg(args, kwargs, 3, "padding", 0), n)
+        kernel = ntuple(arg(args, kwargs, 1, "kernel_size"), n)
+        stride = ntuple(arg(args, kwargs, 2, "stride") or kernel, n)
+        padding = ntuple(arg(args, kwargs, 3, "padding", 0), n)
         dilation = ones
         if name.lstrip("_").startswith("max"):
-            dilation = _ntuple(_arg(args, kwargs, 4, "dilation", 1), n)
+            dilation = ntuple(arg(args, kwargs, 4, "dilation", 1), n)
         return field.window(kernel, stride, padding, dilation, extent)
     if (m := _LP_POOL.match(name)) and int(m[1]) == n:
-        kernel = _ntuple(_arg(args, kwargs, 2, "kernel_size"), n)
-        stride = _ntuple(_arg(args, kwargs, 3, "stride") or kernel, n)
+        kernel = ntuple(arg(args, kwargs, 2, "kernel_size"), n)
+        stride = ntuple(arg(args, kwargs, 3, "stride") or kernel, n)
         return field.window(kernel, stride, (0,) * n, ones, extent)
     if (m := _ADAPTIVE.match(name)) and int(m[2]) == n:
         return _adaptive(field, extent)
     if name in _RESAMPLE:
-        mode = _RESAMPLE[name] or _arg(args, kwargs, 3, "mode", "nearest")
+        mode = _RESAMPLE[name] or arg(args, kwargs, 3, "mode", "nearest")
         if mode == "area":  # area interpolation is adaptive average pooling
             return _adaptive(field, extent)
         taps = _TAPS.get(mode, 1)
-        align = _arg(args, kwargs, 4, "align_corners", name == "upsample_bilinear")
+        align = arg(args, kwargs, 4, "align_corners", name == "upsample_bilinear")
         # Linear modes without align_corners centre output pixel 0 at input (0.5 n/m - 0.5).
         offset = tuple(max(0.0, 0.5 * a / b - 0.5) if taps > 1 and not align else 0.0
                        for a, b in zip(field.extent or (), extent, strict=True))
         return field.resampled(extent, taps, offset)
     if name == "pad":
-        pads = list(_arg(args, kwargs, 1, "pad"))
+        pads = list(arg(args, kwargs, 1, "pad"))
         # F.pad lists (before, after) pairs from the last dim backwards.
         before = [pads[2 * (n - 1 - i)] if 2 * (n - 1 - i) < len(pads) else 0
                   for i in range(n)]
@@ -158,10 +134,10 @@ def _spatial_rule(name: str, args: tuple, kwargs: dict, field: ReceptiveField,
     if name == "__getitem__":
         return _sliced(args[1], field, extent, args[0].ndim)
     if name == "pixel_unshuffle":
-        r = int(_arg(args, kwargs, 1, "downscale_factor"))
+        r = int(arg(args, kwargs, 1, "downscale_factor"))
         return field.window((r,) * n, (r,) * n, (0,) * n, ones, extent)
     if name == "pixel_shuffle":
-        r = int(_arg(args, kwargs, 1, "upscale_factor"))
+        r = int(arg(args, kwargs, 1, "upscale_factor"))
         return field.resampled(extent, 1, (-(r - 1) / (2 * r),) * n)
     return None
 
@@ -236,7 +212,7 @@ class ForwardTracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        outs = list(_tensors(out))
+        outs = list(tensors(out))
         if outs:  # skip calls returning no tensor (.shape, .dim(), .item() ...)
             name = getattr(func, "__name__", "")
             self.macs += _macs(name, args, kwargs, outs[0])
@@ -253,10 +229,10 @@ class ForwardTracer(TorchFunctionMode):
 
     def _propagate(self, name: str, args: tuple, kwargs: dict,
                    outs: Sequence[torch.Tensor]) -> None:
-        fields = [self._fields[t] for t in _tensors((args, kwargs)) if t in self._fields]
+        fields = [self._fields[t] for t in tensors((args, kwargs)) if t in self._fields]
         if not fields:
             return
-        x = _arg(args, kwargs, 0, "input")
+        x = arg(args, kwargs, 0, "input")
         first = self.field(x) if isinstance(x, torch.Tensor) else None
         spatial = (first is not None and first.extent is not None
                    and first.extent == self._extent(x))

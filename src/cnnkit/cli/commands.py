@@ -181,7 +181,7 @@ def _headline(result: dict) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from cnnkit.train.evaluation import evaluate_run
+    from cnnkit.workflows.evaluate import evaluate_run
 
     result = evaluate_run(args.run, data=args.data, weights=args.weights)
     if args.json:
@@ -194,7 +194,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     from cnnkit.tasks import create_task
-    from cnnkit.train.evaluation import predict_files
+    from cnnkit.workflows.evaluate import predict_files
 
     for f in args.files:
         if Path(f).is_dir():
@@ -202,7 +202,7 @@ def predict(args: argparse.Namespace) -> int:
         if not Path(f).exists():
             raise FileNotFoundError(f"image file {f!r} does not exist; check the path "
                                     "(give one or more image files)")
-    from cnnkit.train import load_run
+    from cnnkit.workflows.load import load_run
 
     run = load_run(args.run)
     task = create_task(run.config.task, run.config)
@@ -222,7 +222,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _predict_files(run, task, args: argparse.Namespace) -> int:
-    from cnnkit.train.evaluation import predict_dense_files
+    from cnnkit.workflows.evaluate import predict_dense_files
 
     with output_folder(args.out, run.path / "predictions", args.force) as out:
         results = predict_dense_files(run, args.files, out, crf=args.crf, overwrite=args.force)
@@ -243,7 +243,7 @@ def summary(args: argparse.Namespace) -> int:
 
     target = args.target
     if (Path(target) / "config.yaml").is_file():
-        from cnnkit.train import load_run
+        from cnnkit.workflows.load import load_run
 
         run = load_run(target)
         native = run.preprocess.input_size
@@ -277,8 +277,8 @@ def summary(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from cnnkit.analysis.bench import BenchConfig, docs_section, format_tables, run_bench
-    from cnnkit.analysis.bench.report import machine_text, write_section
+    from cnnkit.workflows.bench import BenchConfig, docs_section, format_tables, run_bench
+    from cnnkit.workflows.bench.report import machine_text, write_section
 
     options = {"models": args.models, "batch_size": args.batch_size, "steps": args.steps,
                "rounds": args.rounds, "threads": args.threads}
@@ -359,7 +359,7 @@ def explain(args: argparse.Namespace) -> int:
 
     from cnnkit.explain import list_methods
     from cnnkit.explain.apply import explain_files
-    from cnnkit.train import load_run
+    from cnnkit.workflows.load import load_run
 
     methods = args.method or ["gradcam"]
     known = list_methods()
@@ -390,7 +390,7 @@ def _explain_benchmark(args: argparse.Namespace) -> int:
         format_table,
         write_benchmark,
     )
-    from cnnkit.train import load_run
+    from cnnkit.workflows.load import load_run
 
     fixed = [name for name, given in (("IMAGES", args.images), ("--target", args.target),
                                       ("--out", args.out)) if given]

@@ -80,9 +80,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def compress(args: argparse.Namespace) -> int:
-    from cnnkit.compress.pipeline import compress_run
     from cnnkit.compress.prune import criteria
-    from cnnkit.compress.sweep import sweep_run
+    from cnnkit.workflows.compress import compress_run
+    from cnnkit.workflows.sweep import sweep_run
 
     if args.criterion not in criteria():
         raise ValueError(f"unknown --criterion {args.criterion!r}; choose from "
@@ -134,7 +134,7 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from cnnkit.compress.export import export as export_model
-    from cnnkit.train import load_run
+    from cnnkit.workflows.load import load_run
 
     run = load_run(args.run)
     c, *spatial = run.preprocess.input_size

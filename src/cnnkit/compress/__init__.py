@@ -12,8 +12,11 @@ layers, each judged by measured latency and accuracy.
   :func:`factorize_model` builds factorised layers for training from the start.
 * :func:`binarize` swaps convolutions for binary-weight or XNOR layers.
 * :func:`magnitude_prune` and :func:`lottery_ticket` for unstructured sparsity.
-* :func:`export` writes ONNX or TorchScript and checks the outputs agree;
-  :func:`compress_run` is ``cnnkit compress``.
+* :func:`export` writes ONNX or TorchScript and checks the outputs agree.
+
+Whole-run compression (``cnnkit compress``: prune, fine-tune, quantise and measure a run)
+is a workflow: :func:`cnnkit.workflows.compress.compress_run` and
+:func:`cnnkit.workflows.sweep.sweep_run`.
 """
 
 from cnnkit.layers.binary import BinaryWeightConv2d, XNORConv2d, binarize
@@ -21,19 +24,17 @@ from cnnkit.layers.binary import BinaryWeightConv2d, XNORConv2d, binarize
 from .export import export
 from .graph import Group, Member, dependency_groups
 from .lowrank import decompose, factorize_model
-from .pipeline import compress_run, measure_latency
 from .prune import apply_history, criteria, prune, register_criterion
 from .qat import quantize_aware_train
 from .quantize import freeze_quantized, load_quantized, quantize, save_quantized, search_calibration
 from .schedule import MaskSparsity, iterative_prune
-from .sweep import pareto_front, sweep_run
 from .unstructured import lottery_ticket, magnitude_prune, remove_masks, sparsity_report
 
 __all__ = [
     "BinaryWeightConv2d", "Group", "MaskSparsity", "Member", "XNORConv2d", "apply_history",
-    "binarize", "compress_run", "criteria", "decompose", "dependency_groups", "export",
+    "binarize", "criteria", "decompose", "dependency_groups", "export",
     "factorize_model", "freeze_quantized", "iterative_prune", "load_quantized",
-    "lottery_ticket", "magnitude_prune", "measure_latency", "prune", "quantize",
+    "lottery_ticket", "magnitude_prune", "prune", "quantize",
     "quantize_aware_train", "register_criterion", "remove_masks", "save_quantized",
-    "search_calibration", "sparsity_report", "sweep_run", "pareto_front",
+    "search_calibration", "sparsity_report",
 ]

@@ -35,7 +35,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from cnnkit.analysis.tracer import _arg, _tensors
+from cnnkit.layers.ops import arg, tensors
 from cnnkit.models._surgery import Member
 
 __all__ = ["Group", "Member", "dependency_groups"]
@@ -127,8 +127,8 @@ class _ChannelTracer(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        ins = [t for t in _tensors((args, kwargs)) if t in self.layouts]
-        first = next(_tensors(out), None)
+        ins = [t for t in tensors((args, kwargs)) if t in self.layouts]
+        first = next(tensors(out), None)
         if first is None:  # sizes, shapes, dims: nothing flows
             return out
         if name in _CONV:
@@ -140,7 +140,7 @@ class _ChannelTracer(TorchFunctionMode):
         elif not ins:
             pass
         elif name in _PASS or name.lstrip("_") in _PASS:
-            for t in _tensors(out):  # pooling indices too: max_unpool pairs them with x
+            for t in tensors(out):  # pooling indices too: max_unpool pairs them with x
                 self._unary(args[0], t)
         elif name in _ADD:
             self._add(args, first)
@@ -163,8 +163,8 @@ class _ChannelTracer(TorchFunctionMode):
         return owner[0] if owner and isinstance(owner[1], kind) else None
 
     def _conv(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        x, weight = args[0], _arg(args, kwargs, 1, "weight")
-        groups = _arg(args, kwargs, 6, "groups", 1)
+        x, weight = args[0], arg(args, kwargs, 1, "weight")
+        groups = arg(args, kwargs, 6, "groups", 1)
         layout = self.layouts.get(x)
         name = self._layer(weight, _ConvNd)
         if name is None or (layout is not None and layout.span != 1):
@@ -184,9 +184,9 @@ class _ChannelTracer(TorchFunctionMode):
 
     def _batch_norm(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         layout = self.layouts.get(args[0])
-        name = self._layer(_arg(args, kwargs, 1, "running_mean"), _BatchNorm)
+        name = self._layer(arg(args, kwargs, 1, "running_mean"), _BatchNorm)
         if name is None:
-            name = self._layer(_arg(args, kwargs, 3, "weight"), _BatchNorm)
+            name = self._layer(arg(args, kwargs, 3, "weight"), _BatchNorm)
         if layout is None or name is None or layout.span != 1:
             self.block(layout)
             return
@@ -194,7 +194,7 @@ class _ChannelTracer(TorchFunctionMode):
         self.layouts[out] = layout
 
     def _linear(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        x, weight = args[0], _arg(args, kwargs, 1, "weight")
+        x, weight = args[0], arg(args, kwargs, 1, "weight")
         layout = self.layouts.get(x)
         name = self._layer(weight, nn.Linear)
         if name is None or x.dim() != 2:
@@ -236,7 +236,7 @@ class _ChannelTracer(TorchFunctionMode):
         operands = args[:2]
         if not all(isinstance(t, torch.Tensor) for t in operands):
             # x + scalar shifts a zeroed channel away from zero
-            for t in _tensors(operands):
+            for t in tensors(operands):
                 self.block(self.layouts.get(t))
             return
         if any(t.dim() < 2 or t.shape[1] != out.shape[1] for t in operands):
@@ -246,8 +246,8 @@ class _ChannelTracer(TorchFunctionMode):
         self._merge([self.layouts.get(t) for t in operands], out)
 
     def _cat(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        parts = list(_arg(args, kwargs, 0, "tensors"))
-        dim = _arg(args, kwargs, 1, "dim", 0)
+        parts = list(arg(args, kwargs, 0, "tensors"))
+        dim = arg(args, kwargs, 1, "dim", 0)
         dim = dim + out.dim() if dim < 0 else dim
         layouts = [self.layouts.get(t) for t in parts]
         if dim != 1:
@@ -332,6 +332,6 @@ def dependency_groups(model: nn.Module,
     tracer = _ChannelTracer(model)
     with evaluating(model), torch.no_grad(), tracer:
         out = model(*inputs)
-    for t in _tensors(out):  # the model's outputs (logits) are never pruned
+    for t in tensors(out):  # the model's outputs (logits) are never pruned
         tracer.block(tracer.layouts.get(t))
     return tracer.groups()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cnnkit._files import refuse_existing
+from cnnkit.run import load_run
 
 from ._base import create, explained_task
 
@@ -52,7 +53,6 @@ def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.
         FileExistsError: an output file exists and ``overwrite`` is False.
     """
     from cnnkit.data import load_image
-    from cnnkit.train import load_run
 
     from .render import save_grid, save_overlay
 

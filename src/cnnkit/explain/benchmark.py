@@ -35,6 +35,8 @@ from typing import Any
 import torch
 
 from cnnkit._files import atomic_write, refuse_existing
+from cnnkit.run import load_run, run_test_data
+from cnnkit.run.report import put_section
 
 from ._base import create, list_methods
 from .scores import deletion_insertion, energy_in_mask, pointing_game, rank_correlation
@@ -187,8 +189,6 @@ def benchmark_methods(run: Any, methods: Sequence[str] | None = None, n_images: 
         One dict per method with the keys of ``ROW_KEYS``, best first (see the module's
         ranking rule); scores that do not apply (no masks, no ``sanity``) are None.
     """
-    from cnnkit.train import load_run
-    from cnnkit.train.evaluation import run_test_data
 
     if n_images < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"n_images, steps and batch_size must be at least 1, got {n_images}, "
@@ -295,8 +295,6 @@ def write_benchmark(run_dir: str | Path, rows: list[dict[str, Any]],
     of the report is kept. The two files of an earlier benchmark are replaced only with
     ``overwrite`` (else FileExistsError).
     """
-    from cnnkit.run.report import put_section
-
     root = Path(run_dir)
     refuse_existing(benchmark_files(root), overwrite)
     png = _plot(rows)

@@ -12,6 +12,7 @@ run back (:mod:`.load`) and ``report.html`` (:mod:`.report`). It sits above ``mo
 """
 
 from .config import RESUME_OPTIONS, TrainConfig
+from .data import run_test_data, run_test_split
 from .folder import (
     RunFolder,
     RunPaths,
@@ -27,4 +28,5 @@ from .load import Preprocess, Run, load_run, read_summary
 
 __all__ = ["TrainConfig", "RESUME_OPTIONS", "RunPaths", "RunFolder", "claim_run_folder",
            "open_run_folder", "is_unstarted", "read_config", "resolve_run", "write_json",
-           "write_yaml", "Preprocess", "Run", "load_run", "read_summary"]
+           "write_yaml", "Preprocess", "Run", "load_run", "read_summary", "run_test_data",
+           "run_test_split"]

@@ -74,12 +74,13 @@ class Run:
 def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu") -> Run:
     """Load a run folder: its model (in eval mode), config and preprocessing.
 
-    Only YAML, JSON and safetensors are read, so loading never executes code.
+    Only YAML, JSON and safetensors are read, so loading never executes code. The int8
+    model of a compressed run is rebuilt by the compress package:
+    :func:`cnnkit.load_run` (``cnnkit.workflows.load.load_run``) takes ``weights="int8"``.
 
     Args:
         path: the run folder (or its name inside ``runs/``).
-        weights: ``"best"`` (by validation accuracy), ``"last"``, or ``"int8"``: the
-            int8 model ``cnnkit compress --quantize int8`` wrote (CPU only).
+        weights: ``"best"`` (by validation accuracy) or ``"last"``.
         device: where to put the model.
 
     Example:
@@ -88,23 +89,15 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
     """
     root = resolve_run(path)
     paths = RunPaths(root)
-    if weights not in ("best", "last", "int8"):
-        raise ValueError(f"weights must be 'best', 'last' or 'int8', got {weights!r}")
-    if weights == "int8" and not paths.int8.is_file():
-        raise ValueError(f"{root} has no int8 model; make one with `cnnkit compress {root} "
-                         "--quantize int8 --out NEW_RUN`")
-    if weights == "int8" and torch.device(device).type != "cpu":
-        raise ValueError("int8 models run on the CPU only; use --device cpu")
+    if weights not in ("best", "last"):
+        hint = "; int8 models load with cnnkit.load_run" if weights == "int8" else ""
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}{hint}")
     config = read_config(paths.config)
     model, meta = load_checked(paths.last if weights == "last" else paths.weights, config,
                                paths.config)
     model.to(device).eval()
     prep = Preprocess(tuple(meta["input_size"]), meta["mean"], meta["std"], meta["classes"],
                       meta.get("task", "classify"))
-    if weights == "int8":
-        from cnnkit.compress.quantize import load_quantized
-
-        model = load_quantized(paths.int8, model, torch.zeros(1, *prep.input_size))
     return Run(root, model, config, prep, read_summary(paths.summary))
 
 

@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnkit.run import load_run, resolve_run
+from cnnkit.run import resolve_run
 from cnnkit.tasks import create_task
 from cnnkit.tasks.classify import Classify
+from cnnkit.workflows.load import load_run
 
 from .codec import pack
 from .facts import compression_facts, layer_facts
@@ -178,7 +179,7 @@ class Explorer:
     @staticmethod
     def _test_inputs(run: Any, max_uploads: int) -> InputStore:
         """The run's test split, or (data moved or deleted) none, with the reason."""
-        from cnnkit.train.evaluation import run_test_data
+        from cnnkit.run import run_test_data
 
         prep, error = run.preprocess, None
         try:

@@ -28,7 +28,7 @@ def iso_time(ns: int) -> str:
 
 
 def weights_files(run: str | os.PathLike, weights: str) -> list[Path]:
-    """The files :func:`cnnkit.train.load_run` reads for ``weights`` (an int8 model is
+    """The files :func:`cnnkit.load_run` reads for ``weights`` (an int8 model is
     rebuilt from the float weights' metadata, so both count)."""
     paths = RunPaths(Path(run))
     return {"best": [paths.weights], "last": [paths.last],

@@ -149,7 +149,7 @@ def docs_section(result: dict[str, Any], notes: str = "") -> str:
         "native bf16, `torch.compile`, compiled in the warm-up round, whose time is shown: "
         "with TorchInductor's on-disk cache from an earlier run it is seconds, a first "
         "compilation much longer); a hand-written PyTorch loop from the same initial weights "
-        "(`cnnkit.analysis.bench.plain`). **x plain** is the median samples/s over the plain "
+        "(`cnnkit.workflows.bench.plain`). **x plain** is the median samples/s over the plain "
         "loop's; the paired IQR spans the ratios of rounds run side by side;",
         "**MFU**: training FLOP/s (3 x 2 x the forward MACs of `cnnkit.analysis.summary` per "
         "sample) over the measured peak of the dtype the configuration computes in;",

@@ -1,4 +1,4 @@
-"""Tests of cnnkit.analysis.bench (`cnnkit bench`): FLOP counts against analytic cases, the
+"""Tests of cnnkit.workflows.bench (`cnnkit bench`): FLOP counts against analytic cases, the
 hand-written loop against the Trainer's eager step (same math, so their speed ratio is
 fair), the quick command's JSON contract and MFU bound, and the docs section writer."""
 
@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from cnnkit.analysis import summary
-from cnnkit.analysis.bench import BenchConfig, run_bench
-from cnnkit.analysis.bench.peak import ConvShape, conv2d_flops, matmul_flops
-from cnnkit.analysis.bench.report import DOCS_INTRO, write_section
-from cnnkit.analysis.bench.training import build_runners, timed_round, training_flops
 from cnnkit.cli.main import main
+from cnnkit.workflows.bench import BenchConfig, run_bench
+from cnnkit.workflows.bench.peak import ConvShape, conv2d_flops, matmul_flops
+from cnnkit.workflows.bench.report import DOCS_INTRO, write_section
+from cnnkit.workflows.bench.training import build_runners, timed_round, training_flops
 
 CPU = torch.device("cpu")
 

@@ -1,6 +1,6 @@
 """The compression pipeline's pure parts: the Pareto front."""
 
-from cnnkit.compress.sweep import pareto_front
+from cnnkit.workflows.sweep import pareto_front
 
 
 def test_pareto_front_hand_case():

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from cnnkit._files import refuse_existing
-from cnnkit.run import Run, load_run
-from cnnkit.tasks import create_task, task_class
+from cnnkit.run import Run, run_test_data
+from cnnkit.tasks import create_task
 
-__all__ = ["evaluate_run", "predict_files", "predict_dense_files", "run_test_data",
-           "run_test_split"]
+from .load import load_run
+
+__all__ = ["evaluate_run", "predict_files", "predict_dense_files", "model_device"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -23,24 +24,6 @@ def model_device(model: nn.Module) -> torch.device:
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-def run_test_data(run: Run):
-    """The run's own test split as :class:`cnnkit.data.ImageData` (masks included where the
-    data has them): same data, same seed, same split as training used."""
-    from cnnkit.data import load_data, split_indices
-
-    cfg = run.config
-    data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                     strict=cfg.strict, seed=cfg.seed,
-                     targets=task_class(cfg.task).data_targets, **cfg.data_options)
-    return data.subset(split_indices(data.labels, cfg.split, seed=cfg.seed)[2])
-
-
-def run_test_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's own test images and labels: same data, same seed, same split."""
-    test = run_test_data(run)
-    return test.images, test.labels
 
 
 def evaluate_run(run: str | os.PathLike | Run, data: str | None = None,

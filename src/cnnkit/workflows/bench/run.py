@@ -33,7 +33,7 @@ def _iqr(values: list[float]) -> tuple[float, float]:
 
 def run_bench(cfg: BenchConfig | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Measure peak FLOP/s, convolution FLOP/s, training throughput and MFU, inference
-    latency and peak memory on this machine (see :mod:`cnnkit.analysis.bench`).
+    latency and peak memory on this machine (see :mod:`cnnkit.workflows.bench`).
 
     Args:
         cfg: what to measure; the defaults when None.

@@ -7,7 +7,7 @@ balanced labels, by default the ``flip_crop`` augmentation of CIFAR training):
 * ``trainer_fast``: the Trainer with the fast preset (``TrainConfig(fast=True)``:
   channels_last, bf16 autocast where the CPU or GPU has native bf16, ``torch.compile``;
   without ``compile`` when it is turned off);
-* ``plain``: :class:`~cnnkit.analysis.bench.plain.PlainLoop`, hand-written PyTorch from the
+* ``plain``: :class:`~cnnkit.workflows.bench.plain.PlainLoop`, hand-written PyTorch from the
   eager Trainer's initial weights, data split, statistics and optimiser implementation.
 
 A round is one pass of ``steps`` batches. Every configuration first runs one untimed

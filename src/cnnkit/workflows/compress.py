@@ -22,10 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 from torch import nn
 
+from cnnkit.analysis import summary
+from cnnkit.compress.lowrank import decompose
+from cnnkit.compress.prune import prune as prune_model
+from cnnkit.compress.qat import quantize_aware_train
+from cnnkit.compress.quantize import quantize as quantize_model
+from cnnkit.compress.quantize import quantized_bytes, save_quantized
+from cnnkit.data import load_data, split_indices
+from cnnkit.run import RunPaths, claim_run_folder, load_run, run_test_data, write_json
+from cnnkit.run.checkpoint import save_weights
+from cnnkit.run.weights import run_meta
 from cnnkit.tasks import create_task
 from cnnkit.tasks.classify import Classify
+from cnnkit.train import TrainConfig, Trainer
 
 __all__ = ["compress_run", "measure_latency", "file_bytes"]
 
@@ -50,10 +62,6 @@ def measure_latency(models: dict[str, Callable[[torch.Tensor], Any]], x: torch.T
 def file_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as cnnkit stores them: safetensors for a float model;
     for an int8 one, :func:`~cnnkit.compress.quantize.save_quantized`'s file."""
-    from safetensors.torch import save
-
-    from .quantize import quantized_bytes
-
     state = model.state_dict()
     if all(isinstance(v, torch.Tensor) and not v.is_quantized for v in state.values()):
         return len(save({k: v.contiguous() for k, v in state.items()}))
@@ -67,15 +75,11 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _facts(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, Any]:
-    from cnnkit.analysis import summary
-
     s = summary(model, input_size)
     return {"params": s.total_params, "macs": s.total_macs}
 
 
 def _test_tensors(run: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    from cnnkit.train.evaluation import run_test_data
-
     test = run_test_data(run)
     prep = run.preprocess
     return torch.stack([prep.normalize(img.float() / 255) for img in test.images]), test.labels
@@ -84,8 +88,6 @@ def _test_tensors(run: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def _calibration(run: Any, n: int | None = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``n`` normalised training images of the run's own split (never test images)
     and their labels: int8 calibration and the data-driven pruning criteria use them."""
-    from cnnkit.data import load_data, split_indices
-
     cfg, prep = run.config, run.preprocess
     data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                      strict=cfg.strict, seed=cfg.seed, **cfg.data_options)
@@ -111,8 +113,6 @@ def _finetune(run: Any, model: nn.Module, folder: Any, epochs: int,
     """Fine-tune ``model`` with the run's own recipe at a tenth of its learning rate, as the
     run folder ``folder`` (a claimed :class:`~cnnkit.run.RunFolder`); returns the
     reloaded best weights."""
-    from cnnkit.train import TrainConfig, Trainer, load_run
-
     out = folder.path
     cfg = TrainConfig.from_dict({**run.config.to_dict(), "epochs": epochs,
                                  "lr": run.config.resolved_lr / 10, "warmup_epochs": 0.0,
@@ -188,9 +188,6 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
         ``lowrank`` or ``pruned+lowrank``; ``int8``) with accuracy, params, MACs, bytes and
         latency, and the speed-ups.
     """
-    from cnnkit.run import claim_run_folder
-    from cnnkit.train import load_run
-
     run = run if hasattr(run, "preprocess") else load_run(run)
     _check_classify(run)
     if prune is None and lowrank is None and quantize is None:
@@ -223,12 +220,6 @@ def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
               global_ranking: bool, finetune: int, lowrank: str | float | None,
               quantize: str | None, observer: str, qat: int,
               progress: bool | None) -> dict[str, Any]:
-    from cnnkit.run import RunPaths, write_json
-    from cnnkit.run.checkpoint import save_weights
-    from cnnkit.run.weights import run_meta
-
-    from .prune import prune as prune_model
-
     out = folder.path
     x_test, y_test = _test_tensors(run)
     prep = run.preprocess
@@ -244,8 +235,6 @@ def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
                                 global_ranking=global_ranking)
             names.append("pruned")
         if lowrank is not None:
-            from .lowrank import decompose
-
             rank = lowrank if isinstance(lowrank, str) else None
             small, _ = decompose(small, rank=rank,
                                  compression=None if rank else float(lowrank))
@@ -258,12 +247,7 @@ def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
         shutil.copy(RunPaths(run.path).config, RunPaths(out).config)
         save_weights(RunPaths(out).weights, state, run_meta(run.config, prep, current))
     if quantize == "int8":
-        from .quantize import quantize as quantize_model
-        from .quantize import save_quantized
-
         if qat:
-            from .qat import quantize_aware_train
-
             lr = run.config.resolved_lr / 100  # a trained model: small steps
             models["int8"] = quantize_aware_train(
                 current, _calibration(run, n=None), epochs=qat, lr=lr, calibration_data=calib[0],

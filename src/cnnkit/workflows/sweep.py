@@ -10,10 +10,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from cnnkit._files import atomic_write, refuse_existing
+from cnnkit.compress.prune import prune as prune_model
+from cnnkit.compress.quantize import quantize as quantize_model
+from cnnkit.run import claim_run_folder, load_run, write_json
+from cnnkit.run.report import put_section
 
-from .pipeline import (
+from .compress import (
     DATA_CRITERIA,
     _calibration,
     _check_classify,
@@ -67,13 +72,8 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
     """
     import tempfile
 
-    from tqdm.auto import tqdm
 
-    from cnnkit.run import claim_run_folder
-    from cnnkit.train import load_run
 
-    from .prune import prune as prune_model
-    from .quantize import quantize as quantize_model
 
     run = run if hasattr(run, "preprocess") else load_run(run)
     _check_classify(run)
@@ -127,8 +127,6 @@ def _write_sweep(root: Path, result: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cnnkit.run import write_json
-    from cnnkit.run.report import put_section
 
     rows, front = result["rows"], result["pareto"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

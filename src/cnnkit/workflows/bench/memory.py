@@ -2,7 +2,7 @@
 
 A high-water mark cannot be taken per configuration inside the benchmark's own process:
 the configurations run interleaved there, and memory freed by one stays resident for the
-next. So a worker interpreter (``python -m cnnkit.analysis.bench.memory``) imports torch
+next. So a worker interpreter (``python -m cnnkit.workflows.bench.memory``) imports torch
 and cnnkit, builds nothing, and forks one child per configuration. Each child builds the
 configuration (synthetic data, model, optimiser, the compiled graph in fast mode), trains
 one warm-up round and one more, and reports:
@@ -157,7 +157,7 @@ def measure_memory(jobs: list[tuple[str, str, int]], cfg_dict: dict, device: str
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     results = []
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cnnkit.analysis.bench.memory"],
+        proc = subprocess.Popen([sys.executable, "-m", "cnnkit.workflows.bench.memory"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                 text=True, env=env)
         proc.stdin.write(request)
@@ -178,7 +178,7 @@ def measure_memory(jobs: list[tuple[str, str, int]], cfg_dict: dict, device: str
 if __name__ == "__main__":
     # The worker's functions under the module's own name, so that spawned children (which
     # pickle their target by name) find them.
-    from cnnkit.analysis.bench.memory import _worker as worker
+    from cnnkit.workflows.bench.memory import _worker as worker
 
     for result in worker(json.loads(sys.stdin.read())):
         print(_TAG + json.dumps(result), flush=True)

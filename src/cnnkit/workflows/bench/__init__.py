@@ -15,7 +15,7 @@ configuration is a :class:`BenchConfig` (``config.py``); :func:`run_bench` (``ru
 runs it all.
 
 Example:
-    >>> from cnnkit.analysis.bench import BenchConfig, run_bench, format_tables
+    >>> from cnnkit.workflows.bench import BenchConfig, run_bench, format_tables
     >>> result = run_bench(BenchConfig(quick=True, compile=False))  # doctest: +SKIP
     >>> print(format_tables(result))  # doctest: +SKIP
 """

@@ -6,7 +6,7 @@ on CUDA), compiled with ``torch.compile(dynamic=False)`` (one static graph per b
 unless compilation is off or fails; a failure falls back to eager with a warning, and the
 result says so. Both run under ``torch.inference_mode``; the compile happens in an untimed
 first call. Each repeat calls both models back to back and the median is kept
-(:func:`cnnkit.compress.pipeline.measure_latency`, the timer of ``cnnkit compress``);
+(:func:`cnnkit.workflows.compress.measure_latency`, the timer of ``cnnkit compress``);
 on CUDA every call ends with a synchronisation, so a call is timed to its completion.
 """
 
@@ -82,8 +82,8 @@ def measure_latencies(model_name: str, cfg: BenchConfig, device: torch.device,
                       amp: torch.dtype | None, repeats: int,
                       progress: bool = False) -> list[LatencyResult]:
     """Eager fp32 and fast latency of ``model_name`` at each of ``cfg.latency_batches``."""
-    from cnnkit.compress.pipeline import measure_latency
     from cnnkit.models import create_model
+    from cnnkit.workflows.compress import measure_latency
 
     torch.manual_seed(cfg.seed)
     eager = create_model(model_name, num_classes=cfg.num_classes, in_chans=3,
