@@ -358,7 +358,7 @@ def datasets(args: argparse.Namespace) -> int:
 def explain(args: argparse.Namespace) -> int:
 
     from cnnkit.explain import list_methods
-    from cnnkit.explain.apply import explain_files
+    from cnnkit.workflows.explain import explain_files
     from cnnkit.workflows.load import load_run
 
     methods = args.method or ["gradcam"]
@@ -384,7 +384,7 @@ def explain(args: argparse.Namespace) -> int:
 
 def _explain_benchmark(args: argparse.Namespace) -> int:
     from cnnkit._files import refuse_existing
-    from cnnkit.explain.benchmark import (
+    from cnnkit.workflows.explain_benchmark import (
         benchmark_files,
         benchmark_methods,
         format_table,

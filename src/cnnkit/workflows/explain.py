@@ -10,9 +10,11 @@ import numpy as np
 import torch
 
 from cnnkit._files import refuse_existing
+from cnnkit.data import load_image
+from cnnkit.explain import create
+from cnnkit.explain._base import explained_task
+from cnnkit.explain.render import save_grid, save_overlay
 from cnnkit.run import load_run
-
-from ._base import create, explained_task
 
 __all__ = ["explain_files", "resolve_class"]
 
@@ -52,9 +54,6 @@ def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.
     Raises:
         FileExistsError: an output file exists and ``overwrite`` is False.
     """
-    from cnnkit.data import load_image
-
-    from .render import save_grid, save_overlay
 
     run = run if hasattr(run, "preprocess") else load_run(run)
     missing = [f for f in files if not Path(f).is_file()]

@@ -35,11 +35,15 @@ from typing import Any
 import torch
 
 from cnnkit._files import atomic_write, refuse_existing
+from cnnkit.explain import create, list_methods
+from cnnkit.explain.scores import (
+    deletion_insertion,
+    energy_in_mask,
+    pointing_game,
+    rank_correlation,
+)
 from cnnkit.run import load_run, run_test_data
 from cnnkit.run.report import put_section
-
-from ._base import create, list_methods
-from .scores import deletion_insertion, energy_in_mask, pointing_game, rank_correlation
 
 __all__ = ["benchmark_methods", "sanity_correlation", "rank_rows", "format_table",
            "write_benchmark", "SCORES"]
