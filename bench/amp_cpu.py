@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.models import create_model
-from cnnkit.train.device import _cpu_has_bf16
+from cnnkit.training.device import _cpu_has_bf16
 
 CONFIGS = [  # (model, in_chans, size, batch)
     ("tinyvgg_wide", 1, 8, 64),

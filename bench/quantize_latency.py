@@ -6,7 +6,7 @@ GraphModule and frozen with TorchScript by freeze_quantized, on resnet18 (small 
 threads; each repeat times the three back to back (interleaved) and the ratio of the medians
 is reported, since the machine is shared and absolute times drift.
 Size: fp32 state_dict as safetensors vs :func:`save_quantized` (int8 codes, safetensors).
-Accuracy: ``cnnkit.train`` runs of tinyvgg_wide on digits (10 epochs) and resnet18 (small
+Accuracy: ``cnnkit.training`` runs of tinyvgg_wide on digits (10 epochs) and resnet18 (small
 stem) on 1000 shapes images at 32x32 (tinyvgg_wide stayed at chance there in 8 epochs, with
 SGD or AdamW); every calibration setting of :func:`search_calibration`, on the run's test
 split, calibrated on (up to) 512 training images.

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from cnnkit.train import TrainConfig, Trainer
+from cnnkit.training import TrainConfig, Trainer
 from cnnkit.workflows.bench.plain import PlainLoop
 from cnnkit.workflows.bench.report import load_average, machine_text, write_section
 
@@ -181,7 +181,7 @@ def section(results: list[Result], command: str, load_before: str, load_after: s
     return f"""{SECTION}
 
 `bench/train_throughput.py` trains each configuration twice in one process, with
-`cnnkit.train.Trainer` and with a hand-written PyTorch loop, one epoch of each in
+`cnnkit.training.Trainer` and with a hand-written PyTorch loop, one epoch of each in
 turn; after the warm-up epochs it takes each side's median samples/s. **Loop
 ratio** (the headline) is the Trainer's training loop (`Trainer._train_epoch`)
 against the hand-written loop: 1.00 means no overhead, the goal is >= 0.97. The

@@ -2,7 +2,7 @@
 source, function-level imports included (a lazy import that dodges a cycle is a design bug).
 
     _files, _limits  <-  layers  <-  {models, data}  <-  tasks  <-  run
-        <-  {train, explain, compress, analysis}  <-  workflows  <-  web  <-  cli
+        <-  {training, explain, compress, analysis}  <-  workflows  <-  web  <-  cli
 
 A package may import its own modules and any layer below it; the packages of one layer do
 not import each other. The CLI, the front door, starts the web app (``cnnkit serve``).
@@ -16,9 +16,9 @@ from pathlib import Path
 import cnnkit
 
 RANK = {"_files": 0, "_limits": 0, "layers": 1, "models": 2, "data": 2, "tasks": 3, "run": 4,
-        "train": 5, "explain": 5, "compress": 5, "analysis": 5, "workflows": 6, "web": 7,
+        "training": 5, "explain": 5, "compress": 5, "analysis": 5, "workflows": 6, "web": 7,
         "cli": 8}
-PEERS_APART = {"models", "data", "train", "explain", "compress", "analysis"}
+PEERS_APART = {"models", "data", "training", "explain", "compress", "analysis"}
 ROOT = Path(cnnkit.__file__).parent
 
 

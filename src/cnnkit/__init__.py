@@ -22,9 +22,9 @@ _EXPORTS = {
     "register_model": "cnnkit.models",
     "list_datasets": "cnnkit.data",
     "load_data": "cnnkit.data",
-    "train": "cnnkit.train",
-    "Trainer": "cnnkit.train",
-    "TrainConfig": "cnnkit.train",
+    "train": "cnnkit.training",
+    "Trainer": "cnnkit.training",
+    "TrainConfig": "cnnkit.training",
     "load_run": "cnnkit.workflows.load",
     "summary": "cnnkit.analysis",
 }
@@ -36,18 +36,18 @@ if TYPE_CHECKING:
     from cnnkit.analysis import summary
     from cnnkit.data import list_datasets, load_data
     from cnnkit.models import create_model, list_models, register_model
-    from cnnkit.train import TrainConfig, Trainer, train
+    from cnnkit.training import TrainConfig, Trainer, train
     from cnnkit.workflows.load import load_run
 
 
 # The subpackages, imported on first use: `import cnnkit; cnnkit.explain.create(...)` works
 # without importing each one up front (and PyTorch with them).
-_SUBPACKAGES = ("layers", "models", "data", "train", "explain", "compress", "analysis", "cli",
-                "web")
+_SUBPACKAGES = ("layers", "models", "data", "tasks", "run", "training", "explain", "compress",
+                "analysis", "workflows", "cli", "web")
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBPACKAGES:  # cnnkit.train is callable: cnnkit.train(...) trains
+    if name in _SUBPACKAGES:  # cnnkit.training is callable: cnnkit.train(...) trains
         return importlib.import_module(f"cnnkit.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)

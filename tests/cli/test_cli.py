@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import cnnkit.train.trainer as trainer_module
+import cnnkit.training.trainer as trainer_module
 from cnnkit.data import list_datasets
 from cnnkit.models import create_model, list_models
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from cnnkit.data import load_data
 from cnnkit.explain import create
-from cnnkit.train import load_run
+from cnnkit.training import load_run
 
 
 @pytest.fixture(scope="module")

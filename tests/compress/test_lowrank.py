@@ -253,7 +253,7 @@ def test_cp_record_error_is_the_kernel_error():
 def test_create_model_conv_cp_trains_and_reloads(tmp_path):
     # A-priori compression: the factorised network is what the trainer builds and saves,
     # and load_run rebuilds the same structure from the saved options.
-    from cnnkit.train import load_run, train
+    from cnnkit.training import load_run, train
 
     std = create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8, width=16)
     cp = create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8, width=16, conv="cp")
@@ -274,7 +274,7 @@ def test_create_model_conv_cp_trains_and_reloads(tmp_path):
 def test_decomposed_model_finetunes_and_reloads(tmp_path):
     # Optional fine-tuning of a decomposed network through the normal trainer: the run
     # records the low-rank history and load_run rebuilds the factor structure from it.
-    from cnnkit.train import TrainConfig, Trainer, load_run
+    from cnnkit.training import TrainConfig, Trainer, load_run
 
     base = create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8, width=16)
     small, records = decompose(base, method="auto", rank="energy:0.9")

@@ -10,7 +10,7 @@ from cnnkit.compress.graph import dependency_groups
 from cnnkit.compress.prune import apply_history, prune
 from cnnkit.compress.schedule import MaskSparsity, iterative_prune
 from cnnkit.models import create_model
-from cnnkit.train import TrainConfig, Trainer
+from cnnkit.training import TrainConfig, Trainer
 
 X32 = (2, 3, 32, 32)
 

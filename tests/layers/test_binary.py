@@ -168,7 +168,7 @@ def test_xnor_conv_gradients_match_clamp_reference():
 def test_binary_model_trains_through_the_trainer(tmp_path):
     # `cnnkit train --model-opt binary=bwn`: the trainer builds, trains, saves and reloads
     # the binary network like any other model.
-    from cnnkit.train import load_run, train
+    from cnnkit.training import load_run, train
 
     result = train(model="lenet5", data="digits", epochs=3, batch_size=32, optimizer="adamw",
                    lr=1e-2, model_kwargs={"binary": "bwn"}, runs_dir=str(tmp_path),

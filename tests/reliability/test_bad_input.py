@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cnnkit.train.optim as optim_module
+import cnnkit.training.optim as optim_module
 
 # -- usage errors (argparse): one line too -----------------------------------------------------
 

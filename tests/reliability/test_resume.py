@@ -11,8 +11,8 @@ import re
 import pytest
 import yaml
 
-import cnnkit.train.optim as optim_module
-from cnnkit.train import TrainConfig, Trainer, train
+import cnnkit.training.optim as optim_module
+from cnnkit.training import TrainConfig, Trainer, train
 
 ARGS = ["--model", "lenet5", "--epochs", "3", "--batch-size", "128", "--no-progress"]
 STEPS = 1438 // 128  # digits' training split, drop_last

@@ -8,7 +8,7 @@ from cnnkit.data._types import IGNORE_INDEX
 from cnnkit.tasks import create_task, list_tasks, task_class
 from cnnkit.tasks.segment import Segment
 from cnnkit.tasks.superres import SuperRes
-from cnnkit.train import TrainConfig
+from cnnkit.training import TrainConfig
 
 
 def test_per_task_defaults_and_overrides():

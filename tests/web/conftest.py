@@ -33,7 +33,7 @@ def int8_path(run_path, tmp_path_factory):
     """The same run with an int8 model beside its weights, as ``cnnkit compress`` writes it."""
     from cnnkit.compress.quantize import quantize, save_quantized
     from cnnkit.run import run_test_split
-    from cnnkit.train import load_run
+    from cnnkit.training import load_run
 
     path = tmp_path_factory.mktemp("web-int8") / "tv-int8"
     shutil.copytree(run_path, path)
@@ -66,7 +66,7 @@ def reference(run_path):
     """What the tests compare with: the run's model and test split, loaded apart from the
     web code (its own model instance, its own split)."""
     from cnnkit.run import run_test_split
-    from cnnkit.train import load_run
+    from cnnkit.training import load_run
 
     run = load_run(run_path)
     images, labels = run_test_split(run)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from starlette.testclient import TestClient
 
-from cnnkit.train import load_run
+from cnnkit.training import load_run
 from cnnkit.web import create_app, load_explorer
 
 

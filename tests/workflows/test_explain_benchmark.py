@@ -12,7 +12,7 @@ from cnnkit.cli.main import main
 from cnnkit.data import ImageData
 from cnnkit.explain import _base
 from cnnkit.run import Preprocess, Run
-from cnnkit.train import load_run, train
+from cnnkit.training import load_run, train
 from cnnkit.workflows.explain_benchmark import ROW_KEYS, benchmark_methods, write_benchmark
 
 

@@ -50,7 +50,7 @@ def one_line(e: BaseException) -> str:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from cnnkit.train import TrainConfig
+    from cnnkit.training import TrainConfig
 
     fields = {"model": args.model, "data": args.data, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
@@ -108,7 +108,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _launch(args: argparse.Namespace, config, resume: Path | None) -> int:
     """``cnnkit train --nproc N``: the same command under torchrun, N processes."""
     from cnnkit.run import RunPaths, read_config
-    from cnnkit.train import distributed
+    from cnnkit.training import distributed
 
     batch = (read_config(RunPaths(resume).config) if resume is not None else config).batch_size
     if batch % args.nproc:
@@ -122,7 +122,7 @@ def _launch(args: argparse.Namespace, config, resume: Path | None) -> int:
 
 def train(args: argparse.Namespace) -> int:
     from cnnkit.models import model_info
-    from cnnkit.train import Trainer, distributed
+    from cnnkit.training import Trainer, distributed
 
     if args.nproc is not None and distributed.under_torchrun():
         raise ValueError("--nproc starts torchrun itself; under torchrun leave it out "

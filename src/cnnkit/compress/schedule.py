@@ -1,7 +1,7 @@
 """Pruning interleaved with training: when channels go, and how training prepares them.
 
 Both orchestrate :mod:`cnnkit.compress.prune` (groups, criteria, surgery) around a
-training function that the caller owns (a :class:`~cnnkit.train.Trainer`, a hand loop):
+training function that the caller owns (a :class:`~cnnkit.training.Trainer`, a hand loop):
 
 * :func:`iterative_prune` removes channels in several smaller steps with fine-tuning in
   between instead of all at once (Han, Pool, Tran, Dally 2015, "Learning both weights and

@@ -210,7 +210,7 @@ def load_image(image: str | os.PathLike | Image.Image, size: tuple[int, int] | N
                channels: int) -> torch.Tensor:
     """One image (a file or a PIL image) as uint8 ``[channels, H, W]``, decoded as in training.
 
-    Used at inference time (``cnnkit predict``, :class:`cnnkit.train.Preprocess`), so
+    Used at inference time (``cnnkit predict``, :class:`cnnkit.training.Preprocess`), so
     a file goes through exactly the same mode conversion, resize and crop as the
     images the model was trained on. ``size=None`` keeps the image's own size (dense
     prediction runs on it whole, in sliding windows).

@@ -52,7 +52,7 @@ class TrainConfig:
         epochs: passes over the training split; per task default when None.
         batch_size: samples per optimisation step; per task default when None. Under
             several processes (torchrun) this is the global batch: each of W processes
-            takes ``batch_size / W`` of it (``cnnkit.train.distributed``).
+            takes ``batch_size / W`` of it (``cnnkit.training.distributed``).
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``; per task default
             (AdamW for super-resolution, else SGD) when None.
         lr: peak learning rate; ``None`` picks 0.1 x batch/256 for SGD (0.05 for
@@ -75,7 +75,7 @@ class TrainConfig:
         channels_last: NHWC memory format for model and inputs.
         compile: compile the training step's model with ``torch.compile`` (opt-in: the
             first step pays the compilation); if compilation fails the run goes on
-            eagerly after a one-line warning (``cnnkit.train.fast``).
+            eagerly after a one-line warning (``cnnkit.training.fast``).
         fast: the preset of the fast paths that pay on the device: ``channels_last``, and
             with ``amp="auto"`` (the default) bf16 autocast on CUDA and on CPUs with AVX-512
             BF16/AMX; ``compile`` on CUDA only, unless set explicitly (measured by
@@ -83,7 +83,7 @@ class TrainConfig:
             mobilenet_v2 and cost tinyvgg a third of its speed, and costs 30-140 s a
             model). The fused optimiser step is used wherever PyTorch has one, fast or not.
         sync_bn: in a multi-process run (torchrun), normalise BatchNorm layers by the
-            statistics of the whole global batch (``cnnkit.train.sync_bn``); no effect in
+            statistics of the whole global batch (``cnnkit.training.sync_bn``); no effect in
             one process.
         early_stopping: stop after this many epochs without a better validation accuracy.
         ema: keep an exponential moving average of the weights for evaluation.

@@ -2,7 +2,7 @@
 
 Every weights file cnnkit writes carries, in its safetensors header, what rebuilds its
 model: the registered name and options, input size, classes, normalisation and any
-pruning / low-rank history (:meth:`cnnkit.train.Trainer.meta`). Reading one back, in
+pruning / low-rank history (:meth:`cnnkit.training.Trainer.meta`). Reading one back, in
 this order, before any memory is spent on the model:
 
 1. the metadata must have the fields and types cnnkit writes (:func:`check_meta`);
@@ -205,7 +205,7 @@ def load_checked(path: str | os.PathLike, config: TrainConfig | None = None,
 
 def run_meta(config: TrainConfig, preprocess: Any, model: nn.Module) -> dict[str, Any]:
     """The metadata saved inside a run's weights files: the registered name and options,
-    the preprocessing (:meth:`cnnkit.train.run.Preprocess.to_dict`) and the compression
+    the preprocessing (:meth:`cnnkit.training.run.Preprocess.to_dict`) and the compression
     history of ``model`` (how :func:`build_model` rebuilds it)."""
     meta = {"model": config.model, "model_kwargs": model_kwargs(config),
             **preprocess.to_dict()}

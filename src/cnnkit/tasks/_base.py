@@ -75,7 +75,7 @@ class Task:
             (:meth:`predict_row`).
 
     Args:
-        options: the run's :class:`~cnnkit.train.TrainConfig` (or any object with the
+        options: the run's :class:`~cnnkit.training.TrainConfig` (or any object with the
             attributes the task reads: ``loss``, ``label_smoothing``, ``scale``).
     """
 

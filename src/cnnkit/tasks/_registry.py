@@ -61,6 +61,6 @@ def task_class(name: str) -> type[Task]:
 
 
 def create_task(name: str, options: Any = None) -> Task:
-    """The task ``name`` with its options (a :class:`~cnnkit.train.TrainConfig`, or any
+    """The task ``name`` with its options (a :class:`~cnnkit.training.TrainConfig`, or any
     object with the attributes the task reads: ``loss``, ``label_smoothing``, ``scale``)."""
     return task_class(name)(options)

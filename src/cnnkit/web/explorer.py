@@ -105,7 +105,7 @@ class Explorer:
             stamped now).
 
     Example:
-        >>> from cnnkit.train import load_run
+        >>> from cnnkit.training import load_run
         >>> explorer = Explorer(load_run("runs/tinyvgg-digits"))  # doctest: +SKIP
         >>> explorer.neuron("test:0", 0, (3, 4, 4))["matches"]  # doctest: +SKIP
         True

@@ -37,7 +37,7 @@ from cnnkit.run.checkpoint import save_weights
 from cnnkit.run.weights import run_meta
 from cnnkit.tasks import create_task
 from cnnkit.tasks.classify import Classify
-from cnnkit.train import TrainConfig, Trainer
+from cnnkit.training import TrainConfig, Trainer
 
 __all__ = ["compress_run", "measure_latency", "file_bytes"]
 

@@ -175,7 +175,7 @@ def benchmark_methods(run: Any, methods: Sequence[str] | None = None, n_images: 
     """Score every explanation method on a run's test split and rank them.
 
     Args:
-        run: a :class:`cnnkit.train.Run` or its folder.
+        run: a :class:`cnnkit.training.Run` or its folder.
         methods: method names; all registered methods when None.
         n_images: test images explained (spread evenly over the split).
         steps: pixel fractions of the deletion/insertion curves.

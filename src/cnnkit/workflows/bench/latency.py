@@ -53,8 +53,8 @@ def _fast_forward(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None,
                   compile: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """The fast path's forward on batches like ``x`` and its compile status (``"off"``,
     ``"compiled"``, ``"fell back: <why>"``); compiles in a first, untimed call."""
-    from cnnkit.train.device import autocast
-    from cnnkit.train.fast import first_step_with_fallback, try_compile
+    from cnnkit.training.device import autocast
+    from cnnkit.training.fast import first_step_with_fallback, try_compile
 
     chosen = [model]
 

@@ -110,7 +110,7 @@ def _worker(request: dict) -> Iterator[dict]:
 
     import cnnkit.data
     import cnnkit.models
-    import cnnkit.train
+    import cnnkit.training
 
     from . import plain, training  # noqa: F401
 

@@ -24,7 +24,7 @@ from torch import nn
 from cnnkit.data import Augment
 
 if TYPE_CHECKING:
-    from cnnkit.train import TrainConfig, Trainer
+    from cnnkit.training import TrainConfig, Trainer
 
 __all__ = ["PlainLoop"]
 
@@ -45,7 +45,7 @@ class PlainLoop:
         fused: use PyTorch's fused SGD step, else the foreach one.
 
     Example:
-        >>> from cnnkit.train import TrainConfig
+        >>> from cnnkit.training import TrainConfig
         >>> loop = PlainLoop(TrainConfig(batch_size=4), nn.Sequential(nn.Flatten(),
         ...                  nn.Linear(4, 2)), torch.zeros(8, 1, 2, 2, dtype=torch.uint8),
         ...                  torch.tensor([0, 1] * 4), [0.5], [0.25], "none", epochs=1)

@@ -63,7 +63,7 @@ def run_bench(cfg: BenchConfig | None = None, progress: bool | None = None) -> d
         >>> r["training"][0]["mfu"] <= 1  # doctest: +SKIP
         True
     """
-    from cnnkit.train.device import resolve_amp, resolve_device
+    from cnnkit.training.device import resolve_amp, resolve_device
 
     from . import latency, memory, peak, training
 

@@ -3,7 +3,7 @@
 For one model, in one process, on one in-memory synthetic CIFAR-sized set (uint8 images,
 balanced labels, by default the ``flip_crop`` augmentation of CIFAR training):
 
-* ``trainer_eager``: :class:`cnnkit.train.Trainer` in fp32, NCHW, eager;
+* ``trainer_eager``: :class:`cnnkit.training.Trainer` in fp32, NCHW, eager;
 * ``trainer_fast``: the Trainer with the fast preset (``TrainConfig(fast=True)``:
   channels_last, bf16 autocast where the CPU or GPU has native bf16, ``torch.compile``;
   without ``compile`` when it is turned off);
@@ -108,7 +108,7 @@ def synthetic_npz(path: Path, samples: int, cfg: BenchConfig) -> tuple[Path, tup
 def train_config(mode: str, model: str, cfg: BenchConfig, data: Path, split: tuple,
                  device: torch.device, epochs: int, runs_dir: str):
     """The :class:`TrainConfig` of a Trainer mode (``plain`` copies ``trainer_eager``'s)."""
-    from cnnkit.train import TrainConfig
+    from cnnkit.training import TrainConfig
 
     common = dict(model=model, data=str(data), split=split, batch_size=cfg.batch_size,
                   epochs=epochs, augment=cfg.augment, device=str(device), seed=cfg.seed,
@@ -173,7 +173,7 @@ def _plain_runner(model: str, cfg: BenchConfig, data: Path, split: tuple,
     same builder), its images the Trainer's training split."""
     from cnnkit.data import channel_stats, load_data, split_indices
     from cnnkit.models import create_model
-    from cnnkit.train.optim import fused_supported
+    from cnnkit.training.optim import fused_supported
 
     from .plain import PlainLoop
 
@@ -197,7 +197,7 @@ def build_runners(model: str, cfg: BenchConfig, device: torch.device, steps: int
                   runs_dir: str, modes: tuple[str, ...] = MODES) -> dict[str, _Runner]:
     """The runners of ``modes`` for ``model``, on a synthetic set of ``steps`` batches;
     ``runs_dir`` holds the data file and is where the Trainers would write (they do not)."""
-    from cnnkit.train import Trainer
+    from cnnkit.training import Trainer
 
     epochs = 1 + cfg.rounds  # the schedule's length: warm-up round + timed rounds
     data, split = synthetic_npz(Path(runs_dir) / "synthetic.npz", steps * cfg.batch_size, cfg)

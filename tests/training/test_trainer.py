@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from cnnkit.run.checkpoint import load_weights
-from cnnkit.train import NonFiniteLossError, TrainConfig, Trainer, load_run, train
+from cnnkit.training import NonFiniteLossError, TrainConfig, Trainer, load_run, train
 from cnnkit.workflows.evaluate import evaluate_run
 
 
@@ -130,12 +130,15 @@ def test_default_run_reaches_98_percent_on_digits(tmp_path):
     assert summary["data"] == "digits" and summary["test_accuracy"] >= 0.98
 
 
-def test_cnnkit_train_is_callable_whatever_was_imported_first(tmp_path):
-    import cnnkit
-    import cnnkit.train as package
+def test_cnnkit_train_is_a_plain_function_whatever_was_imported_first(tmp_path):
+    import types
 
-    assert cnnkit.train is package and callable(cnnkit.train)
-    assert cnnkit.train.Trainer is Trainer
+    import cnnkit
+    import cnnkit.training as package
+
+    assert cnnkit.training is package and not callable(cnnkit.training)
+    assert isinstance(cnnkit.train, types.FunctionType) and cnnkit.train is package.train
+    assert cnnkit.training.Trainer is Trainer
     with pytest.raises(ValueError, match="unknown training option"):
         cnnkit.train(epoch=1)
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from cnnkit.data import TensorLoader
 from cnnkit.models import create_model
 from cnnkit.run.checkpoint import load_weights
-from cnnkit.train import TrainConfig, Trainer
-from cnnkit.train.device import _cpu_has_bf16, autocast, resolve_amp
-from cnnkit.train.optim import build_optimizer, fused_supported
+from cnnkit.training import TrainConfig, Trainer
+from cnnkit.training.device import _cpu_has_bf16, autocast, resolve_amp
+from cnnkit.training.optim import build_optimizer, fused_supported
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

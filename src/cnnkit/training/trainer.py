@@ -1,14 +1,14 @@
 """The Trainer: from a :class:`TrainConfig` to a finished run folder.
 
-The loop (one epoch: :mod:`cnnkit.train.epoch`) is a plain PyTorch loop with nothing on
+The loop (one epoch: :mod:`cnnkit.training.epoch`) is a plain PyTorch loop with nothing on
 its hot path that a hand-written loop would not have; batches come from in-memory
 tensors (``cnnkit.data.TensorLoader``). ``bench/train_throughput.py`` measures it
-against a hand-written loop. Resuming: :mod:`cnnkit.train.resume`.
+against a hand-written loop. Resuming: :mod:`cnnkit.training.resume`.
 
-The same loop runs data-parallel under torchrun (``cnnkit.train.distributed``): the
+The same loop runs data-parallel under torchrun (``cnnkit.training.distributed``): the
 training step calls the model through ``DistributedDataParallel``, each rank takes its
 share of every global batch, metrics are reduced across ranks, and rank 0 alone writes
-the run folder. The fast paths (``cnnkit.train.fast``: ``torch.compile`` with an eager
+the run folder. The fast paths (``cnnkit.training.fast``: ``torch.compile`` with an eager
 fallback, channels_last, bf16 autocast, fused optimiser steps) are options of the config.
 """
 
@@ -88,13 +88,13 @@ class Trainer:
             ``DistributedDataParallel`` under several processes, compiled with
             ``compile=True``.
         dist: this process's rank and the number of processes
-            (:class:`cnnkit.train.distributed.DistInfo`).
+            (:class:`cnnkit.training.distributed.DistInfo`).
 
     Under torchrun every process builds a Trainer with the same arguments; callbacks
     run on every rank, with the reduced metrics.
 
     Example:
-        >>> from cnnkit.train import Trainer, TrainConfig
+        >>> from cnnkit.training import Trainer, TrainConfig
         >>> cfg = TrainConfig(model="lenet5", data="digits", epochs=1, runs_dir="/tmp/r")
         >>> summary = Trainer(cfg, progress=False).fit()  # doctest: +SKIP
     """
@@ -241,13 +241,13 @@ class Trainer:
         """Metadata saved inside every weights file: enough to rebuild the model."""
         return run_meta(self.config, self.preprocess, self.model)
 
-    # -- state for resume (cnnkit.train.resume) ---------------------------------------------
+    # -- state for resume (cnnkit.training.resume) ---------------------------------------------
 
     def _eval_weights(self) -> dict[str, torch.Tensor]:
         return self.ema.state if self.ema is not None else self.model.state_dict()
 
     def _train_epoch(self, bar: tqdm) -> dict[str, float]:
-        """One epoch (:func:`cnnkit.train.epoch.train_epoch`); a method, so a benchmark can
+        """One epoch (:func:`cnnkit.training.epoch.train_epoch`); a method, so a benchmark can
         time it on one trainer."""
         return train_epoch(self, bar)
 

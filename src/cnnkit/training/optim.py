@@ -42,7 +42,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig,
             kernel); None: fused where supported, else foreach.
 
     Example:
-        >>> from cnnkit.train import TrainConfig
+        >>> from cnnkit.training import TrainConfig
         >>> opt = build_optimizer(nn.Linear(2, 2), TrainConfig())
         >>> opt.defaults["fused"] or opt.defaults["foreach"]
         True

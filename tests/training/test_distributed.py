@@ -19,9 +19,9 @@ import torch.multiprocessing as mp
 
 from cnnkit.data import TensorLoader
 from cnnkit.run.checkpoint import load_weights
-from cnnkit.train import NonFiniteLossError, TrainConfig, Trainer
-from cnnkit.train import distributed as ddp
-from cnnkit.train.sync_bn import SyncBatchNorm, convert_sync_batchnorm
+from cnnkit.training import NonFiniteLossError, TrainConfig, Trainer
+from cnnkit.training import distributed as ddp
+from cnnkit.training.sync_bn import SyncBatchNorm, convert_sync_batchnorm
 
 WORLD = 2
 GLOO = pytest.mark.skipif(not (torch.distributed.is_available()
@@ -282,7 +282,7 @@ def test_sync_batchnorm_over_two_processes_equals_batchnorm_over_one(two_process
 @GLOO
 def test_a_distributed_run_loads_with_load_run(two_processes):
     from cnnkit.models import create_model
-    from cnnkit.train import load_run
+    from cnnkit.training import load_run
     from cnnkit.workflows.evaluate import evaluate_run
 
     tmp, ranks = two_processes

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cnnkit.train import TrainConfig
-from cnnkit.train.optim import ModelEma, build_optimizer, lr_factor, param_groups
+from cnnkit.training import TrainConfig
+from cnnkit.training.optim import ModelEma, build_optimizer, lr_factor, param_groups
 
 
 def test_no_weight_decay_on_norms_and_biases():
@@ -66,7 +66,7 @@ def test_config_validation_names_the_choices():
 
 
 def test_amp_resolution():
-    from cnnkit.train.device import _cpu_has_bf16, resolve_amp
+    from cnnkit.training.device import _cpu_has_bf16, resolve_amp
 
     cpu = torch.device("cpu")
     assert resolve_amp("off", cpu) is None
