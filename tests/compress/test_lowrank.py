@@ -291,6 +291,11 @@ def test_decomposed_model_finetunes_and_reloads(tmp_path):
                 model=small, progress=False)
 
 
-def test_factorised_layers_are_2d_and_3d_networks_are_refused():
-    with pytest.raises(ValueError, match="factorised convolutions are 2D"):
-        factorize_model(create_model("resnet18", num_classes=3, input_size=(1, 8, 8, 8)))
+def test_factorize_model_gives_1d_and_3d_networks_the_2d_structure():
+    counts = []
+    for size in ((1, 32), (1, 16, 16), (1, 8, 8, 8)):
+        model = factorize_model(create_model("resnet18", num_classes=3, input_size=size))
+        counts.append(sum(isinstance(m, nn.Sequential) and len(m) == len(size) + 1
+                          for m in model.modules()))
+        assert model(torch.randn(2, *size)).shape == (2, 3)
+    assert counts[0] == counts[1] == counts[2] > 0

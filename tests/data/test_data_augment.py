@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cnnkit.data import Augment, list_augment
 from cnnkit.data.augment import (
@@ -9,6 +10,7 @@ from cnnkit.data.augment import (
     hflip,
     pad_crop,
     random_affine,
+    random_zoom,
     register_augment,
     vflip,
 )
@@ -32,7 +34,7 @@ def _shifted(x, sy, sx):
 
 
 def test_list_and_errors():
-    assert list_augment() == ["affine", "digits", "flip_crop", "flips", "none", "shapes"]
+    assert list_augment() == ["affine", "digits", "flip_crop", "flips", "none", "shapes", "zoom"]
     with pytest.raises(ValueError, match="unknown augmentation 'jitter'; choose from affine"):
         Augment("jitter")
     with pytest.raises(ValueError, match="float"):
@@ -116,3 +118,79 @@ def test_policy_is_pure_function_of_generator(policy):
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == x.shape and a.dtype == x.dtype and torch.isfinite(a).all()
     assert not torch.equal(a, x)
+
+
+# ---------------------------------------------------------------- any spatial dims
+def _shift_reference(x, starts, pad, mode):
+    """pad_crop by a loop over samples: sample b is the padded sample's window at starts[b]."""
+    sizes = x.shape[2:]
+    xp = F.pad(x, (pad, pad) * len(sizes), mode="reflect" if mode == "reflect" else "constant")
+    out = torch.empty_like(x)
+    for b in range(len(x)):
+        window = tuple(slice(int(s[b]), int(s[b]) + n) for s, n in zip(starts, sizes, strict=True))
+        out[b] = xp[(b, slice(None), *window)]
+    return out
+
+
+@pytest.mark.parametrize("spatial", [(9,), (6, 7), (4, 5, 6)])
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_pad_crop_is_a_window_of_the_padded_sample_on_every_axis(spatial, mode):
+    x = torch.rand(5, 2, *spatial)
+    pad = 2
+    out = pad_crop(x, pad, mode, _gen(7))
+    g = _gen(7)  # the same draws, axis by axis, first spatial axis first
+    starts = [torch.randint(0, 2 * pad + 1, (5,), generator=g) for _ in spatial]
+    assert torch.equal(out, _shift_reference(x, starts, pad, mode))
+
+
+@pytest.mark.parametrize("spatial", [(9,), (6, 7), (4, 5, 6)])
+def test_flips_flip_each_axis_as_drawn(spatial):
+    x = torch.rand(6, 1, *spatial)
+    out = Augment("flips", _gen(3))(x)
+    g = _gen(3)
+    want = x
+    for axis in range(x.ndim - 1, 1, -1):  # last axis first
+        coin = torch.rand(6, generator=g) < 0.5
+        want = torch.stack([w.flip(axis - 1) if c else w for w, c in zip(want, coin, strict=True)])
+    assert torch.equal(out, want)
+
+
+def test_2d_policies_keep_their_draws():
+    # flips on images is hflip then vflip, as it always was
+    x = torch.rand(8, 3, 6, 6)
+    assert torch.equal(Augment("flips", _gen(5))(x), vflip(hflip(x, 0.5, _gen(5)), 0.5,
+                                                            _gen_after(5, 8)))
+
+
+def _gen_after(seed, n):
+    g = _gen(seed)
+    torch.rand(n, generator=g)
+    return g
+
+
+@pytest.mark.parametrize("spatial", [(16,), (8, 8), (8, 8, 8)])
+def test_zoom_of_one_is_identity_and_zoom_moves_mass_about_the_centre(spatial):
+    x = torch.rand(3, 2, *spatial)
+    assert torch.allclose(random_zoom(x, (1.0, 1.0), generator=_gen(0)), x, atol=1e-5)
+    # a centred bump keeps its centre under any zoom
+    grid = torch.meshgrid(*[torch.arange(n) - (n - 1) / 2 for n in spatial], indexing="ij")
+    bump = torch.exp(-sum(g**2 for g in grid) / 4)[None, None].repeat(2, 1, *[1] * len(spatial))
+    z = random_zoom(bump, (1.3, 1.3), generator=_gen(0))
+    weights = [(z * g).sum() / z.sum() for g in grid]
+    assert all(abs(float(w)) < 1e-4 for w in weights)
+    assert z.sum() > bump.sum()  # enlarged content covers more of the window
+
+
+@pytest.mark.parametrize("policy", ["digits", "affine"])
+def test_rotating_policies_refuse_volumes_in_one_line(policy):
+    with pytest.raises(ValueError, match=r"defined for \[B, C, H, W\] images"):
+        Augment(policy, _gen(0))(torch.rand(2, 1, 4, 4, 4))
+
+
+@pytest.mark.parametrize("policy", ["none", "flips", "shapes", "flip_crop", "zoom"])
+@pytest.mark.parametrize("spatial", [(12,), (6, 6, 6)])
+def test_spatial_policies_run_on_series_and_volumes(policy, spatial):
+    x = torch.rand(4, 1, *spatial)
+    out = Augment(policy, _gen(1))(x)
+    assert out.shape == x.shape
+    assert torch.equal(out, Augment(policy, _gen(1))(x))  # a pure function of the generator

@@ -17,7 +17,7 @@ def _shoelace(p: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- registry and errors
 def test_registry_lists_and_describes():
-    assert list_datasets() == ["digits", "shapes"]
+    assert list_datasets() == ["digits", "shapes", "shapes3d"]
     for name in list_datasets():
         info = dataset_info(name)
         assert info and "\n" not in info
@@ -29,7 +29,7 @@ def test_register_twice_raises():
 
     with pytest.raises(ValueError, match="registered twice"):
         register_dataset(digits)
-    assert list_datasets() == ["digits", "shapes"]
+    assert list_datasets() == ["digits", "shapes", "shapes3d"]
 
 
 def test_unknown_name_suggests_nearest():
@@ -40,8 +40,8 @@ def test_unknown_name_suggests_nearest():
 
 def test_missing_path_message(tmp_path):
     missing = str(tmp_path / "nope")
-    msg = (f"data path '{missing}' does not exist; give a built-in data set (digits, shapes) "
-           "or a folder/.csv/.npz path")
+    msg = (f"data path '{missing}' does not exist; give a built-in data set (digits, shapes, "
+           "shapes3d) or a folder/.csv/.npz path")
     with pytest.raises(FileNotFoundError) as err:
         load_data(missing)
     assert str(err.value) == msg
@@ -58,7 +58,7 @@ def test_unknown_option_lists_options():
 
 def test_image_data_checks_and_subset():
     x = torch.zeros(4, 1, 5, 6, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="4 images but labels of shape"):
+    with pytest.raises(ValueError, match="4 samples but labels of shape"):
         ImageData(x, torch.tensor([0, 1, 0]), ["a", "b"], "toy")
     d = ImageData(x, [0, 1, 0, 1], ["a", "b"], "toy", masks=torch.zeros(4, 5, 6),
                   sources=["p0", "p1", "p2", "p3"])

@@ -113,3 +113,47 @@ def test_cuda_batches_equal_cpu_batches():
     for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
         assert xg.device.type == "cuda"
         assert torch.equal(yc, yg.cpu()) and torch.allclose(xc, xg.cpu(), atol=1e-6)
+
+
+# ---------------------------------------------------------------- any spatial dims
+@pytest.mark.parametrize("spatial", [(), (10,), (4, 6, 6)])
+def test_batches_of_any_shape_are_normalised_per_channel(spatial):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (12, 2, *spatial), generator=g, dtype=torch.uint8)
+    mean, std = channel_stats(x)
+    loader = TensorLoader(x, torch.arange(12) % 3, 12, mean=mean, std=std)
+    (batch, labels), = list(loader)
+    assert batch.shape == (12, 2, *spatial) and labels.tolist() == (torch.arange(12) % 3).tolist()
+    dims = [0, *range(2, batch.ndim)]
+    assert torch.allclose(batch.mean(dims), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(batch.std(dims, correction=0), torch.ones(2), atol=1e-4)
+
+
+@pytest.mark.parametrize("spatial", [(16,), (6, 6, 6)])
+def test_masks_ride_every_axis_of_the_augmentation(spatial):
+    g = torch.Generator().manual_seed(1)
+    masks = torch.randint(0, 4, (8, *spatial), generator=g, dtype=torch.uint8)
+    inputs = (masks * 50)[:, None]
+    moved = 0
+    for epoch in range(3):
+        loader = TensorLoader(inputs, masks, 8, shuffle=True, augment="shapes", seed=2)
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            assert y.dtype == torch.long and y.shape == (len(x), *spatial)
+            # the input is still 50 x the mask wherever the augmentation moved them
+            assert torch.allclose(x[:, 0] * 255, y.float() * 50, atol=1e-3)
+            moved += int(not torch.equal(y.sort(0).values, masks.long().sort(0).values))
+    assert moved
+
+
+def test_one_dimensional_values_are_not_masks():
+    # float [N, K] targets are values, even when K equals the series length
+    x = torch.rand(4, 1, 3)
+    _, y = next(iter(TensorLoader(x, torch.rand(4, 3), 4)))
+    assert y.dtype == torch.float32 and y.shape == (4, 3)
+
+
+def test_volumes_come_channels_last_3d():
+    x = torch.rand(2, 3, 4, 4, 4)
+    batch, _ = next(iter(TensorLoader(x, torch.zeros(2), 2, channels_last=True)))
+    assert batch.is_contiguous(memory_format=torch.channels_last_3d)

@@ -99,3 +99,75 @@ def test_randomization_check_separates_model_dependent_maps():
     edge = randomization_check(lambda m: x[:, 0].abs(), model)  # ignores the model
     assert all(c == pytest.approx(1.0) for _, c in edge)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# -- signals and volumes: every score counts all spatial elements ----------------------
+
+def _sum_model(n: int) -> nn.Module:
+    """logit 0 = the sum of the n input elements; logit 1 = 0."""
+    lin = nn.Linear(n, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([torch.ones(n), torch.zeros(n)]))
+        lin.bias.zero_()
+    return nn.Sequential(nn.Flatten(), lin)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4), (1, 1, 2, 2, 2)])
+def test_deletion_and_insertion_on_signals_and_volumes_by_hand(shape):
+    n = math.prod(shape)
+    x = torch.arange(1.0, n + 1).view(shape)
+    good = x[:, 0]  # ranks the elements by their contribution
+    d = deletion_insertion(_sum_model(n), x, good, T, steps=n, baseline=0.0,
+                           probability=False)
+    total = n * (n + 1) / 2
+    removed = [sum(range(n, n - k, -1)) for k in range(n + 1)]  # the k largest removed
+    assert d["curve"][0].tolist() == [total - r for r in removed]
+    i = deletion_insertion(_sum_model(n), x, good, T, steps=n, mode="insertion",
+                           baseline=0.0, probability=False)
+    assert i["curve"][0].tolist() == [float(r) for r in removed]
+    with pytest.raises(ValueError, match=r"maps must be \[B, \*spatial\]"):
+        deletion_insertion(_sum_model(n), x, good[:, None], T)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9), (1, 2, 7, 7, 8)])
+def test_blur_keeps_a_constant_input_and_is_separable(shape):
+    from cnnkit.explain.scores import _blur
+
+    flat = torch.full(shape, 2.0, dtype=torch.float64)
+    torch.testing.assert_close(_blur(flat, 1.0), flat)
+    delta = torch.zeros(shape, dtype=torch.float64)
+    centre = tuple(s // 2 for s in shape[2:])
+    delta[(0, 0, *centre)] = 1.0
+    out = _blur(delta, 1.0)[0, 0]
+    t = torch.arange(-3, 4, dtype=torch.float64)
+    k = torch.exp(-t**2 / 2)
+    k = k / k.sum()
+    # the response to a unit impulse is the outer product of the 1D kernels
+    outer = k
+    for _ in range(len(centre) - 1):
+        outer = outer[..., None] * k
+    window = tuple(slice(c - 3, c + 4) for c in centre)  # the impulse is 3+ from the borders
+    torch.testing.assert_close(out[window], outer)
+    assert out.sum().item() == pytest.approx(1.0)
+
+
+def test_pointing_game_and_energy_on_signals_and_volumes():
+    masks1 = torch.zeros(2, 10)
+    masks1[:, 2:4] = 1
+    maps1 = torch.zeros(2, 10)
+    maps1[0, 3], maps1[1, 7] = 5.0, 5.0
+    assert pointing_game(maps1, masks1).tolist() == [1.0, 0.0]
+    assert pointing_game(maps1, masks1, tolerance=4).tolist() == [1.0, 1.0]
+    assert pointing_game(maps1, masks1, tolerance=3).tolist() == [1.0, 0.0]
+    masks3 = torch.zeros(1, 3, 4, 4)
+    masks3[0, 1, 1:3, 1:3] = 1
+    inside = torch.rand(1, 3, 4, 4) * masks3  # a map that lies inside the mask
+    assert energy_in_mask(inside, masks3).item() == pytest.approx(1.0)
+    assert pointing_game(inside, masks3).item() == 1.0
+    spread = torch.ones(1, 3, 4, 4)
+    assert energy_in_mask(spread, masks3).item() == pytest.approx(4 / 48)
+    corner = torch.zeros(1, 3, 4, 4)
+    corner[0, 2, 3, 3] = 1.0  # one voxel diagonally 1 step (in depth) + 1 + 1 away
+    assert pointing_game(corner, masks3).item() == 0.0
+    assert pointing_game(corner, masks3, tolerance=1).item() == 1.0
+    assert rank_correlation(inside, inside).item() == pytest.approx(1.0)

@@ -178,9 +178,40 @@ def test_binary_model_trains_through_the_trainer(tmp_path):
     assert result["test_accuracy"] > 0.6  # chance is 0.1
 
 
-def test_1d_and_3d_networks_are_refused_not_left_real_valued():
-    from cnnkit.models import create_model
+@pytest.mark.parametrize("mode", ["bwn", "xnor"])
+def test_1d_and_3d_networks_binarize_the_layers_2d_does(mode):
+    from cnnkit.layers.binary import BinaryWeightConv1d, BinaryWeightConv3d, XNORConv1d, XNORConv3d
 
-    for size in ((1, 32), (1, 8, 8, 8)):
-        with pytest.raises(ValueError, match="binary convolutions are 2D"):
-            binarize(create_model("resnet18", num_classes=3, input_size=size))
+    kinds = {"bwn": (BinaryWeightConv1d, BinaryWeightConv2d, BinaryWeightConv3d),
+             "xnor": (XNORConv1d, XNORConv2d, XNORConv3d)}[mode]
+    names = []
+    for size, kind in zip(((1, 32), (1, 16, 16), (1, 8, 8, 8)), kinds, strict=True):
+        model = binarize(create_model("resnet18", num_classes=3, input_size=size), mode=mode)
+        names.append(sorted(n for n, m in model.named_modules() if isinstance(m, kind)))
+        assert model(torch.randn(2, *size)).shape == (2, 3)
+    assert names[0] == names[1] == names[2] and len(names[1]) == 19  # the stem stays real
+
+
+def test_binary_conv3d_equals_a_conv_with_binarised_weights():
+    from cnnkit.layers.binary import BinaryWeightConv3d
+
+    torch.manual_seed(0)
+    layer = BinaryWeightConv3d(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 5, 5, 5)
+    w = layer.weight.detach()
+    alpha = w.abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    ref = F.conv3d(x, torch.where(w >= 0, 1.0, -1.0) * alpha, layer.bias, padding=1)
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_an_operator_the_registry_does_not_know_is_refused():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.weight
+
+    with pytest.raises(ValueError, match="Odd"):
+        binarize(nn.Sequential(nn.Conv2d(1, 2, 3), Odd(), nn.Conv2d(2, 2, 3)))

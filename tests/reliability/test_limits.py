@@ -99,7 +99,7 @@ def test_an_image_size_that_cannot_fit_is_refused_before_loading(cli, one_line_e
 
 def test_resizing_is_refused_when_the_images_cannot_fit(monkeypatch):
     monkeypatch.setenv("CNNKIT_MEMORY_LIMIT", "100MB")
-    with pytest.raises(MemoryLimitError, match=r"resizing 1797 images of 1x8x8 to 1x512x512 "
+    with pytest.raises(MemoryLimitError, match=r"resizing 1797 samples of 1x8x8 to 1x512x512 "
                        r"needs .* more than the 100.0 MB available"):
         load_data("digits", image_size=512)
 

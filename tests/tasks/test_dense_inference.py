@@ -121,3 +121,39 @@ def test_predicted_target_prefers_foreground():
         model.head.weight[2, 0] = 5.0
     x[0, 0, :2, :2] = 1.0  # four pixels of class 2, the rest background
     assert RegionScores(model).predicted(x).tolist() == [2]
+
+
+@pytest.mark.parametrize("spatial", [(7,), (5, 6, 7)])
+def test_pad_to_multiple_pads_every_axis_and_reports_sizes(spatial):
+    x = torch.rand(2, 3, *spatial)
+    y, sizes = pad_to_multiple(x, 4, dims=len(spatial))
+    assert sizes == spatial and y.shape == (2, 3, *[-(-v // 4) * 4 for v in spatial])
+    assert torch.equal(y[(..., *(slice(0, v) for v in spatial))], x)
+    masks, _ = pad_to_multiple(torch.ones(2, *spatial, dtype=torch.uint8), 4, mode="constant",
+                               dims=len(spatial))
+    assert masks.dtype == torch.uint8 and int(masks.sum()) == 2 * int(torch.tensor(spatial).prod())
+
+
+class _Pointwise3d(torch.nn.Module):
+    """A per-voxel model (1x1x1 convolution): windowed inference must equal whole inference."""
+
+    size_multiple, scale = 4, 1
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(2, 3, 1)
+
+    def forward(self, x):
+        assert all(v % 4 == 0 for v in x.shape[2:])  # padded to the multiple
+        return self.conv(x)
+
+
+def test_dense_forward_tiles_volumes():
+    torch.manual_seed(0)
+    model = _Pointwise3d()
+    x = torch.randn(1, 2, 9, 10, 11)
+    whole = model.conv(x)
+    tiled = dense_forward(model, x, tile=(4, 8, 8), overlap=0.5)
+    assert tiled.shape == (1, 3, 9, 10, 11) and torch.allclose(tiled, whole, atol=1e-5)
+    with pytest.raises(ValueError, match="one size per axis"):
+        dense_forward(model, x, tile=(8, 8))

@@ -140,3 +140,52 @@ def test_cli_images_xor_benchmark_is_one_line_error(shapes_run, extra, message):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith("cnnkit explain: error:") and message in lines[0]
+
+
+class _Split:
+    """A test split of signals or volumes: what ``benchmark_methods`` reads of a data set."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> None:
+        self.images, self.labels, self.masks = images, labels, masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@pytest.mark.parametrize("spatial", [(24,), (4, 6, 6)])
+def test_signals_and_volumes_are_ranked_like_images(monkeypatch, spatial):
+    """The oracle setup of the images above in 1D and 3D: every score runs over all the
+    spatial elements, so the exact map still wins on each."""
+    region = torch.zeros(spatial)
+    region[(slice(1, 3),) * len(spatial)] = 1
+
+    class Net(nn.Module):
+        def forward(self, x):
+            s = 8 * ((x[:, 0] * region).flatten(1).sum(1) / region.sum()) - 4
+            return torch.stack([s, torch.zeros_like(s)], 1)
+
+    class Oracle(_base.Explainer):
+        def attribute(self, x, targets):
+            return region.expand(x.shape[0], targets.shape[1], *spatial).clone()
+
+    class Random(_base.Explainer):
+        def attribute(self, x, targets):
+            g = torch.Generator().manual_seed(0)
+            return torch.rand(x.shape[0], targets.shape[1], *spatial, generator=g)
+
+    monkeypatch.setitem(_base._METHODS, "oracle", Oracle)
+    monkeypatch.setitem(_base._METHODS, "random", Random)
+    images = 0.2 * torch.rand(6, 1, *spatial, generator=torch.Generator().manual_seed(1))
+    images[:, 0][:, region.bool()] = 1
+    split = _Split(images, torch.zeros(6, dtype=torch.long),
+                   region.expand(6, *spatial).to(torch.uint8))
+    run = Run(path=None, model=Net(), config=None, summary=None, preprocess=lambda t: t)
+    rows = benchmark_methods(run, methods=["random", "oracle"], n_images=6, steps=16,
+                             baseline=0.0, data=split)
+    by = {r["method"]: r for r in rows}
+    oracle, rand = by["oracle"], by["random"]
+    assert oracle["deletion_auc"] < rand["deletion_auc"] - 0.2
+    assert oracle["insertion_auc"] > rand["insertion_auc"] + 0.2
+    assert oracle["pointing_game"] == 1.0 and oracle["energy_in_mask"] == 1.0
+    assert rand["energy_in_mask"] < 0.5
+    assert [r["method"] for r in rows] == ["oracle", "random"]

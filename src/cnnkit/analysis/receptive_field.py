@@ -20,9 +20,10 @@ the union (the hull) of their fields, so branched networks get the exact size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from cnnkit.layers.op_rules import adaptive_window
 
 __all__ = ["ReceptiveField", "adaptive_window"]
 
@@ -132,15 +133,3 @@ class ReceptiveField:
         start = tuple((lo_ + h) / 2 for lo_, h in zip(lo, hi, strict=True))
         jump = tuple(min(f.jump[i] for f in (local or every)) for i in range(ndim))
         return ReceptiveField(size, jump, start, extent if local else None)
-
-
-def adaptive_window(n_in: int, n_out: int) -> tuple[float, float, float]:
-    """``(kernel, stride, padding)`` equivalent to adaptive pooling from n_in to n_out.
-
-    Adaptive pooling window ``i`` covers ``[floor(i n/m), ceil((i+1) n/m))``; the kernel is
-    the largest window and the padding puts pixel 0 at the centre of the first window.
-    With ``n_out == 1`` this is the whole input (global pooling).
-    """
-    windows = [math.ceil((i + 1) * n_in / n_out) - (i * n_in) // n_out for i in range(n_out)]
-    kernel, first = max(windows), windows[0]
-    return float(kernel), n_in / n_out, (kernel - 1) / 2 - (first - 1) / 2

@@ -1,4 +1,5 @@
-"""The subcommands. Each imports what it needs when it runs (PyTorch included)."""
+"""The subcommands. Each imports what it needs when it runs (PyTorch included); ``train``
+and ``bench`` get their config back from the options generated from it (:mod:`.generate`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+from cnnkit.run.config import RESUME_OPTIONS
+
+from .generate import config_from_args, given_options, option_flag
 
 # Errors that mean "bad input or a stopped run", shown as one line with exit code 2.
 # NonFiniteLossError is a FloatingPointError; missing files are OSErrors.
@@ -49,46 +54,20 @@ def one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-def _config_from_args(args: argparse.Namespace):
-    from cnnkit.training import TrainConfig
-
-    fields = {"model": args.model, "data": args.data, "epochs": args.epochs,
-              "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
-              "schedule": args.schedule, "weight_decay": args.weight_decay,
-              "label_smoothing": args.label_smoothing, "grad_clip": args.grad_clip,
-              "image_size": args.image_size, "channels": args.channels,
-              "augment": args.augment, "amp": args.amp, "channels_last": args.channels_last,
-              "ema": args.ema, "early_stopping": args.early_stopping, "device": args.device,
-              "compile": args.compile, "fast": args.fast, "sync_bn": args.sync_bn,
-              "strict": args.strict, "name": args.name, "runs_dir": args.runs_dir,
-              "seed": args.seed, "task": args.task, "scale": args.scale, "loss": args.loss}
-    given = {k: v for k, v in fields.items() if v is not None}
-    if args.model_opt:
-        given["model_kwargs"] = dict(args.model_opt)
-    if args.data_opt:
-        given["data_options"] = dict(args.data_opt)
-    return TrainConfig.from_dict(given)
-
-
-# Arguments that are not options of the run: --resume itself and how the command runs.
-_COMMAND_ARGS = {"resume", "runs_dir", "no_progress", "json", "command", "func", "nproc", "argv"}
-
-
 def _resume_args(args: argparse.Namespace) -> tuple[Path, dict]:
     """The run folder and the options to change (``RESUME_OPTIONS``) for ``--resume``."""
     from cnnkit.run import resolve_run
-    from cnnkit.run.config import RESUME_OPTIONS
 
-    given = {k: v for k, v in vars(args).items()
-             if k not in _COMMAND_ARGS and v is not None and v is not False}
-    fixed = sorted(f"--{k.replace('_', '-')}" for k in given if k not in RESUME_OPTIONS)
+    cls = args.config_class
+    given = given_options(cls, args)
+    runs_dir = given.pop("runs_dir", cls.runs_dir)  # where RUN is, not an option of the run
+    fixed = sorted(option_flag(cls, k) for k in given if k not in RESUME_OPTIONS)
     if fixed:
-        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_OPTIONS)
+        allowed = ", ".join(option_flag(cls, k) for k in RESUME_OPTIONS)
         raise ValueError(f"--resume continues a run with its saved data, model and recipe, so "
                          f"{', '.join(fixed)} cannot be given with it; drop them (a resume may "
                          f"change {allowed}), or start a new run without --resume")
-    root = resolve_run(args.resume, args.runs_dir or "runs")
-    return root, given
+    return resolve_run(args.resume, runs_dir), given
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -132,7 +111,7 @@ def train(args: argparse.Namespace) -> int:
         resume, overrides = _resume_args(args)
         config = None
     else:
-        resume, config = None, _config_from_args(args)
+        resume, config = None, config_from_args(args.config_class, args)
         model_info(config.model)  # fail on a bad name before any data is loaded
         runs_dir = Path(config.runs_dir)
         if runs_dir.exists() and not runs_dir.is_dir():
@@ -277,15 +256,11 @@ def summary(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from cnnkit.workflows.bench import BenchConfig, docs_section, format_tables, run_bench
+    from cnnkit.workflows.bench import docs_section, format_tables, run_bench
     from cnnkit.workflows.bench.report import machine_text, write_section
 
-    options = {"models": args.models, "batch_size": args.batch_size, "steps": args.steps,
-               "rounds": args.rounds, "threads": args.threads}
-    cfg = BenchConfig(device=args.device, quick=args.quick, compile=args.compile,
-                      memory=not args.no_memory,
-                      **{k: v for k, v in options.items() if v is not None})
-    result = run_bench(cfg, progress=False if args.no_progress else None)
+    result = run_bench(config_from_args(args.config_class, args),
+                       progress=False if args.no_progress else None)
     result["command"] = "cnnkit bench " + " ".join(args.argv[1:])
     notes = [f"{r['model']} fast mode: torch.compile {r['compile']}"
              for r in result["training"] if r["compile"].startswith("fell back")]

@@ -117,12 +117,12 @@ def compress(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    width = max(9, *(len(n) for n in rows))
-    print(f"{'model':<{width}} {'accuracy':>8} {'params':>10} {'MACs':>12} {'MB':>7} "
+    width, metric = max(9, *(len(n) for n in rows)), result["metric"]
+    print(f"{'model':<{width}} {metric:>8} {'params':>10} {'MACs':>12} {'MB':>7} "
           f"{'b1 ms':>7} {'b32 ms':>8} {'speed-up b32':>12}" + ("  Pareto" if args.sweep else ""))
     for name, r in rows.items():
         macs = f"{r['macs']:,}" if r["macs"] is not None else "-"
-        print(f"{name:<{width}} {r['accuracy']:>8.4f} {r['params']:>10,} {macs:>12} "
+        print(f"{name:<{width}} {r[metric]:>8.4f} {r['params']:>10,} {macs:>12} "
               f"{r['bytes'] / 1e6:>7.2f} {r['latency_b1'] * 1e3:>7.2f} "
               f"{r['latency_b32'] * 1e3:>8.2f} {r['speedup_b32']:>11.2f}x"
               + (("  *" if r["pareto"] else "") if args.sweep else ""))

@@ -1,8 +1,10 @@
 """``cnnkit``: the entry point, the parser, and the error policy.
 
-Nothing heavy is imported here: each subcommand imports PyTorch when it runs, so
-``cnnkit --help`` answers at once. Every expected failure (bad input, a missing
-file, a NaN loss) becomes one line on stderr and exit code 2, never a traceback.
+The options of ``train`` and ``bench`` are generated from their config dataclasses
+(:mod:`.generate`). Nothing heavy is imported here (those dataclasses are PyTorch-free):
+each subcommand imports PyTorch when it runs, so ``cnnkit --help`` answers at once. Every
+expected failure (bad input, a missing file, a NaN loss) becomes one line on stderr and
+exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import warnings
 from collections.abc import Sequence
 
 from cnnkit import __version__
+from cnnkit.run.config import RESUME_OPTIONS, TrainConfig
+from cnnkit.workflows.bench.config import BenchConfig
 
 from . import commands, deploy
-from .options import fraction, kv, nonnegative_float, positive_float, positive_int, size
+from .generate import add_options, option_flag
+from .options import positive_int, size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,59 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (default: the small CNN on digits)",
                        description="Train a model on a built-in data set or your own folder.")
-    t.add_argument("--task", help="what the model predicts (see `cnnkit tasks`): classify "
-                   "(default), segment (a class per pixel), superres, regress (values)")
-    t.add_argument("--model", help="model name (see `cnnkit models`); default: the task's "
-                   "(tinyvgg_wide for classify)")
-    t.add_argument("--data", help="built-in data set (see `cnnkit datasets`) or a folder, "
-                   ".csv or .npz path; default digits (shapes for segment and superres)")
-    t.add_argument("--scale", type=positive_int, help="superres: upscaling factor (default 3)")
-    t.add_argument("--loss", help="segment: ce, dice, focal, ce+dice (default), focal+dice; "
-                   "superres: mse (default) or l1")
-    t.add_argument("--epochs", type=positive_int)
-    t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--lr", type=positive_float,
-                   help="peak learning rate (default: scaled to the batch)")
-    t.add_argument("--optimizer", choices=["sgd", "adamw"])
-    t.add_argument("--schedule", choices=["cosine", "onecycle", "constant"])
-    t.add_argument("--weight-decay", type=nonnegative_float)
-    t.add_argument("--label-smoothing", type=fraction)
-    t.add_argument("--grad-clip", type=positive_float,
-                   help="clip the global gradient norm to this value")
-    t.add_argument("--image-size", type=positive_int, help="resize your images to this size")
-    t.add_argument("--channels", type=int, choices=[1, 3], help="force grey or colour input")
-    t.add_argument("--augment", help="augmentation policy (default: the data set's own)")
-    t.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"])
-    t.add_argument("--channels-last", action="store_true", default=None)
-    t.add_argument("--compile", action="store_true", default=None,
-                   help="compile the training step with torch.compile (falls back to eager "
-                   "with a warning if compilation fails)")
-    t.add_argument("--fast", action="store_true", default=None,
-                   help="every fast path: channels_last, torch.compile and (with --amp auto) "
-                   "bf16 autocast where the CPU or GPU supports it")
+    may_change = [option_flag(TrainConfig, k) for k in RESUME_OPTIONS]
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved "
+                   f"settings; {', '.join(may_change[:-1])} and {may_change[-1]} may change "
+                   "(recorded in the run)")
     t.add_argument("--nproc", type=positive_int, metavar="N",
                    help="train data-parallel in N processes on this machine (runs torchrun; "
                    "--batch-size is the global batch)")
-    t.add_argument("--sync-bn", action="store_true", default=None,
-                   help="with several processes: BatchNorm statistics over the global batch")
-    t.add_argument("--ema", action="store_true", default=None, help="evaluate an EMA of weights")
-    t.add_argument("--early-stopping", type=positive_int, metavar="PATIENCE")
-    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    t.add_argument("--strict", action="store_true", default=None,
-                   help="fail on unreadable images instead of skipping them")
-    t.add_argument("--model-opt", type=kv, action="append", metavar="KEY=VALUE",
-                   help="model option, e.g. --model-opt attn=eca (repeatable)")
-    t.add_argument("--data-opt", type=kv, action="append", metavar="KEY=VALUE",
-                   help="data set option, e.g. --data-opt n=5000 (repeatable)")
-    t.add_argument("--name", help="run name (default <model>-<data>)")
-    t.add_argument("--runs-dir", help="where runs are written (default runs)")
-    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved "
-                   "settings; --epochs, --lr, --grad-clip, --early-stopping, --amp, --device, "
-                   "--compile, --channels-last and --fast may change (recorded in the run)")
-    t.add_argument("--seed", type=int)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print summary.json at the end")
-    t.set_defaults(func=commands.train)
+    add_options(t.add_argument_group("training options", "saved in the run's config.yaml"),
+                TrainConfig)
+    t.set_defaults(func=commands.train, config_class=TrainConfig)
 
     e = sub.add_parser("eval", help="evaluate a run on its test split or on other data")
     e.add_argument("run", metavar="RUN")
@@ -153,28 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Peak matmul and convolution FLOP/s (fp32, bf16); training "
                        "samples/s, utilisation and peak memory of the Trainer (eager, fast) "
                        "against a hand-written loop, interleaved; inference latency.")
-    b.add_argument("--models", metavar="M,M,..",
-                   help="classifiers to train (default resnet18,tinyvgg,mobilenet_v2)")
-    b.add_argument("--quick", action="store_true",
-                   help="tiny sizes and few repeats: a smoke run (seconds with --no-compile)")
-    b.add_argument("--steps", type=positive_int,
-                   help="training steps per timed round (default: about 3 s of eager steps)")
-    b.add_argument("--rounds", type=positive_int, help="timed rounds (default 7)")
-    b.add_argument("--batch-size", type=positive_int, help="training batch (default 64)")
-    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    b.add_argument("--threads", type=positive_int,
-                   help="torch intra-op threads (default: PyTorch's, all cores)")
-    b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="fast mode with / without torch.compile (default: as --fast trains "
-                        "on the device: compiled on CUDA, not on the CPU)")
-    b.add_argument("--no-memory", action="store_true",
-                   help="skip the peak-memory measurement (one fresh process per configuration)")
+    add_options(b, BenchConfig)
     b.add_argument("--write-docs", nargs="?", const="docs/benchmarks.md", metavar="PATH",
                    help="write or replace the 'cnnkit bench' section of PATH "
                    "(default docs/benchmarks.md), keeping the other sections")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
-    b.set_defaults(func=commands.bench)
+    b.set_defaults(func=commands.bench, config_class=BenchConfig)
 
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("pattern", nargs="?", help="shell pattern such as 'resnet*'")

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from . import files, pairs, volumes
 from ._decode import quiet_bomb_warnings
 from ._types import ImageData
 
@@ -146,8 +147,6 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
                                 else "an .npz whose y holds numbers"))
         return data
 
-    from . import files, pairs  # here, not at the top: they import this package's types only
-
     path = Path(spec_str).expanduser()
     if not path.exists():
         if not _looks_like_path(spec_str):
@@ -161,7 +160,17 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
         raise ValueError(f"{targets} are read from a folder, not {spec_str!r}: "
                          + ("a folder with images/ and masks/" if targets == "masks"
                             else "a folder of images"))
-    if targets == "masks":
+    if path.is_dir() and volumes.has_volumes(path):  # NIfTI volumes: 3D samples
+        if targets not in ("labels", "masks"):
+            raise ValueError(f"folder {spec_str!r} holds NIfTI volumes, which are read for "
+                             "classification (one subfolder per class) or segmentation "
+                             f"(images/ and masks/), not for {targets}")
+        if targets == "masks" and not pairs.is_pair_folder(path):
+            raise ValueError(f"folder {spec_str!r} has no images/ and masks/ subfolders; "
+                             "volume segmentation data is images/<name>.nii.gz with "
+                             "masks/<name>.nii.gz")
+        fn = volumes.load_volume_pairs if targets == "masks" else volumes.load_volume_folder
+    elif targets == "masks":
         if not pairs.is_pair_folder(path):
             raise ValueError(f"folder {spec_str!r} has no images/ and masks/ subfolders; "
                              "segmentation data is images/<name>.png with masks/<name>.png")

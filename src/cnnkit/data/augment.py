@@ -1,10 +1,14 @@
-"""Batched data augmentation: whole-batch tensor ops on the batch's device.
+"""Batched data augmentation: whole-batch tensor ops on the batch's device, any spatial dims.
 
 Every random parameter is drawn on the CPU from one ``torch.Generator`` (a few
 numbers per image) and moved to the batch's device, so an augmentation is a pure
 function of the generator's state: the same on CPU and GPU, and reproducible when
 training resumes. The pixel work (flip, pad, gather, grid sample) runs on the
 device with no per-sample Python loop.
+
+Flips, shifts (pad and crop) and zooms work along every spatial axis of
+``[B, C, *spatial]`` batches (series, images, volumes); rotations are 2D. A policy that
+cannot apply to a batch's number of axes refuses it in one line.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Augment", "register_augment", "list_augment", "EXACT_POLICIES", "hflip", "vflip",
-           "pad_crop", "random_affine", "affine_transform"]
+__all__ = ["Augment", "register_augment", "list_augment", "EXACT_POLICIES", "flip", "hflip",
+           "vflip", "pad_crop", "random_zoom", "random_affine", "affine_transform"]
 
 AugmentFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 _POLICIES: dict[str, AugmentFn] = {}
@@ -32,48 +36,100 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None,
     return (lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)).to(device)
 
 
+def flip(x: torch.Tensor, axis: int, p: float = 0.5, generator: torch.Generator | None = None
+         ) -> torch.Tensor:
+    """Flip each sample along tensor axis ``axis`` (-1: the last) with probability ``p``."""
+    flipped = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
+    return torch.where(flipped.view(-1, *[1] * (x.ndim - 1)), x.flip(axis), x)
+
+
 def hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None
           ) -> torch.Tensor:
-    """Flip each image left-right with probability ``p``."""
-    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    """Flip each sample along its last axis (left-right) with probability ``p``."""
+    return flip(x, -1, p, generator)
 
 
 def vflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None
           ) -> torch.Tensor:
-    """Flip each image upside down with probability ``p``."""
-    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-2), x)
+    """Flip each image upside down (its second-last axis) with probability ``p``."""
+    return flip(x, -2, p, generator)
+
+
+def _flip_every_axis(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # last axis first: in 2D that is hflip then vflip, the order the 2D policies always had
+    for axis in range(x.ndim - 1, 1, -1):
+        x = flip(x, axis, 0.5, generator)
+    return x
 
 
 def pad_crop(x: torch.Tensor, pad: int = 4, mode: str = "reflect",
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pad by ``pad`` pixels and crop back to the input size at a random offset per image.
+    """Pad by ``pad`` on every spatial axis and crop back at a random offset per sample.
 
     The translation augmentation of Krizhevsky, Sutskever and Hinton (2012),
     "ImageNet classification with deep convolutional neural networks", in the
     pad-4 form He, Zhang, Ren and Sun (2016), "Deep residual learning for image
-    recognition", use on CIFAR. Each output is the input shifted by ``(dy, dx)`` in
-    ``[-pad, pad]``, the uncovered border filled by reflection or zeros.
+    recognition", use on CIFAR. Each output is the input shifted by an offset in
+    ``[-pad, pad]`` along each spatial axis (a series in time, an image in y and x, a
+    volume in z, y and x), the uncovered border filled by reflection or zeros.
 
     Args:
-        mode: ``"reflect"`` or ``"zeros"``; reflection needs ``pad < H, W`` and is
-            capped there.
+        mode: ``"reflect"`` or ``"zeros"``; reflection needs ``pad`` below every spatial
+            size and is capped there.
     """
     if mode not in ("reflect", "zeros"):
         raise ValueError(f"unknown padding mode {mode!r}; choose 'reflect' or 'zeros'")
-    b, c, h, w = x.shape
+    sizes = x.shape[2:]
     if mode == "reflect":
-        pad = min(pad, h - 1, w - 1)
-    if pad <= 0:
+        pad = min(pad, *(s - 1 for s in sizes)) if sizes else 0
+    if pad <= 0 or not sizes:
         return x
-    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect" if mode == "reflect" else "constant")
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    rows = dy[:, None] + torch.arange(h, device=x.device)  # [B, H]
-    cols = dx[:, None] + torch.arange(w, device=x.device)  # [B, W]
-    x = xp.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))
-    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+    xp = F.pad(x, (pad, pad) * len(sizes), mode="reflect" if mode == "reflect" else "constant")
+    b = x.shape[0]
+    # offsets drawn axis by axis, first spatial axis first (dy before dx in 2D)
+    starts = [torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+              for _ in sizes]
+    for i, (size, start) in enumerate(zip(sizes, starts, strict=True)):
+        axis = 2 + i
+        index = start[:, None] + torch.arange(size, device=x.device)  # [B, size]
+        view = [b] + [1] * (xp.ndim - 1)
+        view[axis] = size
+        shape = list(xp.shape)
+        shape[axis] = size
+        xp = xp.gather(axis, index.view(view).expand(shape))
+    return xp
+
+
+def random_zoom(x: torch.Tensor, scale: tuple[float, float] = (0.9, 1.1),
+                padding_mode: str = "zeros", generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """Zoom each sample about its centre by a factor uniform in ``scale``, on every axis alike.
+
+    Isotropic rescaling, the scale part of the affine distortions of Simard, Steinkraus
+    and Platt (2003), "Best practices for convolutional neural networks applied to
+    visual document analysis", for series, images and volumes: one ``F.affine_grid`` /
+    ``F.grid_sample`` call for the batch ((bi/tri)linear; a series is sampled as a
+    one-row image).
+
+    Args:
+        padding_mode: ``F.grid_sample``'s ``"zeros"``, ``"border"`` or ``"reflection"``.
+    """
+    dims = x.ndim - 2
+    if dims not in (1, 2, 3):
+        raise ValueError(f"zoom needs 1 to 3 spatial axes, got a batch of shape "
+                         f"{tuple(x.shape)}")
+    b = x.shape[0]
+    inv = 1 / _uniform(b, scale[0], scale[1], generator, x.device)  # output -> input
+    grid_dims = max(dims, 2)
+    theta = torch.zeros(b, grid_dims, grid_dims + 1, dtype=torch.float64, device=x.device)
+    for i in range(grid_dims):
+        theta[:, i, i] = inv
+    if dims == 1:
+        theta[:, 1, 1] = 1.0  # the single row stays put
+    y = x[:, :, None] if dims == 1 else x
+    grid = F.affine_grid(theta.to(x), list(y.shape), align_corners=False)
+    out = F.grid_sample(y, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return out[:, :, 0] if dims == 1 else out
 
 
 def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: tuple[float, float] = (0.9, 1.1),
@@ -91,6 +147,7 @@ def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: tuple[float, fl
         padding_mode: what fills pixels from outside the image: ``"zeros"``,
             ``"border"`` or ``"reflection"`` (``F.grid_sample``'s modes).
     """
+    _need_2d(x, "a rotation")
     b = x.shape[0]
     ang = _uniform(b, -degrees, degrees, generator, x.device)
     s = _uniform(b, scale[0], scale[1], generator, x.device)
@@ -124,6 +181,13 @@ def affine_transform(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor,
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
+def _need_2d(x: torch.Tensor, what: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{what} is defined for [B, C, H, W] images, not a batch of shape "
+                         f"{tuple(x.shape)}; for series and volumes use an augmentation of "
+                         "flips, shifts and zooms (flips, shapes, flip_crop, zoom) or none")
+
+
 def register_augment(fn: AugmentFn) -> AugmentFn:
     """Register an augmentation policy ``fn(x, generator) -> x`` under its function name.
 
@@ -141,7 +205,7 @@ def list_augment() -> list[str]:
 
     Example:
         >>> list_augment()
-        ['affine', 'digits', 'flip_crop', 'none', 'shapes']
+        ['affine', 'digits', 'flip_crop', 'flips', 'none', 'shapes', 'zoom']
     """
     return sorted(_POLICIES)
 
@@ -154,14 +218,14 @@ def none(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 @register_augment
 def flip_crop(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Random horizontal flip, then pad 4 (reflect) and random crop (natural images)."""
+    """Random flip of the last axis, then pad 4 (reflect) and random crop on every axis."""
     return pad_crop(hflip(x, 0.5, generator), 4, "reflect", generator)
 
 
 @register_augment
 def flips(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Flips both ways and nothing else (no pixel is invented: for super-resolution)."""
-    return vflip(hflip(x, 0.5, generator), 0.5, generator)
+    """Flips along every spatial axis and nothing else (no pixel is invented: super-resolution)."""
+    return _flip_every_axis(x, generator)
 
 
 @register_augment
@@ -172,8 +236,14 @@ def digits(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 @register_augment
 def shapes(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Flips both ways, then pad 4 with zeros and random crop (zeros: no mirrored half-shapes)."""
-    return pad_crop(vflip(hflip(x, 0.5, generator), 0.5, generator), 4, "zeros", generator)
+    """Flips along every axis, then pad 4 with zeros and random crop (no mirrored half-shapes)."""
+    return pad_crop(_flip_every_axis(x, generator), 4, "zeros", generator)
+
+
+@register_augment
+def zoom(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Flips along every axis, then an isotropic zoom of 0.9-1.1 (series, images, volumes)."""
+    return random_zoom(_flip_every_axis(x, generator), (0.9, 1.1), "zeros", generator)
 
 
 @register_augment
@@ -184,7 +254,7 @@ def affine(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 
 class Augment:
-    """A named augmentation policy applied to float ``[B, C, H, W]`` batches.
+    """A named augmentation policy applied to float ``[B, C, *spatial]`` batches.
 
     Args:
         policy: one of :func:`list_augment`.
@@ -205,9 +275,10 @@ class Augment:
         self._fn = _POLICIES[policy]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or not x.is_floating_point():
-            raise ValueError(f"Augment needs a float [B, C, H, W] batch, got {x.dtype} of shape "
-                             f"{tuple(x.shape)}; convert uint8 images with x.float() / 255")
+        if not 2 <= x.ndim <= 5 or not x.is_floating_point():
+            raise ValueError(f"Augment needs a float [B, C, *spatial] batch with 0 to 3 spatial "
+                             f"axes, got {x.dtype} of shape {tuple(x.shape)}; convert uint8 "
+                             "inputs with x.float() / 255")
         return self._fn(x, self.generator)
 
     def __repr__(self) -> str:

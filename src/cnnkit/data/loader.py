@@ -52,21 +52,25 @@ class TensorLoader:
     ``DistributedSampler``) and a run resumed at epoch ``e`` sees the same batches.
     Iterating without ``set_epoch`` advances the epoch by one after each pass.
 
-    Three kinds of target, one per task:
+    Inputs are ``[N, C, *spatial]`` with 0 to 3 spatial axes (features, series, images,
+    volumes); augmentation and normalisation act on every spatial axis. The kinds of
+    target, one per task:
 
     * classification: ``labels`` is ``[N]``; batches are ``(x, labels)``;
-    * segmentation: ``labels`` is a uint8 mask ``[N, H, W]``; the augmentation moves
-      image and mask together (only :data:`~cnnkit.data.augment.EXACT_POLICIES`,
-      which never interpolate a class index); batches are ``(x, long mask)``;
+    * dense labels (segmentation): ``labels`` is an integer mask ``[N, *spatial]``; the
+      augmentation moves input and mask together (only
+      :data:`~cnnkit.data.augment.EXACT_POLICIES`, which never interpolate a class
+      index); batches are ``(x, long mask)``;
+    * regression: ``labels`` is float ``[N, K]``; batches are ``(x, values)``;
     * super-resolution (``scale`` given): the image is the target; batches are
       ``(downscale(augmented image), augmented image)``, the low-resolution input
       made afresh from each augmented crop and normalised, the target in [0, 1].
 
     Args:
-        images: uint8 ``[N, C, H, W]`` (kept uint8 on the device: 4x less memory) or
-            float ``[N, C, H, W]`` in [0, 1].
-        labels: int ``[N]`` class indices, uint8 ``[N, H, W]`` masks, or float ``[N, K]``
-            values (regression).
+        images: the inputs, uint8 ``[N, C, *spatial]`` (kept uint8 on the device: 4x less
+            memory) or float ``[N, C, *spatial]`` in [0, 1].
+        labels: int ``[N]`` class indices, integer ``[N, *spatial]`` masks, or float
+            ``[N, K]`` values (regression).
         batch_size: samples per batch.
         shuffle: a new random order every epoch.
         drop_last: leave out the last batch if it is smaller than ``batch_size``.
@@ -75,7 +79,8 @@ class TensorLoader:
         augment: augmentation policy (:func:`cnnkit.data.list_augment`).
         seed: seed of shuffling and augmentation.
         device: where the data lives and batches are made.
-        channels_last: return batches in ``torch.channels_last`` memory format.
+        channels_last: return batches channels-last (``channels_last`` for images,
+            ``channels_last_3d`` for volumes; series and features have no such format).
         scale: super-resolution factor; the loader then yields (low-res, high-res) pairs.
         rank, world_size: this process's share under data parallelism. ``batch_size`` is
             then the global batch (a multiple of ``world_size``); every rank has the same
@@ -99,14 +104,20 @@ class TensorLoader:
                  augment: str = "none", seed: int = 0, device: str | torch.device = "cpu",
                  channels_last: bool = False, scale: int | None = None, rank: int = 0,
                  world_size: int = 1) -> None:
-        if images.ndim != 4:
-            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        if not 2 <= images.ndim <= 5:
+            raise ValueError(f"inputs must be [N, C, *spatial] with 0 to 3 spatial axes, got "
+                             f"shape {tuple(images.shape)}")
         labels = torch.as_tensor(labels)
-        self.masks = labels.ndim == 3
+        spatial = tuple(images.shape[2:])
+        # dense labels: a class per pixel (voxel, time step). Float [N, K] targets are
+        # values; a float [N, *spatial] of 2+ axes cannot be values, so it is a mask too.
+        self.masks = bool(spatial) and labels.ndim > 1 and (
+            not labels.is_floating_point() or labels.ndim > 2)
         if self.masks:
-            if labels.shape != (images.shape[0], *images.shape[2:]):
-                raise ValueError(f"masks of shape {tuple(labels.shape)} do not match images "
-                                 f"{tuple(images.shape)}; give one [H, W] mask per image")
+            if labels.shape != (images.shape[0], *spatial):
+                raise ValueError(f"masks of shape {tuple(labels.shape)} do not match inputs "
+                                 f"{tuple(images.shape)}; give one {list(spatial)} mask per "
+                                 "sample")
             if augment not in EXACT_POLICIES:
                 raise ValueError(f"augmentation {augment!r} interpolates pixels and would blend "
                                  "mask classes; with masks use "
@@ -147,10 +158,13 @@ class TensorLoader:
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment, self.seed, self.channels_last = augment, seed, channels_last
+        view = (1, c, *[1] * len(spatial))
         self.mean = None if mean is None else torch.tensor(
-            list(mean), dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+            list(mean), dtype=torch.float32, device=self.device).view(view)
         self.std = None if std is None else torch.tensor(
-            list(std), dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+            list(std), dtype=torch.float32, device=self.device).view(view)
+        self.memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(
+            images.ndim) if channels_last else None
         self.num_samples = len(labels)
         self.epoch = 0
 
@@ -197,8 +211,8 @@ class TensorLoader:
                 x = x - self.mean
             if self.std is not None:
                 x = x / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if self.memory_format is not None:
+                x = x.contiguous(memory_format=self.memory_format)
             yield x, y
 
 

@@ -71,8 +71,9 @@ def split_indices(labels: torch.Tensor, fractions: Sequence[float] = (0.8, 0.1, 
 def channel_stats(images: torch.Tensor, chunk: int = 256) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation on the [0, 1] scale, in bounded memory.
 
-    uint8 images are divided by 255. Statistics are accumulated in float64 over
-    chunks of ``chunk`` images, so memory stays at one float chunk. The standard
+    Over every sample and every spatial position (series, images, volumes alike).
+    uint8 inputs are divided by 255. Statistics are accumulated in float64 over
+    chunks of ``chunk`` samples, so memory stays at one float chunk. The standard
     deviation is the population one (``correction=0``), the convention for
     input normalisation.
 
@@ -81,8 +82,8 @@ def channel_stats(images: torch.Tensor, chunk: int = 256) -> tuple[list[float], 
         >>> mean, std
         ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
     """
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"channel_stats needs non-empty [N, C, H, W] images, got shape "
+    if not 2 <= images.ndim <= 5 or images.shape[0] == 0:
+        raise ValueError(f"channel_stats needs non-empty [N, C, *spatial] inputs, got shape "
                          f"{tuple(images.shape)}")
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
     c = images.shape[1]

@@ -3,16 +3,24 @@
 Each method is a small subclass that overrides one method, :meth:`Explainer.attribute`
 (the pytorch-grad-cam design). The base class owns everything around it:
 
+* inputs are ``[B, C, *spatial]`` with 1, 2 or 3 spatial dimensions (signals
+  ``[B, C, L]``, images ``[B, C, H, W]``, volumes ``[B, C, D, H, W]``); methods reduce
+  over ``range(2, x.ndim)`` and never assume 2D;
 * the model's train/eval mode and ``requires_grad`` flags are saved, the model is put
   in eval mode for the call, and both are restored afterwards, even on error;
 * hooks exist only inside :meth:`Explainer.capture` (a context manager) and are
   removed on exit; stored tensors are detached;
-* targets are resolved once: ``None`` (the predicted class), an int (that class for
-  every image), ``[B]`` (one class per image) or ``[B, K]`` (K classes per image);
+* targets are resolved once: ``None`` (the task's default: the predicted class), an
+  int (that class for every input), ``[B]`` (one class per input), ``[B, K]`` (K
+  classes per input), or a callable ``fn(output) -> [B]`` (any scalar per sample of the
+  model's output: a class logit, a region's summed logits, a regression output), which
+  the base turns into a one-output model (:class:`TargetScores`) so that every method
+  explains it unchanged;
 * :meth:`Explainer.grads` computes the gradients of all ``B x K`` target scores in one
   batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``), not K;
-* maps are returned at input resolution: ``[B, H, W]``, or ``[B, K, H, W]`` when the
-  target was given as ``[B, K]``.
+* maps are returned at input resolution: ``[B, *spatial]``, or ``[B, K, *spatial]``
+  when the target was given as ``[B, K]``, upsampled by linear, bilinear or trilinear
+  interpolation as the number of spatial dimensions says.
 """
 
 from __future__ import annotations
@@ -25,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.layers.nd import DIMS, interp_mode
 from cnnkit.tasks import Task, task_class
 
-__all__ = ["Explainer", "register_method", "create", "list_methods", "resolve_layer",
-           "resolve_targets"]
+__all__ = ["Explainer", "TargetScores", "register_method", "create", "list_methods",
+           "resolve_layer", "resolve_targets", "check_input"]
 
 _METHODS: dict[str, type[Explainer]] = {}
 
@@ -56,12 +65,27 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def create(name: str, model: nn.Module, layer: str | nn.Module | None = None,
-           **options: Any) -> Explainer:
+def create(name: str, model: nn.Module, layer: str | nn.Module | None = None, *,
+           task: str | type[Task] | None = None, **options: Any) -> Explainer:
     """Create an explainer: ``cnnkit.explain.create("gradcam", model)(x, target)``.
+
+    Args:
+        name: a registered method (:func:`list_methods`).
+        model: the model to explain.
+        layer: the layer of layer methods (CAMs); the model's ``cam_layer`` when None.
+        task: the task the model serves (a registry name or a task class), which says what
+            ``target=None`` explains (a regression's first output rather than the top
+            one); the model's own ``task`` attribute, or classification, when None.
+        **options: the method's options.
 
     Raises:
         ValueError: unknown method (the nearest names are suggested).
+
+    Example:
+        >>> import torch, cnnkit
+        >>> model = cnnkit.create_model("resnet18", num_classes=2, input_size=(1, 32))
+        >>> cnnkit.explain.create("gradcam", model)(torch.rand(4, 1, 32)).shape
+        torch.Size([4, 32])
     """
     _ensure_loaded()
     if name not in _METHODS:
@@ -69,7 +93,10 @@ def create(name: str, model: nn.Module, layer: str | nn.Module | None = None,
 
         raise ValueError(f"unknown explanation method {name!r}{suggest(name, list(_METHODS))} "
                          f"(choose from {', '.join(sorted(_METHODS))})")
-    return _METHODS[name](model, layer=layer, **options)
+    explainer = _METHODS[name](model, layer=layer, **options)
+    if task is not None:
+        explainer.set_task(task)
+    return explainer
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
@@ -123,6 +150,55 @@ def resolve_targets(target: Any, logits: torch.Tensor | None = None, *, batch: i
     return t, multi
 
 
+def check_input(x: torch.Tensor) -> int:
+    """The number of spatial dimensions of inputs ``[B, C, *spatial]`` (1, 2 or 3).
+
+    Raises:
+        ValueError: another shape, with the three accepted ones.
+    """
+    dims = x.ndim - 2
+    if dims not in DIMS:
+        raise ValueError(f"expected inputs [B, C, L] (signals), [B, C, H, W] (images) or "
+                         f"[B, C, D, H, W] (volumes), got shape {tuple(x.shape)}")
+    return dims
+
+
+class TargetScores(nn.Module):
+    """A model seen through a target function: ``fn(model(x))[:, None]``, one score per
+    sample, so that an explainer given ``target=fn`` explains output 0 of this module.
+
+    ``fn`` receives the model's own output (class logits ``[B, K]``, a segmentation's
+    logits ``[B, K, *spatial]``, regression values ``[B, K]``) and must return ``[B]``,
+    treating each sample on its own: methods also call it on batches of perturbed copies
+    of one input (SmoothGrad's noisy, Integrated Gradients' interpolated, occluded or
+    masked inputs). A region fixed for the batch is fine; for a region per input, explain
+    one input at a time.
+
+    Example:
+        >>> import torch
+        >>> scores = TargetScores(nn.Linear(3, 2), lambda y: y[:, 1] - y[:, 0])
+        >>> scores(torch.rand(5, 3)).shape
+        torch.Size([5, 1])
+    """
+
+    def __init__(self, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(self.model(x))[:, None]
+
+    def score(self, output: torch.Tensor) -> torch.Tensor:
+        """``fn(output)``, checked to be ``[B]``."""
+        score = self.fn(output)
+        n = output.shape[0]
+        if not isinstance(score, torch.Tensor) or score.shape != (n,):
+            got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+            raise ValueError(f"a target function must return one score per sample, shape "
+                             f"[{n}], got {got}; e.g. target=lambda y: y[:, 0]")
+        return score
+
+
 def explained_task(model: nn.Module) -> type[Task]:
     """The task of a model (its ``task`` attribute; classification by default), which says
     what of the model an explanation explains (:meth:`cnnkit.tasks.Task.explainable`)."""
@@ -133,8 +209,9 @@ class Explainer:
     """Base of every explanation method; subclasses override :meth:`attribute`.
 
     Args:
-        model: any classifier ``[B, C, H, W] -> [B, num_classes]``, or a model of
-            another task, seen as scores per class by its task
+        model: any classifier ``[B, C, *spatial] -> [B, num_classes]`` (1, 2 or 3
+            spatial dimensions), or a model of another task, seen as scores per class
+            by its task
             (:meth:`cnnkit.tasks.Task.explainable`: a segmentation's class ``c`` summed
             over the pixels predicted as ``c``, ``target=None`` the class covering most
             pixels, background last).
@@ -147,29 +224,40 @@ class Explainer:
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None) -> None:
         self.layer = resolve_layer(model, layer) if self.uses_layer else None
-        self.task = explained_task(model)
-        self.model = self.task.explainable(model)
+        self.network = model
+        self.set_task(explained_task(model))
+
+    def set_task(self, task: str | type[Task]) -> None:
+        """Explain the model as a model of ``task`` (a registry name or a task class):
+        ``self.model`` becomes the task's scores (:meth:`cnnkit.tasks.Task.explainable`)."""
+        self.task = task_class(task) if isinstance(task, str) else task
+        self.model = self.task.explainable(self.network)
 
     # -- the one method a subclass overrides ------------------------------------------
 
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Maps ``[B, K, h, w]`` (any resolution) for ``targets`` ``[B, K]``."""
+        """Maps ``[B, K, *s]`` (any resolution ``s`` of x's spatial dims) for ``targets``
+        ``[B, K]`` of ``self.model``'s scores."""
         raise NotImplementedError
 
     # -- the public call ------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor, target: Any = None) -> torch.Tensor:
-        if x.ndim != 4:
-            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
-        with self.model_state():
-            if target is None:  # the predicted class costs one extra forward pass
+        """Maps ``[B, *spatial]`` of inputs ``x`` ``[B, C, *spatial]`` (``[B, K, *spatial]``
+        for ``[B, K]`` targets); ``target`` as in the module docstring."""
+        check_input(x)
+        with self.scoring(target) as scored, self.model_state():
+            if scored:  # a target function: output 0 of TargetScores
+                targets = torch.zeros((x.shape[0], 1), dtype=torch.long, device=x.device)
+                multi = False
+            elif target is None:  # the task's default costs one extra forward pass
                 targets, multi = self.task.predicted(self.model, x)[:, None], False
             else:  # given targets cost nothing: checked against the model's class count
                 targets, multi = resolve_targets(
                     target, batch=x.shape[0], device=x.device,
                     num_classes=getattr(self.model, "num_classes", None))
             maps = self.attribute(x.detach(), targets)
-        maps = self.upsample(maps.detach(), x.shape[-2:])
+        maps = self.upsample(maps.detach(), x.shape[2:])
         return maps if multi else maps[:, 0]
 
     def __enter__(self) -> Explainer:
@@ -182,6 +270,20 @@ class Explainer:
         """Release what the explainer holds (hooks are never left registered)."""
 
     # -- tools for subclasses -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def scoring(self, target: Any) -> Iterator[bool]:
+        """For a callable ``target``, ``self.model`` is :class:`TargetScores` of the
+        model inside the block (yields True); otherwise the block runs as it is."""
+        if not callable(target):
+            yield False
+            return
+        scores = self.model
+        self.model = TargetScores(self.network, target)
+        try:
+            yield True
+        finally:
+            self.model = scores
 
     @contextlib.contextmanager
     def model_state(self) -> Iterator[None]:
@@ -243,8 +345,10 @@ class Explainer:
 
     @staticmethod
     def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """``[B, K, h, w]`` -> ``[B, K, H, W]`` by bilinear interpolation (same size: as is)."""
-        if tuple(maps.shape[-2:]) == tuple(size):
+        """``[B, K, *s]`` -> ``[B, K, *size]`` by linear, bilinear or trilinear interpolation
+        (as ``len(size)`` says; same size: as is)."""
+        if tuple(maps.shape[2:]) == tuple(size):
             return maps
         maps = maps if maps.is_floating_point() else maps.float()  # float64 stays float64
-        return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+        return F.interpolate(maps, size=tuple(size), mode=interp_mode(len(size)),
+                             align_corners=False)

@@ -1,11 +1,13 @@
 """Class activation maps: CAM, Grad-CAM, Grad-CAM++, Smooth Grad-CAM++, Layer-CAM.
 
-Every gradient method here reads one layer's activation ``A`` ``[B, C, h, w]`` and the
-gradients ``G`` ``[B, K, C, h, w]`` of the K target logits with respect to it, from ONE
+Every gradient method here reads one layer's activation ``A`` ``[B, C, *s]`` and the
+gradients ``G`` ``[B, K, C, *s]`` of the K target logits with respect to it, from ONE
 forward (:meth:`Explainer.capture`) and ONE batched backward (:meth:`Explainer.grads`).
 :class:`_GradCamBase` owns that; a variant overrides one small method, ``combine``, which
-turns ``(A, G)`` into maps ``[B, K, h, w]`` (the pytorch-grad-cam design). Maps are ReLU'd
-as in the papers; CAM, which the paper leaves signed, is not.
+turns ``(A, G)`` into maps ``[B, K, *s]`` (the pytorch-grad-cam design). ``s`` is the
+layer's spatial shape, of 1, 2 or 3 dims like the input's: averages and sums "over space"
+run over every spatial axis. Maps are ReLU'd as in the papers; CAM, which the paper
+leaves signed, is not.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._base import Explainer, register_method, resolve_layer
+from cnnkit.layers.nd import CONVS
+
+from ._base import Explainer, TargetScores, register_method, resolve_layer
 
 __all__ = ["CAM", "GradCAM", "GradCAMPlusPlus", "SmoothGradCAMPlusPlus", "LayerCAM",
-           "layer_gradients", "gradcampp_weights"]
+           "layer_gradients", "gradcampp_weights", "channel_sum"]
 
 
 def layer_gradients(explainer: Explainer, x: torch.Tensor, targets: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, G)``: the explainer's layer activation ``[B, C, h, w]`` (detached) and the
-    gradients ``[B, K, C, h, w]`` of ``model(x)[b, targets[b, k]]`` with respect to it,
+    """``(A, G)``: the explainer's layer activation ``[B, C, *s]`` (detached) and the
+    gradients ``[B, K, C, *s]`` of ``model(x)[b, targets[b, k]]`` with respect to it,
     from one forward and one batched backward."""
     # The input must require grad, or with frozen parameters the activation has no graph.
     x = x.detach().requires_grad_(True)
@@ -43,19 +47,34 @@ def gradcampp_weights(act: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor,
     """Grad-CAM++ channel weights ``[B, K, C]`` from first/second/third derivatives.
 
     ``alpha_kij = d2 / (2 d2 + sum_ab A_kab * d3)`` (Chattopadhay et al. 2018, Eq. 19;
-    0 where the denominator vanishes) and ``w_k = sum_ij alpha_kij ReLU(d1_kij)``.
-    ``act`` is ``[B, C, h, w]`` (or ``[B, K, C, h, w]``), the derivatives ``[B, K, C, h, w]``.
+    0 where the denominator vanishes) and ``w_k = sum_ij alpha_kij ReLU(d1_kij)``, the
+    sums running over every spatial position. ``act`` is ``[B, C, *s]`` (or
+    ``[B, K, C, *s]``), the derivatives ``[B, K, C, *s]``.
     """
     act = act if act.ndim == d1.ndim else act[:, None]
-    denom = 2 * d2 + act.sum((-2, -1), keepdim=True) * d3
+    space = tuple(range(3, d1.ndim))
+    denom = 2 * d2 + act.sum(space, keepdim=True) * d3
     ok = denom != 0
     alpha = torch.where(ok, d2 / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-    return (alpha * d1.clamp_min(0)).sum((-2, -1))
+    return (alpha * d1.clamp_min(0)).sum(space)
+
+
+def channel_sum(weights: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k A_k``: weights ``[B, K, C]``, act ``[B, C, *s]`` -> ``[B, K, *s]`` (one
+    batched matrix product over the flattened positions, whatever the spatial dims)."""
+    out = torch.einsum("bkc,bcs->bks", weights, act.flatten(2))
+    return out.view(*out.shape[:2], *act.shape[2:])
 
 
 def _weighted_sum(weights: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """``ReLU(sum_k w_k A_k)``: weights ``[B, K, C]``, act ``[B, C, h, w]`` -> ``[B, K, h, w]``."""
-    return torch.einsum("bkc,bchw->bkhw", weights, act).clamp_min(0)
+    """``ReLU(sum_k w_k A_k)``: weights ``[B, K, C]``, act ``[B, C, *s]`` -> ``[B, K, *s]``."""
+    return channel_sum(weights, act).clamp_min(0)
+
+
+def _conv_dims(model: nn.Module) -> int | None:
+    """The spatial dims of the model's convolutions when they all agree, else None."""
+    dims = {CONVS.index(type(m)) + 1 for m in model.modules() if type(m) in CONVS}
+    return dims.pop() if len(dims) == 1 else None
 
 
 def _check_channels(channels: Sequence[int] | None) -> list[int] | None:
@@ -77,7 +96,7 @@ class _GradCamBase(Explainer):
         return self.combine(act, grads)
 
     def combine(self, act: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        """Maps ``[B, K, h, w]`` from ``A`` ``[B, C, h, w]`` and ``G`` ``[B, K, C, h, w]``."""
+        """Maps ``[B, K, *s]`` from ``A`` ``[B, C, *s]`` and ``G`` ``[B, K, C, *s]``."""
         raise NotImplementedError
 
 
@@ -87,7 +106,9 @@ class GradCAM(_GradCamBase):
 
     Selvaraju, Cogswell, Das, Vedantam, Parikh and Batra (2017), "Grad-CAM: Visual
     Explanations from Deep Networks via Gradient-based Localization", ICCV.
-    ``alpha_k = mean_ij dY_c/dA_kij`` and the map is ``ReLU(sum_k alpha_k A_k)`` (Eqs. 1-2).
+    ``alpha_k = mean_ij dY_c/dA_kij`` and the map is ``ReLU(sum_k alpha_k A_k)`` (Eqs. 1-2);
+    the mean runs over every spatial axis of the layer (length, height x width, or depth x
+    height x width).
 
     Args:
         model: the classifier.
@@ -98,10 +119,13 @@ class GradCAM(_GradCamBase):
         >>> model = cnnkit.create_model("tinyvgg", num_classes=3, img_size=16)
         >>> cnnkit.explain.create("gradcam", model)(torch.rand(2, 3, 16, 16)).shape
         torch.Size([2, 16, 16])
+        >>> volume = cnnkit.create_model("resnet18", num_classes=3, input_size=(1, 8, 16, 16))
+        >>> cnnkit.explain.create("gradcam", volume)(torch.rand(2, 1, 8, 16, 16)).shape
+        torch.Size([2, 8, 16, 16])
     """
 
     def combine(self, act: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        return _weighted_sum(grads.mean((-2, -1)), act)
+        return _weighted_sum(grads.mean(tuple(range(3, grads.ndim))), act)
 
 
 @register_method("gradcam++")
@@ -163,7 +187,9 @@ class SmoothGradCAMPlusPlus(Explainer):
 
     Neurons (the paper's "subset of neurons" visualisation): with
     ``neurons=[(c, i, j), ...]`` the explained score is not a class logit but the sum of
-    the activations ``N[c, i, j]`` of those neurons of ``neuron_layer`` (the model's
+    the activations ``N[c, i, j]`` of those neurons of ``neuron_layer`` (a neuron is its
+    channel then one index per spatial axis: ``(c, t)`` in 1D, ``(c, z, i, j)`` in 3D; the
+    model's
     ``cam_layer`` by default), and the derivatives are taken with respect to the feature
     maps of ``layer``, which must run *before* ``neuron_layer``; the rest (noise averaging,
     Grad-CAM++ alphas and weights, ReLU) is unchanged. Our reading of the paper: its
@@ -175,12 +201,12 @@ class SmoothGradCAMPlusPlus(Explainer):
         model: the classifier.
         layer: the layer to read; the model's ``cam_layer`` if None.
         n_samples: noisy copies per image.
-        noise: noise std as a fraction of the image's value range.
+        noise: noise std as a fraction of the input's value range.
         seed: seeds a private generator (deterministic maps); None uses torch's global one.
         channels: feature-map indices to keep in the weighted sum; None keeps all.
-        internal_batch_size: noisy images per forward/backward.
-        neurons: ``(channel, row, col)`` neurons of ``neuron_layer`` to explain; None
-            explains the target class.
+        internal_batch_size: noisy inputs per forward/backward.
+        neurons: ``(channel, *position)`` neurons of ``neuron_layer`` to explain
+            (``(channel, row, col)`` in 2D); None explains the target class.
         neuron_layer: the layer holding ``neurons`` (module or name); the model's
             ``cam_layer`` if None.
 
@@ -197,15 +223,21 @@ class SmoothGradCAMPlusPlus(Explainer):
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
                  n_samples: int = 16, noise: float = 0.15, seed: int | None = 0,
                  channels: Sequence[int] | None = None, internal_batch_size: int = 32,
-                 neurons: Sequence[tuple[int, int, int]] | None = None,
+                 neurons: Sequence[tuple[int, ...]] | None = None,
                  neuron_layer: str | nn.Module | None = None) -> None:
         super().__init__(model, layer)
         self.neurons, self.neuron_layer = None, None
         if neurons is not None:
             self.neurons = [tuple(int(v) for v in n) for n in neurons]
-            if not self.neurons or any(len(n) != 3 or min(n) < 0 for n in self.neurons):
-                raise ValueError("neurons must be a non-empty list of (channel, row, col) "
-                                 f"non-negative indices, got {neurons}")
+            dims = _conv_dims(model)  # None: known at the first call
+            sizes = {1 + dims} if dims else {2, 3, 4}
+            if not self.neurons or any(len(n) not in sizes or min(n) < 0 or
+                                       len(n) != len(self.neurons[0]) for n in self.neurons):
+                what = "(channel, *position)" if dims is None else \
+                    ("(channel, position)", "(channel, row, col)",
+                     "(channel, depth, row, col)")[dims - 1]
+                raise ValueError(f"neurons must be a non-empty list of {what} non-negative "
+                                 f"indices, got {neurons}")
             self.neuron_layer = resolve_layer(model, neuron_layer)
             if self.neuron_layer is self.layer:
                 raise ValueError("neuron_layer is the explained layer itself; pass layer= an "
@@ -225,7 +257,7 @@ class SmoothGradCAMPlusPlus(Explainer):
         eps = torch.randn((b, n, *x.shape[1:]), generator=gen, dtype=x.dtype).to(x.device)
         flat = x.flatten(1)
         sigma = self.noise * (flat.amax(1) - flat.amin(1))
-        noisy = (x[:, None] + eps * sigma.view(b, 1, 1, 1, 1)).flatten(0, 1)
+        noisy = (x[:, None] + eps * sigma.view(b, *[1] * x.ndim)).flatten(0, 1)
         tg = targets.repeat_interleave(n, 0)
         owner = torch.arange(b, device=x.device).repeat_interleave(n)
         sums: list[torch.Tensor] | None = None
@@ -244,7 +276,9 @@ class SmoothGradCAMPlusPlus(Explainer):
             if max(self.channels) >= act.shape[1]:
                 raise ValueError(f"channels {self.channels} out of range: the layer has "
                                  f"{act.shape[1]} channels")
-            act, d1, d2, d3 = (t[..., self.channels, :, :] for t in (act, d1, d2, d3))
+            keep, dims = torch.tensor(self.channels, device=act.device), act.ndim - 2
+            act, d1, d2, d3 = (t.index_select(t.ndim - dims - 1, keep)  # the channel axis
+                               for t in (act, d1, d2, d3))
         return _weighted_sum(gradcampp_weights(act, d1, d2, d3), act)
 
     def _gradients(self, x: torch.Tensor, targets: torch.Tensor,
@@ -261,11 +295,13 @@ class SmoothGradCAMPlusPlus(Explainer):
                 raise ValueError("layer or neuron_layer was not called in the forward pass; "
                                  "pass modules the model uses")
             act, out = store["activation"], nstore["activation"]
-            if any(c >= out.shape[1] or i >= out.shape[2] or j >= out.shape[3]
-                   for c, i, j in self.neurons):
+            if any(len(n) != out.ndim - 1 or any(v >= size for v, size in
+                                                 zip(n, out.shape[1:], strict=False))
+                   for n in self.neurons):
                 raise ValueError(f"neurons {self.neurons} out of range for neuron_layer "
-                                 f"output of shape {tuple(out.shape[1:])}")
-            score = sum(out[:, c, i, j] for c, i, j in self.neurons)
+                                 f"output of shape {tuple(out.shape[1:])}: give (channel, "
+                                 f"and {out.ndim - 2} position indices) inside it")
+            score = sum(out[(slice(None), *n)] for n in self.neurons)
             try:
                 (grads,) = self.grads(score[:, None], [act])
             except RuntimeError:  # act is not in the neurons' graph
@@ -281,18 +317,25 @@ class CAM(Explainer):
     Zhou, Khosla, Lapedriza, Oliva and Torralba (2016), "Learning Deep Features for
     Discriminative Localization", CVPR. For a network ending in global average pooling
     and a linear classifier, ``M_c = sum_k w_ck A_k`` with ``A = model.forward_features(x)``
-    and ``w = model.get_classifier().weight`` (Eq. 2; signed, as in the paper). The layer
-    is fixed by the architecture, so ``layer`` is ignored. Any other head raises.
+    and ``w = model.get_classifier().weight`` (Eq. 2; signed, as in the paper), for feature
+    maps of any spatial dims. The layer is fixed by the architecture, so ``layer`` is
+    ignored. Any other head raises. A target function ``fn`` of the logits gets the map of
+    the classifier rows weighted by ``d fn / d logits`` (its linearisation at the model's
+    output; exact for a class, a sum or a difference of classes, where CAM is linear).
 
     Example:
         >>> import torch, cnnkit
         >>> model = cnnkit.create_model("resnet18", num_classes=3, img_size=32)
         >>> cnnkit.explain.create("cam", model)(torch.rand(1, 3, 32, 32)).shape
         torch.Size([1, 32, 32])
+        >>> signal = cnnkit.create_model("resnet18", num_classes=3, input_size=(2, 64))
+        >>> cnnkit.explain.create("cam", signal)(torch.rand(1, 2, 64), lambda y: y[:, 2]).shape
+        torch.Size([1, 64])
     """
 
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        model = self.model
+        scored = self.model if isinstance(self.model, TargetScores) else None
+        model = self.model if scored is None else scored.model
         for attr in ("forward_features", "forward_head", "get_classifier"):
             if not callable(getattr(model, attr, None)):
                 raise ValueError(f"CAM needs a model with {attr}() (the cnnkit Classifier "
@@ -300,15 +343,21 @@ class CAM(Explainer):
         fc = model.get_classifier()
         with torch.no_grad():
             feats = model.forward_features(x)
-            if (feats.ndim != 4 or not isinstance(fc, nn.Linear)
+            if (feats.ndim < 3 or not isinstance(fc, nn.Linear)
                     or fc.in_features != feats.shape[1]):
                 raise ValueError("CAM needs a head of global average pooling + one nn.Linear; "
                                  "use gradcam for this model")
             # The head must be exactly linear(mean(features)): probe on these features.
-            if not torch.allclose(model.forward_head(feats), fc(feats.mean((-2, -1))),
+            logits = model.forward_head(feats)
+            if not torch.allclose(logits, fc(feats.mean(tuple(range(2, feats.ndim)))),
                                   rtol=1e-4, atol=1e-5):
                 raise ValueError(f"{type(model).__name__}'s head is not global average "
                                  "pooling + linear, so CAM is undefined; use gradcam")
-            w = fc.weight[targets]  # [B, K, C]
-            return torch.einsum("bkc,bchw->bkhw", w, feats)
-
+            if scored is None:
+                w = fc.weight[targets]  # [B, K, C]
+            else:  # the rows combined by the target function's gradient: [B, 1, C]
+                with torch.enable_grad():
+                    y = logits.detach().requires_grad_(True)
+                    (v,) = torch.autograd.grad(scored.score(y).sum(), y)
+                w = (v.to(fc.weight.dtype) @ fc.weight)[:, None]
+            return channel_sum(w, feats)

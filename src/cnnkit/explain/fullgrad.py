@@ -20,6 +20,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from cnnkit.layers.nd import interp_mode
+
 from ._base import Explainer, register_method
 
 __all__ = ["FullGrad", "full_gradients", "layer_bias"]
@@ -74,7 +76,7 @@ def full_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
     """The full-gradient terms of ``model(x)[b, targets[b, k]]``, one forward + one backward.
 
     Returns:
-        ``grad_x`` ``[B, K, C, H, W]``, and per biased layer call the bias-gradient term
+        ``grad_x`` ``[B, K, C, *spatial]``, and per biased layer call the bias-gradient term
         ``grad_z * b`` ``[B, K, *z.shape[1:]]`` (b broadcast over the channel axis 1), so that
         ``(grad_x * x).sum() + sum(t.sum() for t in terms)`` is the target logit for a
         piecewise-linear network in eval mode.
@@ -89,11 +91,11 @@ def full_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
 
 
 def _normalise(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """FullGrad's post-processing: ``|t|`` min-max rescaled per map over ``[C, h, w]``."""
+    """FullGrad's post-processing: ``|t|`` min-max rescaled per map over ``[C, *s]``."""
     t = t.abs()
-    flat = t.flatten(2)
-    t = t - flat.amin(2).view(*t.shape[:2], 1, 1, 1)
-    return t / (t.flatten(2).amax(2).view(*t.shape[:2], 1, 1, 1) + eps)
+    ones = [1] * (t.ndim - 2)
+    t = t - t.flatten(2).amin(2).view(*t.shape[:2], *ones)
+    return t / (t.flatten(2).amax(2).view(*t.shape[:2], *ones) + eps)
 
 
 @register_method("fullgrad")
@@ -103,10 +105,12 @@ class FullGrad(Explainer):
     Srinivas and Fleuret (2019), "Full-Gradient Representation for Neural Network
     Visualization", NeurIPS. The map (Eq. 4) is
     ``psi(|grad_x f * x|) + sum_l psi(upsample(|grad_{z_l} f * b_l|))`` summed over
-    channels, with ``psi`` min-max normalisation per image as in the authors' code;
-    conv and BatchNorm outputs (spatial) enter the map, linear-layer biases only the
-    completeness sum (:func:`full_gradients`). All the gradients come from one forward and
-    one batched backward, with hooks on every conv/linear/BatchNorm output.
+    channels, with ``psi`` min-max normalisation per input as in the authors' code;
+    conv and BatchNorm outputs (spatial, of the input's 1, 2 or 3 dims; upsampled by
+    linear, bilinear or trilinear interpolation with aligned corners, as the authors'
+    code in 2D) enter the map, linear-layer biases only the completeness sum
+    (:func:`full_gradients`). All the gradients come from one forward and one batched
+    backward, with hooks on every conv/linear/BatchNorm output.
 
     Example:
         >>> import torch, cnnkit
@@ -117,11 +121,12 @@ class FullGrad(Explainer):
 
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         grad_x, terms = full_gradients(self.model, x, targets)
-        size = x.shape[-2:]
+        size = tuple(x.shape[2:])
         cam = _normalise(grad_x * x[:, None]).sum(2)
         for t in terms:
             if t.ndim != grad_x.ndim:  # linear layers: no spatial map
                 continue
             m = _normalise(t).sum(2)
-            cam = cam + F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=True)
+            cam = cam + F.interpolate(m, size=size, mode=interp_mode(len(size)),
+                                      align_corners=True)
         return cam

@@ -1,16 +1,18 @@
 """Input-gradient explanations: saliency, gradient x input, SmoothGrad, Integrated Gradients.
 
-All four read the gradient of a target logit with respect to the input pixels. The
-gradients of the ``K`` targets of an image come from one forward and one batched backward
-(:meth:`Explainer.grads`). A map has no channel axis, so each method says how it reduces
-the ``C`` input channels:
+All four read the gradient of a target logit with respect to the input elements (samples
+of a signal, pixels, voxels: inputs ``[B, C, *spatial]`` with 1, 2 or 3 spatial dims).
+The gradients of the ``K`` targets of an input come from one forward and one batched
+backward (:meth:`Explainer.grads`). A map has no channel axis, so each method says how it
+reduces the ``C`` input channels:
 
 * ``saliency`` and ``smoothgrad``: ``max_c |grad_c|`` by default (Simonyan et al. 2014),
   with ``abs`` and ``reduce`` ("max", "sum", "mean") as options;
-* ``gradient_x_input`` and ``integrated_gradients``: the sum over channels, so a pixel's
-  value is the sum of its channels' attributions and IG's completeness holds for the map.
+* ``gradient_x_input`` and ``integrated_gradients``: the sum over channels, so an
+  element's value is the sum of its channels' attributions and IG's completeness holds
+  for the map.
 
-:func:`input_gradients` returns the unreduced ``[B, K, C, H, W]`` gradients.
+:func:`input_gradients` returns the unreduced ``[B, K, C, *spatial]`` gradients.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ _REDUCTIONS = ("max", "sum", "mean")
 
 
 def input_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Gradients ``[B, K, C, H, W]`` of ``model(x)[b, targets[b, k]]`` w.r.t. ``x``.
+    """Gradients ``[B, K, C, *spatial]`` of ``model(x)[b, targets[b, k]]`` w.r.t. ``x``.
 
     One forward and one batched backward for all K targets. The model should be in eval
     mode (batch statistics would couple the images of the batch).
@@ -40,7 +42,8 @@ def input_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) ->
 
 
 def reduce_channels(grads: torch.Tensor, abs: bool = True, reduce: str = "max") -> torch.Tensor:
-    """``[B, K, C, H, W]`` -> ``[B, K, H, W]``: optionally ``|.|``, then max/sum/mean over C."""
+    """``[B, K, C, *spatial]`` -> ``[B, K, *spatial]``: optionally ``|.|``, then
+    max/sum/mean over C."""
     if reduce not in _REDUCTIONS:
         raise ValueError(f"unknown channel reduction {reduce!r}; choose from {_REDUCTIONS}")
     g = grads.abs() if abs else grads
@@ -57,7 +60,7 @@ def _check_batch_size(n: int) -> int:
 
 @register_method("saliency")
 class Saliency(Explainer):
-    """Vanilla gradient saliency: how much each pixel moves the target logit.
+    """Vanilla gradient saliency: how much each input element moves the target logit.
 
     Simonyan, Vedaldi and Zisserman (2014), "Deep Inside Convolutional Networks:
     Visualising Image Classification Models and Saliency Maps", ICLR workshop. The map
@@ -74,6 +77,9 @@ class Saliency(Explainer):
         >>> model = cnnkit.create_model("tinyvgg", num_classes=3, img_size=16)
         >>> cnnkit.explain.create("saliency", model)(torch.rand(2, 3, 16, 16)).shape
         torch.Size([2, 16, 16])
+        >>> signal = cnnkit.create_model("resnet18", num_classes=3, input_size=(2, 64))
+        >>> cnnkit.explain.create("saliency", signal)(torch.rand(2, 2, 64)).shape
+        torch.Size([2, 64])
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
@@ -84,7 +90,8 @@ class Saliency(Explainer):
         self.abs, self.reduce = abs, reduce
 
     def gradients(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``[B, K, C, H, W]`` input gradients; guided backprop and DeconvNet change this."""
+        """``[B, K, C, *spatial]`` input gradients; guided backprop and DeconvNet change
+        this."""
         return input_gradients(self.model, x, targets)
 
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -114,25 +121,25 @@ class GradientXInput(Explainer):
 
 @register_method("smoothgrad")
 class SmoothGrad(Explainer):
-    """SmoothGrad: the gradient averaged over noisy copies of the image.
+    """SmoothGrad: the gradient averaged over noisy copies of the input.
 
     Smilkov, Thorat, Kim, Viegas and Wattenberg (2017), "SmoothGrad: removing noise by
     adding noise", arXiv:1706.03825. As in the paper (Eq. 3) the raw gradients of
     ``n_samples`` copies ``x + N(0, sigma^2)`` are averaged, with
-    ``sigma = noise * (max(x) - min(x))`` per image (the paper's noise level, 10-20% works
+    ``sigma = noise * (max(x) - min(x))`` per input (the paper's noise level, 10-20% works
     best), and the mean gradient is then reduced like :class:`Saliency`. The noisy copies
     go through the network ``internal_batch_size`` at a time.
 
     Args:
         model: the classifier.
         layer: ignored.
-        n_samples: number of noisy copies per image (paper: 50; 25 is usually enough).
-        noise: noise std as a fraction of the image's value range.
+        n_samples: number of noisy copies per input (paper: 50; 25 is usually enough).
+        noise: noise std as a fraction of the input's value range.
         seed: seeds a private generator so the map is deterministic; None uses torch's
             global generator.
         abs: as in :class:`Saliency`.
         reduce: as in :class:`Saliency`.
-        internal_batch_size: images per forward/backward.
+        internal_batch_size: inputs per forward/backward.
 
     Example:
         >>> import torch, cnnkit
@@ -162,7 +169,7 @@ class SmoothGrad(Explainer):
         eps = torch.randn((b, n, *x.shape[1:]), generator=gen, dtype=x.dtype)
         flat = x.flatten(1)
         sigma = self.noise * (flat.amax(1) - flat.amin(1))  # [B]
-        noisy = (x[:, None] + eps.to(x.device) * sigma.view(b, 1, 1, 1, 1)).flatten(0, 1)
+        noisy = (x[:, None] + eps.to(x.device) * sigma.view(b, *[1] * x.ndim)).flatten(0, 1)
         tg = targets.repeat_interleave(n, 0)
         total = torch.zeros((b, targets.shape[1], *x.shape[1:]), dtype=x.dtype, device=x.device)
         owner = torch.arange(b, device=x.device).repeat_interleave(n)
@@ -194,17 +201,17 @@ class IntegratedGradients(Explainer):
     ``IG_i = (x_i - x'_i) * integral_0^1 dS(x' + a (x - x')) / dx_i da``, approximated with
     ``steps`` points of the trapezoid rule or of Gauss-Legendre quadrature. Completeness:
     the map sums to ``S(x) - S(x')`` up to the quadrature error. The ``B x steps``
-    interpolated images go through the network ``internal_batch_size`` at a time, so
+    interpolated inputs go through the network ``internal_batch_size`` at a time, so
     peak memory is that of one such batch whatever ``steps`` is.
 
     Args:
         model: the classifier.
         layer: ignored.
-        baseline: the reference image x': None (zeros), a number, or a tensor broadcastable
-            to the input ``[B, C, H, W]`` (e.g. ``[C, H, W]``).
+        baseline: the reference input x': None (zeros), a number, or a tensor
+            broadcastable to the input ``[B, C, *spatial]`` (e.g. ``[C, *spatial]``).
         steps: number of points on the path (the paper uses 20 to 300).
         method: "riemann_trapezoid" or "gausslegendre".
-        internal_batch_size: interpolated images per forward/backward.
+        internal_batch_size: interpolated inputs per forward/backward.
 
     Example:
         >>> import torch, cnnkit
@@ -212,6 +219,10 @@ class IntegratedGradients(Explainer):
         >>> ig = cnnkit.explain.create("integrated_gradients", model, steps=16)
         >>> ig(torch.rand(2, 3, 16, 16), target=1).shape
         torch.Size([2, 16, 16])
+        >>> volume = cnnkit.create_model("resnet18", num_classes=3, input_size=(1, 8, 16, 16))
+        >>> ig = cnnkit.explain.create("integrated_gradients", volume, steps=4)
+        >>> ig(torch.rand(1, 1, 8, 16, 16), target=lambda y: y[:, 2]).shape
+        torch.Size([1, 8, 16, 16])
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
@@ -225,7 +236,7 @@ class IntegratedGradients(Explainer):
         self.internal_batch_size = _check_batch_size(internal_batch_size)
 
     def resolve_baseline(self, x: torch.Tensor) -> torch.Tensor:
-        """The baseline as a ``[B, C, H, W]`` tensor like ``x``."""
+        """The baseline as a ``[B, C, *spatial]`` tensor like ``x``."""
         if self.baseline is None:
             return torch.zeros_like(x)
         base = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
@@ -233,7 +244,8 @@ class IntegratedGradients(Explainer):
             return base.expand_as(x)
         except RuntimeError:
             raise ValueError(f"baseline of shape {tuple(base.shape)} does not broadcast to the "
-                             f"input {tuple(x.shape)}; give [C, H, W], [B, C, H, W] or a number"
+                             f"input {tuple(x.shape)}; give [C, *spatial], [B, C, *spatial] "
+                             "or a number"
                              ) from None
 
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -243,14 +255,14 @@ class IntegratedGradients(Explainer):
         alphas, weights = _path_rule(self.method, self.steps)
         alphas = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
         weights = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
-        # Enumerate the (image, step) pairs and build each chunk's images on the fly, so no
-        # tensor of all B x steps images is ever materialised.
+        # Enumerate the (input, step) pairs and build each chunk's inputs on the fly, so no
+        # tensor of all B x steps inputs is ever materialised.
         img = torch.arange(b, device=x.device).repeat_interleave(self.steps)
         step = torch.arange(self.steps, device=x.device).repeat(b)
         total = torch.zeros((b, targets.shape[1], *x.shape[1:]), dtype=x.dtype, device=x.device)
         for i in range(0, b * self.steps, self.internal_batch_size):
             im, st = img[i:i + self.internal_batch_size], step[i:i + self.internal_batch_size]
-            a = alphas[st].view(-1, 1, 1, 1)
+            a = alphas[st].view(-1, *[1] * (x.ndim - 1))
             g = input_gradients(self.model, base[im] + a * delta[im], targets[im])
-            total.index_add_(0, im, g * weights[st].view(-1, 1, 1, 1, 1))
+            total.index_add_(0, im, g * weights[st].view(-1, *[1] * x.ndim))
         return (total * delta[:, None]).sum(2)

@@ -102,7 +102,8 @@ def modified_relus(model: nn.Module, rule: str) -> Iterator[int]:
 
 def modified_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
                        rule: str) -> torch.Tensor:
-    """Guided/DeconvNet gradients ``[B, K, C, H, W]`` of the targets (for RGB pictures)."""
+    """Guided/DeconvNet gradients ``[B, K, C, *spatial]`` of the targets (for RGB pictures
+    of the input itself)."""
     with modified_relus(model, rule):
         return input_gradients(model, x, targets)
 
@@ -122,9 +123,9 @@ class GuidedBackprop(_ModifiedBackprop):
 
     Springenberg, Dosovitskiy, Brox and Riedmiller (2015), "Striving for Simplicity: The
     All Convolutional Net", ICLR workshop. At each ReLU the backward is
-    ``(x > 0) * (g > 0) * g``. The ``[C, H, W]`` gradient is reduced to a map like
+    ``(x > 0) * (g > 0) * g``. The ``[C, *spatial]`` gradient is reduced to a map like
     :class:`~cnnkit.explain.gradient.Saliency` (``abs``, ``reduce``; default
-    ``max_c |.|``); :func:`modified_gradients` gives the unreduced image. See the module
+    ``max_c |.|``); :func:`modified_gradients` gives the unreduced gradient. See the module
     docstring for how ReLUs are found (functional ReLUs are not).
 
     Example:

@@ -1,10 +1,14 @@
-"""Perturbation explanations: hide part of the image and watch the score.
+"""Perturbation explanations: hide part of the input and watch the score.
 
 These need forwards only, no gradients, so they work for any model (even one whose
-backward is not faithful).
+backward is not faithful). Inputs are ``[B, C, *spatial]`` with 1, 2 or 3 spatial dims;
+windows and strides are given per axis (an int applies to every axis).
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,20 +16,42 @@ from torch import nn
 from ._base import Explainer, register_method
 from .layer_masking import layer_masked_forward
 
-__all__ = ["Occlusion", "window_starts"]
+__all__ = ["Occlusion", "window_starts", "per_axis"]
 
 
-def _pair(v: int | tuple[int, int], what: str) -> tuple[int, int]:
-    h, w = (v, v) if isinstance(v, int) else tuple(v)
-    if h < 1 or w < 1:
-        raise ValueError(f"{what} must be positive, got {v}")
-    return int(h), int(w)
+def _positive(value: int | Sequence[int], what: str) -> int | tuple[int, ...]:
+    """``value`` checked: a positive int, or 1 to 3 positive ints (one per axis)."""
+    sizes = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
+        raise ValueError(f"{what} must be positive: an int or one size per spatial axis, "
+                         f"got {value}")
+    return int(value) if isinstance(value, int) else tuple(int(v) for v in sizes)
+
+
+def per_axis(value: int | Sequence[int], dims: int, what: str) -> tuple[int, ...]:
+    """``value`` for each of ``dims`` spatial axes: an int applies to every axis, a tuple
+    gives one size per axis.
+
+    Raises:
+        ValueError: a tuple whose length is not ``dims``.
+
+    Example:
+        >>> per_axis(4, 3, "window"), per_axis((2, 8), 2, "stride")
+        ((4, 4, 4), (2, 8))
+    """
+    if isinstance(value, int):
+        return (value,) * dims
+    sizes = tuple(int(v) for v in value)
+    if len(sizes) != dims:
+        raise ValueError(f"{what} {sizes} has {len(sizes)} sizes but the input has {dims} "
+                         f"spatial dims; give an int (every axis) or {dims} sizes")
+    return sizes
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Start offsets of the windows along one axis: every ``stride``, plus one window flush
-    with the far edge, so every pixel is covered (a window larger than the axis is cut to
-    the axis)."""
+    with the far edge, so every element is covered (a window larger than the axis is cut
+    to the axis)."""
     window = min(window, size)
     starts = list(range(0, size - window + 1, stride))
     if starts[-1] != size - window:
@@ -38,19 +64,21 @@ class Occlusion(Explainer):
     """Occlusion sensitivity: the drop of the target score when a window is hidden.
 
     Zeiler and Fergus (2014), "Visualizing and Understanding Convolutional Networks",
-    ECCV (Sec. 4.2). A ``window`` square of all channels is set to ``baseline`` at every
-    ``stride`` offset (plus a last window flush with the bottom/right edge); a pixel's value
-    is the mean of ``S(x) - S(x occluded)`` over the windows that cover it, so positive
-    means "hiding this lowers the class score". The occluded copies of one image go through
-    the model ``internal_batch_size`` at a time; all K targets come from the same forwards.
+    ECCV (Sec. 4.2). A ``window`` of all channels (a segment of a signal, a rectangle of an
+    image, a box of a volume) is set to ``baseline`` at every ``stride`` offset along each
+    axis (plus a last window flush with the far edge); an element's value is the mean of
+    ``S(x) - S(x occluded)`` over the windows that cover it, so positive means "hiding this
+    lowers the class score". The occluded copies of one input go through the model
+    ``internal_batch_size`` at a time; all K targets come from the same forwards.
 
     Args:
         model: the classifier.
         layer: ignored.
-        window: window size, int or (h, w); cut to the image size.
-        stride: step between windows, int or (h, w).
-        baseline: the value hidden pixels get (0 is the mean colour for normalised input).
-        internal_batch_size: occluded images per forward.
+        window: window size: an int (every axis) or one size per spatial axis, e.g.
+            ``(h, w)`` or ``(d, h, w)``; cut to the input size.
+        stride: step between windows, likewise.
+        baseline: the value hidden elements get (0 is the mean for normalised input).
+        internal_batch_size: occluded inputs per forward.
         masking: ``"input"`` paints the window ``baseline``; ``"layer"`` hides it inside the
             network by layer masking (Balasubramanian and Feizi 2023, see
             :mod:`cnnkit.explain.layer_masking`), so the occluder's edges create no
@@ -62,14 +90,18 @@ class Occlusion(Explainer):
         >>> occ = cnnkit.explain.create("occlusion", model, window=4, stride=2)
         >>> occ(torch.rand(1, 3, 16, 16)).shape
         torch.Size([1, 16, 16])
+        >>> signal = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+        >>> cnnkit.explain.create("occlusion", signal, window=8, stride=4)(
+        ...     torch.rand(3, 2, 32), target=1).shape
+        torch.Size([3, 32])
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
-                 window: int | tuple[int, int] = 8, stride: int | tuple[int, int] = 4,
+                 window: int | Sequence[int] = 8, stride: int | Sequence[int] = 4,
                  baseline: float = 0.0, internal_batch_size: int = 64,
                  masking: str = "input") -> None:
         super().__init__(model, layer)
-        self.window, self.stride = _pair(window, "window"), _pair(stride, "stride")
+        self.window, self.stride = _positive(window, "window"), _positive(stride, "stride")
         if internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be positive, got {internal_batch_size}")
         self.baseline, self.internal_batch_size = float(baseline), int(internal_batch_size)
@@ -79,30 +111,40 @@ class Occlusion(Explainer):
 
     @torch.no_grad()
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        wh, ww = min(self.window[0], h), min(self.window[1], w)
-        boxes = [(i, j) for i in window_starts(h, wh, self.stride[0])
-                 for j in window_starts(w, ww, self.stride[1])]
-        maps = x.new_zeros((b, targets.shape[1], h, w))
-        count = x.new_zeros((h, w))
-        for i, j in boxes:
-            count[i:i + wh, j:j + ww] += 1
+        b, spatial = x.shape[0], tuple(x.shape[2:])
+        dims = len(spatial)
+        window = tuple(min(w, n) for w, n in
+                       zip(per_axis(self.window, dims, "window"), spatial, strict=True))
+        starts = [window_starts(n, w, s) for n, w, s in
+                  zip(spatial, window, per_axis(self.stride, dims, "stride"), strict=True)]
+        # one window: a slice per spatial axis, in row-major order of its corner
+        boxes = [tuple(slice(i, i + w) for i, w in zip(corner, window, strict=True))
+                 for corner in itertools.product(*starts)]
+        maps = x.new_zeros((b, targets.shape[1], *spatial))
+        count = x.new_zeros(spatial)
+        for box in boxes:
+            count[box] += 1
+        if not count.all():  # a stride longer than the window skips elements
+            raise ValueError(f"stride {per_axis(self.stride, dims, 'stride')} is longer than "
+                             f"the window {window} along some axis, so elements between the "
+                             "windows get no value; give a stride no longer than the window")
         base_scores = self.select(self.model(x), targets)  # [B, K]
+        every = slice(None)
         for n in range(b):
             for s in range(0, len(boxes), self.internal_batch_size):
                 chunk = boxes[s:s + self.internal_batch_size]
-                occluded = x[n:n + 1].repeat(len(chunk), 1, 1, 1)
+                occluded = x[n:n + 1].repeat(len(chunk), *[1] * (x.ndim - 1))
                 if self.masking == "layer":
-                    mask = x.new_ones((len(chunk), 1, h, w))
-                    for c, (i, j) in enumerate(chunk):
-                        mask[c, :, i:i + wh, j:j + ww] = 0
+                    mask = x.new_ones((len(chunk), 1, *spatial))
+                    for c, box in enumerate(chunk):
+                        mask[(c, every, *box)] = 0
                     logits = layer_masked_forward(self.model, occluded, mask)
                 else:
-                    for c, (i, j) in enumerate(chunk):
-                        occluded[c, :, i:i + wh, j:j + ww] = self.baseline
+                    for c, box in enumerate(chunk):
+                        occluded[(c, every, *box)] = self.baseline
                     logits = self.model(occluded)
                 scores = self.select(logits, targets[n:n + 1].expand(len(chunk), -1))
                 drop = base_scores[n] - scores  # [chunk, K]
-                for c, (i, j) in enumerate(chunk):
-                    maps[n, :, i:i + wh, j:j + ww] += drop[c, :, None, None]
+                for c, box in enumerate(chunk):
+                    maps[(n, every, *box)] += drop[c].view(-1, *[1] * dims)
         return maps / count

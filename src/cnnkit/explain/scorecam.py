@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.layers.nd import interp_mode
+
 from ._base import Explainer, register_method
+from .cam import channel_sum
 
 __all__ = ["ScoreCAM"]
 
@@ -17,18 +20,19 @@ class ScoreCAM(Explainer):
 
     Wang, Wang, Du, Yang, Zhang, Ding, Mardziel and Hu (2020), "Score-CAM: Score-Weighted
     Visual Explanations for Convolutional Neural Networks", CVPR workshops. Each channel
-    ``A_k`` of the layer is upsampled to the input size and min-max normalised to a mask
+    ``A_k`` of the layer is upsampled to the input size (linear, bilinear or trilinear
+    interpolation for signals, images or volumes) and min-max normalised to a mask
     ``H_k`` in [0, 1]; the weight is the increase of the target logit
     ``C(A_k) = Y_c(x * H_k) - Y_c(x_b)``, softmax-normalised over the channels (Algorithm
     1). The softmax ignores the common baseline term, so ``softmax_k Y_c(x * H_k)`` is used.
     A constant channel gives the all-zero mask. The map is ``ReLU(sum_k alpha_k A_k)``.
-    Costs ``B x C`` forward passes, ``batch_size`` masked images at a time; K targets share
+    Costs ``B x C`` forward passes, ``batch_size`` masked inputs at a time; K targets share
     them.
 
     Args:
         model: the classifier.
         layer: the layer to read; the model's ``cam_layer`` if None.
-        batch_size: masked images per forward pass.
+        batch_size: masked inputs per forward pass.
 
     Example:
         >>> import torch, cnnkit
@@ -48,7 +52,7 @@ class ScoreCAM(Explainer):
 
     def channel_weights(self, x: torch.Tensor, targets: torch.Tensor,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The activation ``[B, C, h, w]`` and the softmax weights ``[B, K, C]``.
+        """The activation ``[B, C, *s]`` and the softmax weights ``[B, K, C]``.
 
         Call inside :meth:`Explainer.model_state` (or on a model in eval mode).
         """
@@ -60,12 +64,15 @@ class ScoreCAM(Explainer):
                                  "pass layer= with a module the model uses")
             act = store["activation"].detach()
             b, c = act.shape[:2]
-            up = F.interpolate(act, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            lo = up.amin((-2, -1), keepdim=True)
-            span = up.amax((-2, -1), keepdim=True) - lo
+            size = tuple(x.shape[2:])
+            up = F.interpolate(act, size=size, mode=interp_mode(len(size)),
+                               align_corners=False)
+            space = tuple(range(2, up.ndim))
+            lo = up.amin(space, keepdim=True)
+            span = up.amax(space, keepdim=True) - lo
             masks = torch.where(span > 0, (up - lo) / torch.where(span > 0, span, 1.0), 0.0)
             scores = torch.empty((b * c, targets.shape[1]), dtype=x.dtype, device=x.device)
-            # Masked images are built one chunk of (image, channel) pairs at a time, so peak
+            # Masked inputs are built one chunk of (input, channel) pairs at a time, so peak
             # memory is one chunk whatever the channel count.
             for i in range(0, b * c, self.batch_size):
                 idx = torch.arange(i, min(i + self.batch_size, b * c), device=x.device)
@@ -77,4 +84,4 @@ class ScoreCAM(Explainer):
 
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         act, weights = self.channel_weights(x, targets)
-        return torch.einsum("bkc,bchw->bkhw", weights, act).clamp_min(0)
+        return channel_sum(weights, act).clamp_min(0)

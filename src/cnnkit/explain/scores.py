@@ -1,12 +1,16 @@
 """Scores of explanations: faithfulness (deletion, insertion), localisation (pointing
 game, energy in mask) and the model-randomisation sanity check.
 
-Every score takes maps ``[B, H, W]`` at input resolution, as the explainers return them.
+Every score takes maps ``[B, *spatial]`` at input resolution, as the explainers return
+them, for inputs ``[B, C, *spatial]`` of 1, 2 or 3 spatial dims: "pixels" below are the
+samples of a signal, the pixels of an image or the voxels of a volume, all ranked and
+counted together.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -35,13 +39,13 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor,
     goes 0 -> 1: a faithful map makes it fall fast (low AUC is good). *Insertion* starts
     from the baseline and restores the top-ranked pixels: a faithful map makes the
     probability rise fast (high AUC is good). The paper's baselines: zeros for deletion,
-    a blurred copy for insertion; ``"blur"`` here is a Gaussian blur (sigma = 5% of the
-    image side) and works for both.
+    a blurred copy for insertion; ``"blur"`` here is a Gaussian blur along every spatial
+    axis (sigma = 5% of the longest side) and works for both.
 
     Args:
         model: the classifier (evaluated in eval mode; its mode is restored).
-        x: images ``[B, C, H, W]``.
-        maps: saliency ``[B, H, W]``.
+        x: inputs ``[B, C, *spatial]``.
+        maps: saliency ``[B, *spatial]``.
         target: class per image ``[B]``; the predicted class when None.
         steps: number of pixel fractions after 0 (the curve has ``steps + 1`` points).
         mode: ``"deletion"`` or ``"insertion"``.
@@ -51,25 +55,33 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor,
 
     Returns:
         ``{"auc": [B], "curve": [B, steps + 1]}``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        >>> x = torch.rand(3, 1, 16)  # signals
+        >>> deletion_insertion(model, x, x[:, 0], steps=4)["curve"].shape
+        torch.Size([3, 5])
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
-    b, c, h, w = x.shape
-    if maps.shape != (b, h, w):
-        raise ValueError(f"maps must be [B, H, W] = {[b, h, w]}, got {list(maps.shape)}")
+    b, spatial = x.shape[0], tuple(x.shape[2:])
+    if maps.shape != (b, *spatial):
+        raise ValueError(f"maps must be [B, *spatial] = {[b, *spatial]}, got "
+                         f"{list(maps.shape)}")
     was_training = model.training
     model.eval()
     try:
         if isinstance(baseline, str):
             if baseline != "blur":
                 raise ValueError(f"baseline must be 'blur', a number or a tensor, got {baseline!r}")
-            base = _blur(x, sigma=max(0.5, 0.05 * max(h, w)))
+            base = _blur(x, sigma=max(0.5, 0.05 * max(spatial)))
         else:
             base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
         if target is None:
             target = model(x).argmax(1)
         order = maps.reshape(b, -1).argsort(dim=1, descending=True)
-        n = h * w
+        n = math.prod(spatial)
         counts = torch.linspace(0, n, steps + 1).round().long()
         # rank[b, p]: position of pixel p in the image's ordering
         rank = torch.empty_like(order)
@@ -77,7 +89,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor,
         curve = torch.empty(b, steps + 1, device=x.device)
         for i in range(b):
             keep_top = rank[i][None, :] < counts.to(x.device)[:, None]  # [S+1, n]
-            mask = keep_top.view(steps + 1, 1, h, w).to(x.dtype)
+            mask = keep_top.view(steps + 1, 1, *spatial).to(x.dtype)
             start, end = (x[i], base[i]) if mode == "deletion" else (base[i], x[i])
             for j in range(0, steps + 1, batch_size):
                 m = mask[j:j + batch_size]
@@ -90,26 +102,33 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor,
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A Gaussian blur of ``[B, C, *spatial]``, one 1D pass per axis (last axis first), the
+    borders replicated."""
     radius = max(1, int(3 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
-    c = x.shape[1]
-    pad = (radius, radius, radius, radius)
-    y = F.pad(x, pad, mode="replicate")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    c, dims = x.shape[1], x.ndim - 2
+    conv = getattr(F, f"conv{dims}d")
+    y = F.pad(x, (radius, radius) * dims, mode="replicate")
+    for axis in reversed(range(dims)):  # the kernel lies along this spatial axis
+        shape = [1] * dims
+        shape[axis] = -1
+        y = conv(y, k.view(1, 1, *shape).expand(c, 1, *shape), groups=c)
+    return y
 
 
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -> torch.Tensor:
     """Hits of the pointing game (Zhang, Bargal, Lin, Brandt, Shen and Sclaroff 2018,
     "Top-down Neural Attention by Excitation Backprop", IJCV): 1 where the map's maximum
-    falls on the object mask (or within ``tolerance`` pixels of it; the paper uses 15 at
-    224 px), else 0. Ties at the maximum: any tied pixel on the mask is a hit.
+    falls on the object mask (or within ``tolerance`` pixels of it along every axis; the
+    paper uses 15 at 224 px), else 0. Ties at the maximum: any tied pixel on the mask is a
+    hit.
 
     Args:
-        maps: ``[B, H, W]``.
-        masks: ``[B, H, W]``, non-zero on the object.
+        maps: ``[B, *spatial]`` (1, 2 or 3 spatial dims).
+        masks: ``[B, *spatial]``, non-zero on the object.
+        tolerance: how far from the mask (in pixels, a cube's half side) still hits.
 
     Returns:
         ``[B]`` floats in {0, 1}; their mean is the pointing accuracy.
@@ -119,14 +138,19 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -
     target = (masks != 0).float()
     if tolerance > 0:
         k = 2 * tolerance + 1
-        target = F.max_pool2d(target[:, None], k, stride=1, padding=tolerance)[:, 0]
-    peak = maps == maps.flatten(1).max(1).values.view(-1, 1, 1)
+        max_pool = getattr(F, f"max_pool{maps.ndim - 1}d")
+        target = max_pool(target[:, None], k, stride=1, padding=tolerance)[:, 0]
+    peak = maps == maps.flatten(1).max(1).values.view(-1, *[1] * (maps.ndim - 1))
     return (peak & (target > 0)).flatten(1).any(1).float()
 
 
 def energy_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Share of the map's positive energy inside the object mask (the energy-based pointing
     game of Wang et al. 2020, "Score-CAM: Score-Weighted Visual Explanations for CNNs").
+
+    Args:
+        maps: ``[B, *spatial]``.
+        masks: ``[B, *spatial]``, non-zero on the object.
 
     Returns:
         ``[B]`` in [0, 1]; 0 for an all-zero map.
@@ -156,7 +180,7 @@ def _ranks(v: torch.Tensor) -> torch.Tensor:
 
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per image of maps ``[B, H, W]`` (ties: average ranks)."""
+    """Spearman rank correlation per input of maps ``[B, *spatial]`` (ties: average ranks)."""
     ra, rb = _ranks(a.flatten(1).double()), _ranks(b.flatten(1).double())
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
     den = (ra.norm(dim=1) * rb.norm(dim=1)).clamp(min=1e-12)
@@ -175,7 +199,7 @@ def randomization_check(explain: Callable[[nn.Module], torch.Tensor], model: nn.
     stays near 1 explains the input, not the model.
 
     Args:
-        explain: ``f(model) -> maps [B, H, W]`` on fixed inputs, e.g.
+        explain: ``f(model) -> maps [B, *spatial]`` on fixed inputs, e.g.
             ``lambda m: cnnkit.explain.create("gradcam", m)(x, target)``.
         model: the trained model (not modified).
         seed: seed of the re-initialisation.

@@ -38,24 +38,37 @@ from ._registry import create_model
 __all__ = ["DenseModel", "Encoder", "pad_to_multiple"]
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect"
-                    ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad the last two axes of ``x`` at the bottom/right up to a multiple of ``multiple``.
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect", dims: int = 2
+                    ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Pad the last ``dims`` axes of ``x`` at their ends up to a multiple of ``multiple``.
 
-    Returns the padded tensor and the original ``(H, W)``, to crop the prediction back
-    with ``out[..., :H, :W]`` (times the scale for super-resolution). Reflection
-    padding (replicate where the image is too small to reflect) keeps the padded
-    border looking like image content rather than a black frame.
+    Returns the padded tensor and the original sizes of those axes, to crop the
+    prediction back with ``out[..., :H, :W]`` (times the scale for super-resolution).
+    Reflection padding (replicate where the input is too small to reflect) keeps the
+    padded border looking like content rather than a black frame. ``dims`` is 2 for
+    images and their masks, 1 for series, 3 for volumes.
+
+    Example:
+        >>> y, size = pad_to_multiple(torch.zeros(1, 1, 5, 6, 7), 4, dims=3)
+        >>> tuple(y.shape), size
+        ((1, 1, 8, 8, 8), (5, 6, 7))
     """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x, (h, w)
-    if mode == "reflect" and (ph >= h or pw >= w):
+    if not 1 <= dims <= 3 or x.ndim < dims:
+        raise ValueError(f"pad_to_multiple pads 1 to 3 trailing axes; got dims={dims} for a "
+                         f"tensor of shape {tuple(x.shape)}")
+    sizes = tuple(int(v) for v in x.shape[-dims:])
+    pads = tuple((-v) % multiple for v in sizes)
+    if not any(pads):
+        return x, sizes
+    if mode == "reflect" and any(p >= v for p, v in zip(pads, sizes, strict=True)):
         mode = "replicate"
-    flat = x.reshape(-1, *x.shape[-3:]) if x.ndim != 4 else x
-    out = F.pad(flat.float() if not flat.is_floating_point() else flat, (0, pw, 0, ph), mode=mode)
-    return out.reshape(*x.shape[:-2], h + ph, w + pw).to(x.dtype), (h, w)
+    # F.pad pads the last axes of a [N, C, *spatial] tensor, the last axis first
+    flat = x.reshape(-1, 1, *sizes)
+    flat = flat.float() if not flat.is_floating_point() else flat
+    widths = [w for p in reversed(pads) for w in (0, p)]
+    out = F.pad(flat, widths, mode=mode)
+    grown = tuple(v + p for v, p in zip(sizes, pads, strict=True))
+    return out.reshape(*x.shape[:-dims], *grown).to(x.dtype), sizes
 
 
 class DenseModel(nn.Module):

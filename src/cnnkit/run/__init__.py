@@ -11,22 +11,46 @@ run back (:mod:`.load`) and ``report.html`` (:mod:`.report`). It sits above ``mo
 ``analysis``), which all read and write runs through it.
 """
 
-from .config import RESUME_OPTIONS, TrainConfig
-from .data import run_test_data, run_test_split
-from .folder import (
-    RunFolder,
-    RunPaths,
-    claim_run_folder,
-    is_unstarted,
-    open_run_folder,
-    read_config,
-    resolve_run,
-    write_json,
-    write_yaml,
-)
-from .load import Preprocess, Run, load_run, read_summary
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names are imported on first use, as the top-level package does: the CLI reads the
+# PyTorch-free TrainConfig (config.py) to build `cnnkit train --help` without PyTorch,
+# which the other modules import.
+_EXPORTS = {"TrainConfig": "config", "RESUME_OPTIONS": "config", "run_test_data": "data",
+            "run_test_split": "data", "RunFolder": "folder", "RunPaths": "folder",
+            "claim_run_folder": "folder", "is_unstarted": "folder", "open_run_folder": "folder",
+            "read_config": "folder", "resolve_run": "folder", "write_json": "folder",
+            "write_yaml": "folder", "Preprocess": "load", "Run": "load", "load_run": "load",
+            "read_summary": "load"}
 
 __all__ = ["TrainConfig", "RESUME_OPTIONS", "RunPaths", "RunFolder", "claim_run_folder",
            "open_run_folder", "is_unstarted", "read_config", "resolve_run", "write_json",
            "write_yaml", "Preprocess", "Run", "load_run", "read_summary", "run_test_data",
            "run_test_split"]
+
+if TYPE_CHECKING:
+    from .config import RESUME_OPTIONS, TrainConfig
+    from .data import run_test_data, run_test_split
+    from .folder import (
+        RunFolder,
+        RunPaths,
+        claim_run_folder,
+        is_unstarted,
+        open_run_folder,
+        read_config,
+        resolve_run,
+        write_json,
+        write_yaml,
+    )
+    from .load import Preprocess, Run, load_run, read_summary
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,20 +1,21 @@
 """The training configuration: one typed dataclass, the source of truth.
 
-The CLI is a thin layer that fills a :class:`TrainConfig`; the resolved config is
-written as ``config.yaml`` beside every run and read back by ``--resume`` and
-:func:`cnnkit.load_run` (with ``yaml.safe_load``: no code is executed).
+The CLI is generated from it: each field's :class:`~cnnkit.run.fields.Option` (help,
+flag, choices, bounds) is read by :mod:`cnnkit.cli.generate`, so an option is defined once,
+here. The resolved
+config is written as ``config.yaml`` beside every run and read back by ``--resume`` and
+:func:`cnnkit.load_run` (with ``yaml.safe_load``: no code is executed). This module
+imports no PyTorch (the task registry is looked up when a config is built), so
+``cnnkit train --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from cnnkit.tasks import list_tasks, task_class
+from .fields import check_choices, check_types, option
 
 __all__ = ["TrainConfig", "RESUME_OPTIONS"]
 
@@ -24,11 +25,6 @@ __all__ = ["TrainConfig", "RESUME_OPTIONS"]
 RESUME_OPTIONS = ("epochs", "lr", "grad_clip", "early_stopping", "amp", "device", "compile",
                   "channels_last", "fast")
 
-_CHOICES = {
-    "optimizer": ("sgd", "adamw"),
-    "schedule": ("cosine", "onecycle", "constant"),
-    "amp": ("auto", "off", "bf16", "fp16"),
-}
 
 
 @dataclass
@@ -97,47 +93,70 @@ class TrainConfig:
         strict: fail on unreadable images instead of skipping them.
     """
 
-    task: str = "classify"
-    model: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    data: str | None = None
-    data_options: dict[str, Any] = field(default_factory=dict)
-    image_size: int | None = None
-    channels: int | None = None
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    augment: str = "auto"
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    schedule: str = "onecycle"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    loss: str = "auto"
-    scale: int = 3
-    grad_clip: float | None = None
-    amp: str = "auto"
-    channels_last: bool = False
-    compile: bool | None = None
-    fast: bool = False
-    sync_bn: bool = False
-    early_stopping: int | None = None
-    ema: bool = False
-    ema_decay: float = 0.999
-    device: str = "auto"
-    seed: int = 0
-    deterministic: bool = True
-    name: str | None = None
-    runs_dir: str = "runs"
-    strict: bool = False
+    task: str = option("classify", "what the model predicts (see `cnnkit tasks`): classify, "
+                       "segment (a class per pixel), superres or regress (values)")
+    model: str | None = option(None, "model name (see `cnnkit models`); default: the task's "
+                               "(tinyvgg_wide for classify)")
+    model_kwargs: dict[str, Any] = option(
+        help="model option, e.g. --model-opt attn=eca (repeatable)", flags=("--model-opt",),
+        default_factory=dict)
+    data: str | None = option(None, "built-in data set (see `cnnkit datasets`) or a folder, .csv "
+                              "or .npz path; default digits (shapes for segment and superres)")
+    data_options: dict[str, Any] = option(
+        help="data set option, e.g. --data-opt n=5000 (repeatable)", flags=("--data-opt",),
+        default_factory=dict)
+    image_size: int | None = option(None, "resize your images to this size", bounds="positive")
+    channels: int | None = option(None, "force grey or colour input", choices=(1, 3))
+    split: tuple[float, float, float] = option((0.8, 0.1, 0.1), cli=False)
+    augment: str = option("auto", "augmentation policy; auto: the data set's own")
+    epochs: int | None = option(None, "passes over the training split (default: the task's)",
+                                bounds="positive")
+    batch_size: int | None = option(None, "samples per step, the global batch under --nproc "
+                                    "(default: the task's)", bounds="positive")
+    optimizer: str | None = option(None, "default: the task's (sgd; adamw for superres)",
+                                   choices=("sgd", "adamw"))
+    lr: float | None = option(None, "peak learning rate (default: scaled to the batch)",
+                              bounds="positive")
+    momentum: float = option(0.9, cli=False)
+    weight_decay: float | None = option(None, "on weights, never on norms and biases "
+                                        "(default 5e-4 for sgd, 0.05 for adamw)",
+                                        bounds="non-negative")
+    schedule: str = option("onecycle", "learning-rate schedule",
+                           choices=("cosine", "onecycle", "constant"))
+    warmup_epochs: float = option(1.0, cli=False)
+    label_smoothing: float = option(0.1, "classify: label smoothing", bounds="fraction")
+    loss: str = option("auto", "auto: the task's; segment: ce, dice, focal, ce+dice (its "
+                       "default), focal+dice; superres: mse (its default) or l1")
+    scale: int = option(3, "superres: upscaling factor", bounds="positive")
+    grad_clip: float | None = option(None, "clip the global gradient norm to this value",
+                                     bounds="positive")
+    amp: str = option("auto", "mixed precision; auto: bf16 or fp16 where the device has it",
+                      choices=("auto", "off", "bf16", "fp16"))
+    channels_last: bool = option(False, "NHWC memory format for model and inputs")
+    compile: bool | None = option(None, "compile the training step with torch.compile (falls "
+                                  "back to eager with a warning if compilation fails); "
+                                  "--no-compile: not even with --fast")
+    fast: bool = option(False, "every fast path: channels_last, torch.compile and (with --amp "
+                        "auto) bf16 autocast where the CPU or GPU supports it")
+    sync_bn: bool = option(False, "with several processes: BatchNorm statistics over the "
+                           "global batch")
+    early_stopping: int | None = option(None, "stop after PATIENCE epochs without a better "
+                                        "validation metric", bounds="positive",
+                                        metavar="PATIENCE")
+    ema: bool = option(False, "evaluate an EMA of weights")
+    ema_decay: float = option(0.999, cli=False)
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    seed: int = option(0, "seeds the split, initialisation, shuffling and augmentation")
+    deterministic: bool = option(True, cli=False)
+    name: str | None = option(None, "run name (default <model>-<data>)")
+    runs_dir: str = option("runs", "where runs are written")
+    strict: bool = option(False, "fail on unreadable images instead of skipping them")
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        if self.task not in list_tasks():
-            raise ValueError(f"task must be one of {', '.join(list_tasks())}, got {self.task!r}")
-        defaults = task_class(self.task).defaults
+        check_types(self)
+        _check_name(self.name)
+        task = _task_class(self.task)
+        defaults = task.defaults
         self.model = self.model or defaults.model
         self.data = self.data or defaults.data
         if not self.data:
@@ -151,7 +170,7 @@ class TrainConfig:
             if self.compile is None:
                 self.compile = _on_cuda(self.device)
         self.compile = bool(self.compile)
-        losses = task_class(self.task).losses
+        losses = task.losses
         if self.loss == "auto":
             self.loss = defaults.loss
         if self.loss not in losses:
@@ -159,10 +178,7 @@ class TrainConfig:
                              f"{', '.join(losses)}")
         if int(self.scale) < 2:
             raise ValueError(f"scale must be an integer >= 2, got {self.scale}")
-        for key, choices in _CHOICES.items():
-            if getattr(self, key) not in choices:
-                raise ValueError(f"{key} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, key)!r}")
+        check_choices(self)
         for key in ("epochs", "batch_size"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
@@ -189,7 +205,7 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        own = task_class(self.task).defaults
+        own = _task_class(self.task).defaults
         if self.optimizer == own.optimizer and own.lr is not None:
             return own.lr
         return 0.1 * self.batch_size / 256 if self.optimizer == "sgd" else 2e-3
@@ -198,7 +214,7 @@ class TrainConfig:
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:
             return self.weight_decay
-        own = task_class(self.task).defaults
+        own = _task_class(self.task).defaults
         if self.optimizer == own.optimizer and own.weight_decay is not None:
             return own.weight_decay
         return 5e-4 if self.optimizer == "sgd" else 0.05
@@ -222,14 +238,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A YAML/JSON-safe dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["split"] = list(self.split)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a dict, naming unknown keys instead of ignoring them; every value is
-        checked against its field's type (:func:`_check_types`) and range."""
+        checked against its field's type (:func:`~cnnkit.run.fields.check_types`) and range."""
         if not isinstance(d, dict):
             raise TypeError(f"a training configuration is a mapping of options, got "
                             f"{type(d).__name__}")
@@ -241,76 +256,25 @@ class TrainConfig:
         return cls(**d)
 
 
-def _kind(hint: Any) -> str:
-    """What a type hint accepts, in words."""
-    if hint is Any:
-        return "anything"
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_kind(a) for a in args)
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) is dict:
-        return "a mapping of names to values (KEY: VALUE lines)"
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {len(args)} {_kind(args[0]).split(' ', 1)[1]}s"
-    return {bool: "true or false", int: "an integer", float: "a finite number",
-            str: "a string"}[hint]
-
-
-def _coerce(hint: Any, value: Any) -> tuple[bool, Any]:
-    """``(accepted, value)``: whether ``value`` fits ``hint``, and the value converted
-    (an integer where a float is expected, a list where a tuple is)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        for a in args:
-            ok, v = _coerce(a, value)
-            if ok:
-                return True, v
-        return False, value
-    if hint is Any:
-        return True, value
-    if hint is type(None):
-        return value is None, value
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value), value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            return False, value
-        items = [_coerce(a, v) for a, v in zip(args, value, strict=True)]
-        return all(ok for ok, _ in items), tuple(v for _, v in items)
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-            math.isfinite(value)
-        return ok, float(value) if ok else value
-    return isinstance(value, hint), value
-
-
-def _check_types(config: TrainConfig) -> None:
-    """Check every field against its type annotation, so a hand-edited ``config.yaml``
-    (``epochs: .inf``, ``model_kwargs: 5``) or a wrong Python value fails with the key and
-    the expected type, for every field, including fields added later.
-
-    Raises:
-        ValueError: naming the key, the expected type and the value found.
-    """
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        ok, converted = _coerce(hints[f.name], value)
-        if not ok:
-            raise ValueError(f"key {f.name!r} must be {_kind(hints[f.name])}, got "
-                             f"{value!r} ({type(value).__name__})")
-        setattr(config, f.name, converted)
-    name = config.name
+def _check_name(name: str | None) -> None:
     if name is not None and (not name.strip() or name in (".", "..") or "\0" in name
                              or any(s in name for s in ("/", "\\"))):
         raise ValueError(f"key 'name' must be a folder name (no / or \\, not . or ..), got "
                          f"{name!r}")
+
+
+def _task_class(name: str) -> type:
+    """The registered task ``name``. The task registry imports PyTorch, so it is read when a
+    config is built, not when this module is imported (``cnnkit train --help``).
+
+    Raises:
+        ValueError: ``name`` is not a registered task; the message lists them.
+    """
+    from cnnkit.tasks import list_tasks, task_class
+
+    if name not in list_tasks():
+        raise ValueError(f"task must be one of {', '.join(list_tasks())}, got {name!r}")
+    return task_class(name)
 
 
 def _on_cuda(device: str) -> bool:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit.data import load_input
+
 from .config import TrainConfig
 from .folder import RunPaths, read_config, resolve_run
 from .weights import load_checked
@@ -26,27 +28,30 @@ __all__ = ["Preprocess", "Run", "load_run", "read_summary"]
 class Preprocess:
     """How a run's model expects its input: size, channels, normalisation and classes.
 
-    Calling it on an image file, a PIL image or a ``[C, H, W]`` tensor in [0, 1]
-    returns the normalised float tensor ``[C, H, W]`` the model was trained on.
+    ``input_size`` is ``(C, *spatial)``. Calling it on a file (an image, a NIfTI volume), a
+    PIL image or a ``[C, *spatial]`` tensor in [0, 1] returns the normalised float tensor
+    ``[C, *spatial]`` the model was trained on.
     """
 
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]
     mean: list[float]
     std: list[float]
     classes: list[str] = field(default_factory=list)
     task: str = "classify"
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        """``(x - mean) / std`` per channel of ``[C, *spatial]`` or ``[B, C, *spatial]``."""
+        view = (-1, *[1] * (len(self.input_size) - 1))
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(view)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(view)
         return (x - mean) / std
 
-    def __call__(self, image: Any) -> torch.Tensor:
-        from cnnkit.data import load_image
+    def load(self, source: Any, keep_size: bool = False) -> torch.Tensor:
+        """A file, PIL image or tensor as the raw ``[C, *spatial]`` input, before scaling."""
+        return load_input(source, self.input_size, keep_size)
 
-        c, h, w = self.input_size
-        if not isinstance(image, torch.Tensor):
-            image = load_image(image, size=(h, w), channels=c)
+    def __call__(self, image: Any) -> torch.Tensor:
+        image = self.load(image)
         if image.dtype == torch.uint8:
             image = image.float() / 255
         return self.normalize(image)

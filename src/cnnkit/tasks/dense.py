@@ -1,4 +1,4 @@
-"""Inference of dense models on images of any size: padding and sliding windows.
+"""Inference of dense models on inputs of any size: padding and sliding windows.
 
 A segmentation network takes sizes that are multiples of its stride and was trained
 on one tile size; users' images are neither. :func:`dense_forward` pads the input
@@ -6,11 +6,13 @@ to the model's ``size_multiple`` (reflected, so the border looks like image cont
 and crops the prediction back; an image larger than the training tile is covered by
 overlapping windows of the tile size whose predictions are averaged where they
 overlap (logits for segmentation, pixels for super-resolution), so memory stays
-bounded and every pixel is predicted with the context size the model learnt.
+bounded and every pixel is predicted with the context size the model learnt. Series,
+images and volumes alike: windows tile every spatial axis.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -40,43 +42,47 @@ def window_starts(length: int, tile: int, stride: int) -> list[int]:
 
 def _forward_padded(model: nn.Module, x: torch.Tensor, multiple: int, scale: int
                     ) -> torch.Tensor:
-    xp, (h, w) = pad_to_multiple(x, multiple)
-    return model(xp)[..., :h * scale, :w * scale]
+    xp, sizes = pad_to_multiple(x, multiple, dims=x.ndim - 2)
+    return model(xp)[(..., *(slice(0, v * scale) for v in sizes))]
 
 
 @torch.no_grad()
 def dense_forward(model: nn.Module, x: torch.Tensor, tile: Sequence[int] | None = None,
                   overlap: float = 0.25) -> torch.Tensor:
-    """Run a dense model on ``x [B, C, H, W]`` of any size.
+    """Run a dense model on ``x [B, C, *spatial]`` of any size.
 
     Args:
         model: a :class:`~cnnkit.models._dense.DenseModel` (uses ``size_multiple`` and
             ``scale``).
-        x: normalised input batch.
-        tile: ``(h, w)`` window size, normally the training size; None runs the whole
-            image at once.
+        x: normalised input batch (1 to 3 spatial axes).
+        tile: window size per spatial axis, normally the training size; None runs the
+            whole input at once.
         overlap: fraction of a window shared with its neighbour (0 <= overlap < 1).
 
     Returns:
-        ``[B, K, H, W]`` logits (segmentation) or ``[B, C, sH, sW]`` images.
+        ``[B, K, *spatial]`` logits (segmentation) or ``[B, C, *scale x spatial]`` images.
     """
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     multiple, scale = int(getattr(model, "size_multiple", 1)), int(getattr(model, "scale", 1))
-    h, w = x.shape[-2:]
-    if tile is None or (h <= tile[0] and w <= tile[1]):
+    sizes = tuple(int(v) for v in x.shape[2:])
+    if tile is not None and len(tile) != len(sizes):
+        raise ValueError(f"tile {tuple(tile)} has {len(tile)} sizes for an input of "
+                         f"{len(sizes)} spatial axes {sizes}; give one size per axis")
+    if tile is None or all(v <= t for v, t in zip(sizes, tile, strict=True)):
         return _forward_padded(model, x, multiple, scale)
-    th, tw = min(tile[0], h), min(tile[1], w)
-    ys = window_starts(h, th, max(1, round(th * (1 - overlap))))
-    xs = window_starts(w, tw, max(1, round(tw * (1 - overlap))))
+    tiles = [min(t, v) for t, v in zip(tile, sizes, strict=True)]
+    starts = [window_starts(v, t, max(1, round(t * (1 - overlap))))
+              for v, t in zip(sizes, tiles, strict=True)]
     out = count = None
-    for y0 in ys:
-        for x0 in xs:
-            pred = _forward_padded(model, x[..., y0:y0 + th, x0:x0 + tw], multiple, scale).float()
-            if out is None:
-                out = pred.new_zeros(*pred.shape[:2], h * scale, w * scale)
-                count = pred.new_zeros(1, 1, h * scale, w * scale)
-            sl = (..., slice(y0 * scale, (y0 + th) * scale), slice(x0 * scale, (x0 + tw) * scale))
-            out[sl] += pred
-            count[sl] += 1
+    for corner in itertools.product(*starts):
+        window = tuple(slice(c, c + t) for c, t in zip(corner, tiles, strict=True))
+        pred = _forward_padded(model, x[(..., *window)], multiple, scale).float()
+        if out is None:
+            big = [v * scale for v in sizes]
+            out = pred.new_zeros(*pred.shape[:2], *big)
+            count = pred.new_zeros(1, 1, *big)
+        sl = (..., *(slice(c * scale, (c + t) * scale) for c, t in zip(corner, tiles, strict=True)))
+        out[sl] += pred
+        count[sl] += 1
     return out / count

@@ -112,6 +112,12 @@ class Regress(Task):
                 f"test_r2 {result['test_r2']:.4f}")
 
     @classmethod
+    def predicted(cls, scorer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An explanation explains the first output by default (no forward needed); a
+        given target ``j`` explains output ``j``, a function ``lambda y: ...`` any value."""
+        return torch.zeros(len(x), dtype=torch.long, device=x.device)
+
+    @classmethod
     def confidence(cls, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return model(x).float()  # the values themselves

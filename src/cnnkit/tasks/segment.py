@@ -17,6 +17,9 @@ from torch import nn
 
 from cnnkit.data._types import IGNORE_INDEX
 from cnnkit.data.shards import all_reduce_sum, gather_shards, is_sharded
+from cnnkit.data.volumes import file_stem, is_volume_file, save_volume
+from cnnkit.layers import crf_refine
+from cnnkit.models._dense import pad_to_multiple
 
 from ._base import ReportParts, Task, TaskDefaults, autocast
 from ._registry import register_task
@@ -86,14 +89,13 @@ class Segment(Task):
         return data.masks
 
     def prepare(self, data: Any, multiple: int) -> Any:
-        """Pad inputs (reflected) and masks (ignored pixels) to a multiple of the stride."""
-        from cnnkit.models._dense import pad_to_multiple
-
+        """Pad inputs (reflected) and masks (ignored pixels) to a multiple of the stride,
+        on every spatial axis."""
         spatial = data.images.shape[2:]
         if multiple <= 1 or all(s % multiple == 0 for s in spatial):
             return data
-        images, _ = pad_to_multiple(data.images, multiple)
-        masks, size = pad_to_multiple(data.masks, multiple, mode="constant")
+        images, _ = pad_to_multiple(data.images, multiple, dims=len(spatial))
+        masks, size = pad_to_multiple(data.masks, multiple, mode="constant", dims=len(spatial))
         for axis, n in enumerate(size):  # everything past the original extent: ignored
             masks.narrow(axis + 1, n, masks.shape[axis + 1] - n).fill_(IGNORE_INDEX)
         out = data.subset(torch.arange(len(data)))
@@ -125,13 +127,16 @@ class Segment(Task):
         was_training = model.training
         model.eval()
         crit = self.criterion()
-        k = model.num_classes
-        cm = torch.zeros(k, k, dtype=torch.long, device=device)
+        k = getattr(model, "num_classes", None)  # an int8 graph has none: its outputs say
+        cm = None if k is None else torch.zeros(k, k, dtype=torch.long, device=device)
         loss, n, kept = torch.zeros((), device=device), 0, []
         for x, y in loader:
             with autocast(device, amp):
                 out = model(x)
             out = out.float()
+            if cm is None:
+                k = out.shape[1]
+                cm = torch.zeros(k, k, dtype=torch.long, device=device)
             loss += crit(out, y) * len(y)
             n += len(y)
             pred = out.argmax(1)
@@ -159,10 +164,16 @@ class Segment(Task):
     def report(self, summary: dict[str, Any], test: dict[str, Any], data: Any,
                test_idx: torch.Tensor) -> ReportParts:
         classes, figures = summary["classes"], []
-        if test.get("preds") is not None and data.images.ndim == 4:
+        if test.get("preds") is not None and data.images.ndim in (4, 5):
             k = len(test["preds"])
-            figures.append(("Sample predictions", _samples(
-                data.images[test_idx[:k]], data.masks[test_idx[:k]], test["preds"], classes)))
+            images, masks = data.images[test_idx[:k]], data.masks[test_idx[:k]]
+            preds = test["preds"]
+            title = "Sample predictions"
+            if images.ndim == 5:  # volumes: their middle slice along the first axis
+                mid = images.shape[2] // 2
+                images, masks, preds = images[:, :, mid], masks[:, mid], preds[:, mid]
+                title = "Sample predictions (middle slice of each volume)"
+            figures.append((title, _samples(images, masks, preds, classes)))
         rows = [[c, iou, dice] for c, iou, dice in zip(classes, test["iou"], test["dice"],
                                                         strict=True)]
         return ReportParts(
@@ -190,36 +201,53 @@ class Segment(Task):
     def confidence_text(cls, value: float) -> str:
         return f"({value:.0%} of pixels)"
 
-    def prediction_names(self, stem: str) -> list[str]:
-        """The files :meth:`write_prediction` writes for input ``stem``."""
-        return [f"{stem}_mask.png", f"{stem}_overlay.png"]
+    def prediction_names(self, source: Path) -> list[str]:
+        """The files :meth:`write_prediction` writes for the input file ``source``: a mask
+        (a palette PNG for an image, a NIfTI label volume for a volume) and an overlay."""
+        stem = file_stem(source)
+        mask = f"{stem}_mask.nii.gz" if is_volume_file(source) else f"{stem}_mask.png"
+        return [mask, f"{stem}_overlay.png"]
 
-    def write_prediction(self, pred: torch.Tensor, image: torch.Tensor, out: Path, stem: str,
+    def write_prediction(self, pred: torch.Tensor, image: torch.Tensor, out: Path, source: Path,
                          classes: list[str], crf: bool = False) -> dict[str, Any]:
-        """A palette mask (pixel values: class indices) and an overlay of one prediction
-        (logits ``[K, H, W]`` of ``image``, uint8 ``[C, H, W]``); ``crf`` refines it with the
-        dense CRF of DeepLab first."""
+        """A mask (values: class indices) and an overlay of one prediction (logits
+        ``[K, *spatial]`` of ``image``, ``[C, *spatial]`` uint8 or float in [0, 1]).
+
+        Images: a palette PNG mask; ``crf`` refines it with the dense CRF of DeepLab
+        first. Volumes: a uint8 NIfTI label volume in the voxel grid of ``source``, and
+        the overlay of its middle slice along the first axis.
+        """
         import numpy as np
         from PIL import Image
 
+        mask_name, overlay_name = self.prediction_names(source)
+        volume = pred.ndim == 4
+        if crf and volume:
+            raise ValueError("--crf refines 2D segmentations (DeepLab's dense CRF); leave it "
+                             "out for volumes")
         if crf:
-            from cnnkit.layers import crf_refine
-
-            mask = crf_refine(pred[None], image[None].float())[0].to(torch.uint8).numpy()
+            mask = crf_refine(pred[None], _as_uint8(image)[None].float())[0].to(torch.uint8)
         else:
-            mask = pred.argmax(0).to(torch.uint8).numpy()
+            mask = pred.argmax(0).to(torch.uint8)
+        mask = mask.numpy()
         pal = palette(len(classes))
-        m = Image.fromarray(mask, mode="P")
-        m.putpalette(pal)
-        m.save(out / f"{stem}_mask.png")
-        colours = np.array(pal, dtype=np.float32).reshape(256, 3)[mask]
-        base = image.permute(1, 2, 0).numpy().astype(np.float32)
-        base = np.repeat(base, 3, 2) if base.shape[-1] == 1 else base
-        alpha = np.where(mask[..., None] > 0, 0.5, 0.0)  # background stays as it was
+        if volume:
+            save_volume(out / mask_name, mask, like=source)
+            mid = mask.shape[0] // 2
+            flat, base_image = mask[mid], image[:, mid]
+        else:
+            m = Image.fromarray(mask, mode="P")
+            m.putpalette(pal)
+            m.save(out / mask_name)
+            flat, base_image = mask, image
+        colours = np.array(pal, dtype=np.float32).reshape(256, 3)[flat]
+        base = _as_uint8(base_image).permute(1, 2, 0).numpy().astype(np.float32)
+        base = np.repeat(base, 3, 2) if base.shape[-1] == 1 else base[..., :3]
+        alpha = np.where(flat[..., None] > 0, 0.5, 0.0)  # background stays as it was
         blend = (base * (1 - alpha) + colours * alpha).round().clip(0, 255).astype(np.uint8)
-        Image.fromarray(blend).save(out / f"{stem}_overlay.png")
+        Image.fromarray(blend).save(out / overlay_name)
         counts = np.bincount(mask.ravel(), minlength=len(classes)) / mask.size
-        return {"mask": str(out / f"{stem}_mask.png"), "overlay": str(out / f"{stem}_overlay.png"),
+        return {"mask": str(out / mask_name), "overlay": str(out / overlay_name),
                 "class_fractions": {classes[k]: round(float(v), 6)
                                     for k, v in enumerate(counts) if v > 0}}
 
@@ -227,6 +255,10 @@ class Segment(Task):
         top = sorted(result["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
         return f"{result['file']}: {result['mask']} (" + ", ".join(
             f"{c} {v:.1%}" for c, v in top) + ")"
+
+
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.uint8 else (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def palette(k: int) -> list[int]:

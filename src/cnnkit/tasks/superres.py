@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cnnkit.data.shards import all_reduce_sum, gather_shards, is_sharded
+from cnnkit.data.volumes import file_stem
 
 from ._base import ReportParts, Task, TaskDefaults, autocast
 from ._registry import register_task
@@ -148,17 +149,17 @@ class SuperRes(Task):
                          "image, not a score per class; explain a classification or "
                          "segmentation run")
 
-    def prediction_names(self, stem: str) -> list[str]:
-        return [f"{stem}_x{self.scale}.png"]
+    def prediction_names(self, source: Path) -> list[str]:
+        return [f"{file_stem(source)}_x{self.scale}.png"]
 
-    def write_prediction(self, pred: torch.Tensor, image: torch.Tensor, out: Path, stem: str,
+    def write_prediction(self, pred: torch.Tensor, image: torch.Tensor, out: Path, source: Path,
                          classes: list[str], crf: bool = False) -> dict[str, Any]:
         """The upscaled image (``pred`` in [0, 1], ``[C, sH, sW]``) as a PNG."""
         from PIL import Image
 
         if crf:
             raise ValueError("--crf refines segmentations; this is a super-resolution run")
-        path = out / f"{stem}_x{self.scale}.png"
+        path = out / self.prediction_names(source)[0]
         arr = (pred.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
         return {"output": str(path), "size": list(arr.shape[:2])}

@@ -182,8 +182,8 @@ class Trainer:
                              f"{len(test_idx)}) than the {world} processes; use fewer processes")
         mean, std = channel_stats(data.images[train_idx])
         std = [s if s > 0 else 1.0 for s in std]  # a constant channel: centre it, do not scale
-        c, h, w = data.input_size
-        self.preprocess = Preprocess((c, h, w), mean, std, task.classes(data), task.name)
+        self.preprocess = Preprocess(tuple(data.input_size), mean, std, task.classes(data),
+                                     task.name)
         augment = task.augment(data) if cfg.augment == "auto" else cfg.augment
         if self._init_model is None and self.resuming:  # a compressed run resumes compressed
             shapes, meta = read_header(self.paths.last)
@@ -337,13 +337,13 @@ class Trainer:
         ddp.broadcast_(self.model.state_dict().values())  # the other ranks: from rank 0
         # The reference number is full precision, as `cnnkit eval` and users compute it.
         test = self.task.evaluate(self.model, self.test_loader, self.device)
-        c, h, w = self.preprocess.input_size
         summary = {
             "model": self.config.model, "data": self.config.data, "task": self.task.name,
             **self.task.summary(test),
             f"best_val_{self.task.metric}": self.best_score, "best_epoch": self.best_epoch,
             "epochs_run": self.epoch, "stopped_early": self.epoch < self.config.epochs,
-            "input_size": [c, h, w], "num_classes": len(self.preprocess.classes),
+            "input_size": list(self.preprocess.input_size),
+            "num_classes": len(self.preprocess.classes),
             "classes": self.preprocess.classes,
             "num_samples": {"train": len(self.split[0]), "val": len(self.split[1]),
                             "test": len(self.split[2])},

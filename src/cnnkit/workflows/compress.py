@@ -1,7 +1,8 @@
 """``cnnkit compress RUN``: prune, fine-tune and quantise a trained run, and measure it.
 
-The result is judged by what it changes on this machine, measured side by side in one
-process: test accuracy, parameters, MACs, file size and CPU latency at batch 1 and 32
+Any task, any number of spatial axes: the result is judged by what it changes on this
+machine, measured side by side in one process: the task's test metric (accuracy, mIoU,
+PSNR, MSE), parameters, MACs, file size and CPU latency at batch 1 and 32
 (the median of interleaved repeats, so a change of load hits both models alike).
 A pruned run is written as a normal run folder whose weights carry the base
 architecture and the pruning history (:func:`cnnkit.load_run` replays it; nothing is
@@ -31,12 +32,11 @@ from cnnkit.compress.prune import prune as prune_model
 from cnnkit.compress.qat import quantize_aware_train
 from cnnkit.compress.quantize import quantize as quantize_model
 from cnnkit.compress.quantize import quantized_bytes, save_quantized
-from cnnkit.data import load_data, split_indices
+from cnnkit.data import TensorLoader, load_data, split_indices
 from cnnkit.run import RunPaths, claim_run_folder, load_run, run_test_data, write_json
 from cnnkit.run.checkpoint import save_weights
 from cnnkit.run.weights import run_meta
-from cnnkit.tasks import create_task
-from cnnkit.tasks.classify import Classify
+from cnnkit.tasks import Task, create_task
 from cnnkit.training import TrainConfig, Trainer
 
 __all__ = ["compress_run", "measure_latency", "file_bytes"]
@@ -68,10 +68,10 @@ def file_bytes(model: nn.Module) -> int:
     return len(quantized_bytes(model))
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        preds = torch.cat([model(b).argmax(1) for b in x.split(256)])
-    return float((preds == y).float().mean())
+def _score(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The task's headline metric of ``model`` on normalised inputs ``x`` and targets ``y``."""
+    loader = TensorLoader(x, y, 64)  # already normalised: no mean and std
+    return float(task.evaluate(model, loader, torch.device("cpu"))[task.metric])
 
 
 def _facts(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, Any]:
@@ -79,10 +79,16 @@ def _facts(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, Any]:
     return {"params": s.total_params, "macs": s.total_macs}
 
 
-def _test_tensors(run: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    test = run_test_data(run)
-    prep = run.preprocess
-    return torch.stack([prep.normalize(img.float() / 255) for img in test.images]), test.labels
+def _normalized(prep: Any, inputs: torch.Tensor) -> torch.Tensor:
+    x = inputs.float() / 255 if inputs.dtype == torch.uint8 else inputs.float()
+    return prep.normalize(x)
+
+
+def _test_tensors(run: Any, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's test split as normalised inputs and the task's targets (dense inputs padded
+    to the model's size multiple, as evaluation pads them)."""
+    test = task.prepare(run_test_data(run), getattr(run.model, "size_multiple", 1))
+    return _normalized(run.preprocess, test.images), task.targets(test)
 
 
 def _calibration(run: Any, n: int | None = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +98,7 @@ def _calibration(run: Any, n: int | None = 512) -> tuple[torch.Tensor, torch.Ten
     data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                      strict=cfg.strict, seed=cfg.seed, **cfg.data_options)
     train_idx = torch.as_tensor(split_indices(data.labels, cfg.split, seed=cfg.seed)[0][:n])
-    images = torch.stack([prep.normalize(img.float() / 255) for img in data.images[train_idx]])
-    return images, data.labels[train_idx]
+    return _normalized(prep, data.images[train_idx]), data.labels[train_idx]
 
 
 # Criteria that score channels from data: they get 128 training images of the run's split.
@@ -121,12 +126,14 @@ def _finetune(run: Any, model: nn.Module, folder: Any, epochs: int,
     return load_run(out).model
 
 
-def _measure(models: dict[str, nn.Module], x_test: torch.Tensor, y_test: torch.Tensor,
-             input_size: tuple[int, ...], same_as: dict[str, str] | None = None,
+def _measure(task: Task, models: dict[str, nn.Module], x_test: torch.Tensor,
+             y_test: torch.Tensor, input_size: tuple[int, ...],
+             same_as: dict[str, str] | None = None,
              base: str = "original") -> dict[str, dict[str, Any]]:
-    """Accuracy, params, MACs, bytes and latency (batch 1 and 32, interleaved) of each model,
-    with ratios against ``base``. ``same_as`` maps an int8 model to the float model whose
-    parameters and MACs it has (the same multiply-adds, in int8)."""
+    """The task's metric (under its own name: ``accuracy``, ``miou`` ...), params, MACs,
+    bytes and latency (batch 1 and 32, interleaved) of each model, with ratios against
+    ``base``. ``same_as`` maps an int8 model to the float model whose parameters and MACs
+    it has (the same multiply-adds, in int8)."""
     same_as = same_as or {}
     rows: dict[str, dict[str, Any]] = {}
     for name, m in models.items():
@@ -135,10 +142,11 @@ def _measure(models: dict[str, nn.Module], x_test: torch.Tensor, y_test: torch.T
             facts = {"params": prev["params"], "macs": prev["macs"]}
         else:
             facts = _facts(m, input_size)
-        rows[name] = {"accuracy": _accuracy(m, x_test, y_test), **facts,
+        rows[name] = {task.metric: _score(task, m, x_test, y_test), **facts,
                       "bytes": file_bytes(m)}
     for batch in (1, 32):
-        x = x_test[:batch] if len(x_test) >= batch else x_test[:1].expand(batch, -1, -1, -1)
+        x = x_test[:batch] if len(x_test) >= batch else x_test[:1].expand(
+            batch, *x_test.shape[1:])
         for name, t in measure_latency(models, x.contiguous()).items():
             rows[name][f"latency_b{batch}"] = t
     ref = rows[base]
@@ -150,10 +158,10 @@ def _measure(models: dict[str, nn.Module], x_test: torch.Tensor, y_test: torch.T
     return rows
 
 
-def _check_classify(run: Any) -> None:
-    if not isinstance(create_task(run.config.task, run.config), Classify):
-        raise ValueError(f"cnnkit compress works on classification runs so far; {run.path} is "
-                         f"a {run.config.task} run")
+def _check_criterion(task: Task, criterion: str) -> None:
+    if criterion in DATA_CRITERIA and task.data_targets != "labels":
+        raise ValueError(f"the {criterion} criterion scores channels by a classification loss; "
+                         f"{task.name} runs prune with l1, l2, bn_scale or random")
 
 
 def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None,
@@ -161,7 +169,7 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
                  lowrank: str | float | None = None, quantize: str | None = None,
                  observer: str = "minmax", qat: int = 0,
                  progress: bool | None = None) -> dict[str, Any]:
-    """Compress a classification run into a new run folder and measure both.
+    """Compress a run of any task into a new run folder and measure both.
 
     Args:
         run: a run folder or a :class:`cnnkit.run.Run`.
@@ -184,12 +192,12 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
             post-training quantisation only.
 
     Returns:
-        The ``compress.json`` contents: one row per model (``original``; ``pruned``,
-        ``lowrank`` or ``pruned+lowrank``; ``int8``) with accuracy, params, MACs, bytes and
-        latency, and the speed-ups.
+        The ``compress.json`` contents: the task's ``metric`` and whether higher is better,
+        and one row per model (``original``; ``pruned``, ``lowrank`` or ``pruned+lowrank``;
+        ``int8``) with that metric, params, MACs, bytes and latency, and the speed-ups.
     """
     run = run if hasattr(run, "preprocess") else load_run(run)
-    _check_classify(run)
+    _check_criterion(create_task(run.config.task, run.config), criterion)
     if prune is None and lowrank is None and quantize is None:
         raise ValueError("nothing to do: give --prune RATIO, --lowrank and/or --quantize int8 "
                          "(or --sweep)")
@@ -221,7 +229,8 @@ def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
               quantize: str | None, observer: str, qat: int,
               progress: bool | None) -> dict[str, Any]:
     out = folder.path
-    x_test, y_test = _test_tensors(run)
+    task = create_task(run.config.task, run.config)
+    x_test, y_test = _test_tensors(run, task)
     prep = run.preprocess
     original = run.model.eval()
     models: dict[str, nn.Module] = {"original": original}
@@ -257,16 +266,17 @@ def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
             models["int8"] = quantize_model(current, calib[0], observer=observer)
         save_quantized(models["int8"], RunPaths(out).int8)
     smaller = next((n for n in models if n not in ("original", "int8")), "original")
-    rows = _measure(models, x_test, y_test, prep.input_size, same_as={"int8": smaller})
-    result = {"run": str(run.path), "out": str(out), "prune": prune, "lowrank": lowrank,
+    rows = _measure(task, models, x_test, y_test, prep.input_size, same_as={"int8": smaller})
+    result = {"run": str(run.path), "out": str(out), "task": task.name, "metric": task.metric,
+              "higher_is_better": task.higher_is_better, "prune": prune, "lowrank": lowrank,
               "criterion": criterion,
               "global_ranking": global_ranking, "finetune": finetune, "quantize": quantize,
               "observer": observer if quantize else None, "qat": qat,
-              "threads": torch.get_num_threads(), "test_images": len(y_test), "models": rows}
+              "threads": torch.get_num_threads(), "test_samples": len(y_test), "models": rows}
     write_json(out / "compress.json", result)
     if not (out / "summary.json").exists():  # fine-tuning wrote one; else the measured row
         kept = rows[smaller]
         write_json(out / "summary.json", {"model": run.config.model,
                                           "compressed_from": str(run.path),
-                                          "test_accuracy": kept["accuracy"]})
+                                          f"test_{task.metric}": kept[task.metric]})
     return json.loads(json.dumps(result))

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from cnnkit._files import refuse_existing
+from cnnkit.data import TensorLoader, load_data
 from cnnkit.run import Run, run_test_data
 from cnnkit.tasks import create_task
+from cnnkit.tasks.dense import dense_forward
 
 from .load import load_run
 
@@ -35,8 +37,6 @@ def evaluate_run(run: str | os.PathLike | Run, data: str | None = None,
         classifier; ``test_miou`` ..., ``test_psnr`` and ``test_psnr_bicubic`` ...,
         ``test_mse`` ...), plus ``num_samples``, ``data`` and ``run``.
     """
-    from cnnkit.data import TensorLoader, load_data
-
     run = run if isinstance(run, Run) else load_run(run, weights=weights)
     task = create_task(run.config.task, run.config)
     c, *spatial = run.preprocess.input_size
@@ -102,9 +102,6 @@ def predict_dense_files(run: str | os.PathLike | Run, files: list[str], out_dir:
         FileExistsError: an output file exists and ``overwrite`` is False (checked before
             anything is computed).
     """
-    from cnnkit.data import load_image
-    from cnnkit.tasks.dense import dense_forward
-
     run = run if isinstance(run, Run) else load_run(run)
     task = create_task(run.config.task, run.config)
     if not task.writes_predictions:
@@ -114,19 +111,18 @@ def predict_dense_files(run: str | os.PathLike | Run, files: list[str], out_dir:
     if missing:
         raise FileNotFoundError(f"image file {missing[0]!r} does not exist")
     out = Path(out_dir)
-    refuse_existing([out / n for f in files for n in task.prediction_names(Path(f).stem)],
-                    overwrite)
+    refuse_existing([out / n for f in files for n in task.prediction_names(Path(f))], overwrite)
     out.mkdir(parents=True, exist_ok=True)
     prep, model = run.preprocess, run.model
     device = model_device(model)
-    c, *spatial = prep.input_size
+    _, *spatial = prep.input_size
     scale = int(getattr(model, "scale", 1))
     tile = tuple(v // scale for v in spatial)
     results = []
     for f in files:
-        img = load_image(f, None, c)
-        x = prep.normalize(img.float() / 255)[None].to(device)
-        pred = dense_forward(model, x, tile=tile, overlap=tile_overlap)[0].cpu()
-        written = task.write_prediction(pred, img, out, Path(f).stem, prep.classes, crf=crf)
+        img = prep.load(f, keep_size=True)
+        x = prep.normalize(img.float() / 255 if img.dtype == torch.uint8 else img.float())
+        pred = dense_forward(model, x[None].to(device), tile=tile, overlap=tile_overlap)[0].cpu()
+        written = task.write_prediction(pred, img, out, Path(f), prep.classes, crf=crf)
         results.append({"file": f, **written})
     return results

@@ -1,10 +1,13 @@
 """``cnnkit compress RUN --sweep``: a grid of compressions measured side by side, and its
-Pareto front of accuracy against batch-32 latency, written into the run's report."""
+Pareto front of the task's metric against batch-32 latency, written into the run's report."""
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,12 @@ from cnnkit.compress.prune import prune as prune_model
 from cnnkit.compress.quantize import quantize as quantize_model
 from cnnkit.run import claim_run_folder, load_run, write_json
 from cnnkit.run.report import put_section
+from cnnkit.tasks import create_task
 
 from .compress import (
     DATA_CRITERIA,
     _calibration,
-    _check_classify,
+    _check_criterion,
     _criterion_data,
     _finetune,
     _measure,
@@ -32,12 +36,20 @@ __all__ = ["pareto_front", "sweep_run"]
 
 
 def pareto_front(rows: dict[str, dict[str, Any]], cost: str = "latency_b32",
-                 gain: str = "accuracy") -> list[str]:
-    """Names of the rows no other row beats: none has lower-or-equal ``cost`` and
-    higher-or-equal ``gain`` with one of them strictly better. Sorted by ``cost``."""
+                 gain: str = "accuracy", higher_is_better: bool = True) -> list[str]:
+    """Names of the rows no other row beats: none has lower-or-equal ``cost`` and an
+    equal-or-better ``gain`` with one of them strictly better. Sorted by ``cost``.
+
+    Example:
+        >>> rows = {"a": {"latency_b32": 1.0, "mse": 0.3}, "b": {"latency_b32": 2.0, "mse": 0.1},
+        ...         "c": {"latency_b32": 3.0, "mse": 0.2}}
+        >>> pareto_front(rows, gain="mse", higher_is_better=False)
+        ['a', 'b']
+    """
+    sign = 1.0 if higher_is_better else -1.0
     front = [a for a, ra in rows.items()
-             if not any(rb[cost] <= ra[cost] and rb[gain] >= ra[gain]
-                        and (rb[cost] < ra[cost] or rb[gain] > ra[gain])
+             if not any(rb[cost] <= ra[cost] and sign * rb[gain] >= sign * ra[gain]
+                        and (rb[cost] < ra[cost] or sign * rb[gain] > sign * ra[gain])
                         for b, rb in rows.items() if b != a)]
     return sorted(front, key=lambda n: rows[n][cost])
 
@@ -46,14 +58,14 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
               quantize: bool = True, criterion: str = "l1", finetune: int = 0,
               observer: str = "minmax", progress: bool | None = None,
               overwrite: bool = False) -> dict[str, Any]:
-    """Measure a grid of compressions of a classification run and find its Pareto front.
+    """Measure a grid of compressions of a run (any task) and find its Pareto front.
 
     Every pruning ratio (0 included), each in float and, with ``quantize``, in int8, is
-    measured side by side in this process: test accuracy, parameters, MACs, file size and
-    latency at batch 1 and 32 (interleaved repeats). The points no other point beats on
-    both accuracy and batch-32 latency form the Pareto front. Written into the run folder:
-    ``compress_sweep.json``, ``compress_sweep.png`` and a "Compression sweep" section of
-    ``report.html``.
+    measured side by side in this process: the task's test metric, parameters, MACs, file
+    size and latency at batch 1 and 32 (interleaved repeats). The points no other point
+    beats on both the metric and batch-32 latency form the Pareto front. Written into the
+    run folder: ``compress_sweep.json``, ``compress_sweep.png`` and a "Compression sweep"
+    section of ``report.html``.
 
     Args:
         run: a run folder or a loaded run.
@@ -70,19 +82,15 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
         The ``compress_sweep.json`` contents: ``rows`` (name -> measurements, ``pareto``)
         and ``pareto`` (names on the front, fastest first).
     """
-    import tempfile
-
-
-
-
     run = run if hasattr(run, "preprocess") else load_run(run)
-    _check_classify(run)
+    task = create_task(run.config.task, run.config)
+    _check_criterion(task, criterion)
     refuse_existing([Path(run.path) / "compress_sweep.json", Path(run.path) / "compress_sweep.png"],
                     overwrite)
     ratios = tuple(sorted({float(r) for r in ratios}))
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise ValueError(f"sweep ratios must lie in (0, 1), got {list(ratios)}")
-    x_test, y_test = _test_tensors(run)
+    x_test, y_test = _test_tensors(run, task)
     calib = _calibration(run) if quantize or criterion in DATA_CRITERIA else None
     original = run.model.eval()
     models: dict[str, nn.Module] = {}
@@ -105,57 +113,55 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
                 models[f"{name} int8"] = quantize_model(m, calib[0], observer=observer)
                 same_as[f"{name} int8"] = name
             bar.update(1)
-        rows = _measure(models, x_test, y_test, run.preprocess.input_size, same_as)
-    front = pareto_front(rows)
+        rows = _measure(task, models, x_test, y_test, run.preprocess.input_size, same_as)
+    front = pareto_front(rows, gain=task.metric, higher_is_better=task.higher_is_better)
     for name, r in rows.items():
         r["pareto"] = name in front
-    result = {"run": str(run.path), "criterion": criterion, "finetune": finetune,
-              "observer": observer if quantize else None, "threads": torch.get_num_threads(),
-              "test_images": len(y_test), "rows": rows, "pareto": front}
+    result = {"run": str(run.path), "task": task.name, "metric": task.metric,
+              "higher_is_better": task.higher_is_better, "criterion": criterion,
+              "finetune": finetune, "observer": observer if quantize else None,
+              "threads": torch.get_num_threads(), "test_samples": len(y_test), "rows": rows,
+              "pareto": front}
     result = json.loads(json.dumps(result))
     _write_sweep(Path(run.path), result)
     return result
 
 
 def _write_sweep(root: Path, result: dict[str, Any]) -> None:
-    import base64
-    import html
-
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
-    rows, front = result["rows"], result["pareto"]
+    rows, front, metric = result["rows"], result["pareto"], result["metric"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "latency_b32", "batch-32 latency (ms)"),
                            (axes[1], "bytes", "file size (MB)")):
         scale = 1e3 if key == "latency_b32" else 1e-6
         for name, r in rows.items():
             int8 = name.endswith("int8")
-            ax.scatter(r[key] * scale, r["accuracy"], marker="s" if int8 else "o",
+            ax.scatter(r[key] * scale, r[metric], marker="s" if int8 else "o",
                        color="#dd8452" if int8 else "#4c72b0", zorder=3)
-            ax.annotate(name, (r[key] * scale, r["accuracy"]), fontsize=7,
+            ax.annotate(name, (r[key] * scale, r[metric]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         if key == "latency_b32":
-            ax.plot([rows[n][key] * scale for n in front], [rows[n]["accuracy"] for n in front],
+            ax.plot([rows[n][key] * scale for n in front], [rows[n][metric] for n in front],
                     color="#55a868", lw=1.5, zorder=2, label="Pareto front")
             ax.legend(fontsize=8)
-        ax.set(xscale="log", xlabel=f"{label}, log scale", ylabel="test accuracy")
+        ax.set(xscale="log", xlabel=f"{label}, log scale", ylabel=f"test {metric}")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
-    axes[0].set_title("accuracy vs speed (circles float, squares int8)", fontsize=9)
-    axes[1].set_title("accuracy vs size", fontsize=9)
+    axes[0].set_title(f"{metric} vs speed (circles float, squares int8)", fontsize=9)
+    axes[1].set_title(f"{metric} vs size", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     png = buf.getvalue()
     write_json(root / "compress_sweep.json", result)
     atomic_write(root / "compress_sweep.png", png)
-    cols = [("accuracy", "accuracy", "{:.4f}"), ("params", "params", "{:,}"),
+    cols = [(metric, metric, "{:.4f}"), ("params", "params", "{:,}"),
             ("macs", "MACs", "{:,}"), ("bytes", "MB", "{:.3f}"),
             ("latency_b1", "b1 ms", "{:.3f}"), ("latency_b32", "b32 ms", "{:.2f}"),
             ("speedup_b32", "speed-up b32", "{:.2f}x")]
@@ -173,7 +179,7 @@ def _write_sweep(root: Path, result: dict[str, Any]) -> None:
         "<h2>Compression sweep</h2>\n"
         f"<p>Structured pruning ({html.escape(result['criterion'])} criterion"
         f"{tuned}){kinds}, measured side by side on this machine ({result['threads']} threads, "
-        f"{result['test_images']} test images). The Pareto front: no other point is both "
-        "more accurate and faster at batch 32.</p>\n"
+        f"{result['test_samples']} test samples). The Pareto front: no other point has both "
+        f"a better {html.escape(metric)} and a lower batch-32 latency.</p>\n"
         f"<table><tr>{head}</tr>{body}</table>\n"
         f"<img alt='Compression sweep' src='data:image/png;base64,{src}'>"))

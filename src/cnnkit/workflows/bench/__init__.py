@@ -20,9 +20,29 @@ Example:
     >>> print(format_tables(result))  # doctest: +SKIP
 """
 
-from .config import DEFAULT_MODELS, MODES, BenchConfig
-from .report import docs_section, format_tables, write_section
-from .run import run_bench
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use: the CLI reads the PyTorch-free BenchConfig (config.py) to build
+# `cnnkit bench --help` without PyTorch, which the other modules import.
+_EXPORTS = {"BenchConfig": "config", "DEFAULT_MODELS": "config", "MODES": "config",
+            "docs_section": "report", "format_tables": "report", "write_section": "report",
+            "run_bench": "run"}
 
 __all__ = ["BenchConfig", "run_bench", "format_tables", "docs_section", "write_section",
            "DEFAULT_MODELS", "MODES"]
+
+if TYPE_CHECKING:
+    from .config import DEFAULT_MODELS, MODES, BenchConfig
+    from .report import docs_section, format_tables, write_section
+    from .run import run_bench
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

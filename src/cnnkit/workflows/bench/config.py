@@ -1,10 +1,14 @@
-"""What ``cnnkit bench`` measures: one typed dataclass, the source of truth for the CLI."""
+"""What ``cnnkit bench`` measures: one typed dataclass, the source of truth for the CLI,
+which is generated from its fields (:class:`~cnnkit.run.fields.Option`). PyTorch is
+imported when a config is built, not with this module (``cnnkit bench --help``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from cnnkit.run.fields import option
 
 __all__ = ["BenchConfig", "DEFAULT_MODELS", "MODES"]
 
@@ -43,20 +47,26 @@ class BenchConfig:
         seed: seeds the synthetic data and every model's initialisation.
     """
 
-    models: tuple[str, ...] = DEFAULT_MODELS
-    device: str = "auto"
-    batch_size: int | None = None
-    steps: int | None = None
-    rounds: int | None = None
-    compile: bool | None = None
-    quick: bool = False
-    threads: int | None = None
-    memory: bool = True
-    latency_batches: tuple[int, ...] | None = None
-    augment: str = "flip_crop"
-    image_size: int | None = None
-    num_classes: int | None = None
-    seed: int = 0
+    models: tuple[str, ...] = option(DEFAULT_MODELS, "classifiers to train", metavar="M,M,..")
+    device: str = option("auto", "cpu, cuda or cuda:N; auto: cuda if there is one, else cpu")
+    batch_size: int | None = option(None, "training batch (default 64)", bounds="positive")
+    steps: int | None = option(None, "training steps per timed round (default: about 3 s of "
+                               "eager steps)", bounds="positive")
+    rounds: int | None = option(None, "timed rounds (default 7)", bounds="positive")
+    compile: bool | None = option(None, "fast mode with / without torch.compile (default: as "
+                                  "--fast trains on the device: compiled on CUDA, not on the "
+                                  "CPU)")
+    quick: bool = option(False, "tiny sizes and few repeats: a smoke run (seconds with "
+                         "--no-compile)")
+    threads: int | None = option(None, "torch intra-op threads (default: PyTorch's, all cores)",
+                                 bounds="positive")
+    memory: bool = option(True, "skip the peak-memory measurement (one fresh process per "
+                          "configuration)")
+    latency_batches: tuple[int, ...] | None = option(None, cli=False)
+    augment: str = option("flip_crop", cli=False)
+    image_size: int | None = option(None, cli=False)
+    num_classes: int | None = option(None, cli=False)
+    seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
         from cnnkit.models import list_models
