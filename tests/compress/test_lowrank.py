@@ -9,16 +9,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.compress.lowrank import (
+    cp_als,
     cp_conv,
     cp_params,
     decompose,
     factorize_model,
     select_rank,
+    svd_conv1x1,
     svd_linear,
     svd_params,
     tucker2_conv,
     tucker2_params,
 )
+from cnnkit.layers.ops import UnknownOperator
 from cnnkit.models import create_model
 
 CONV_CASES = [  # (stride, padding, dilation)
@@ -116,7 +119,7 @@ def test_parameter_counts_match_formulas():
     assert _n(tucker) == tucker2_params(6, 8, 9, 2, 3, bias=True) == 98
     cp = cp_conv(conv, rank=4, iters=5)
     # 4 * (6 + 3 + 3 + 8) + 8
-    assert _n(cp) == cp_params(6, 8, 3, 3, 4, bias=True) == 88
+    assert _n(cp) == cp_params(6, 8, (3, 3), 4, bias=True) == 88
     svd = svd_linear(nn.Linear(20, 10), rank=3)
     assert _n(svd) == svd_params(20, 10, 3, bias=True) == 100
 
@@ -299,3 +302,92 @@ def test_factorize_model_gives_1d_and_3d_networks_the_2d_structure():
                           for m in model.modules()))
         assert model(torch.randn(2, *size)).shape == (2, 3)
     assert counts[0] == counts[1] == counts[2] > 0
+
+
+# -- any number of spatial dims: the same factorisations of Conv1d and Conv3d kernels -----
+ND_CASES = [  # (dims, stride, padding, dilation), per axis where it matters
+    (1, 1, 0, 1),
+    (1, 2, 1, 2),
+    (2, (2, 1), (1, 0), (1, 2)),
+    (3, 1, 1, 1),
+    (3, (2, 1, 1), (1, 0, 2), (1, 2, 1)),
+]
+
+
+def _nd_conv(dims, stride, padding, dilation, kernel=3):
+    torch.manual_seed(dims)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    return conv(4, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+
+
+@pytest.mark.parametrize("dims,stride,padding,dilation", ND_CASES)
+@pytest.mark.parametrize("method", ["tucker", "tucker_hooi", "cp"])
+def test_full_rank_factorisations_reproduce_nd_conv(dims, stride, padding, dilation, method):
+    conv = _nd_conv(dims, stride, padding, dilation)
+    if method == "cp":  # rank C_in * prod(k): the out-mode unfolding's rank, an exact CP exists
+        seq = cp_conv(conv, rank=4 * 3**dims, iters=500)
+        assert len(seq) == dims + 2  # one depthwise factor per kernel axis
+    else:
+        seq = tucker2_conv(conv, rank=100, hooi_iters=2 if method == "tucker_hooi" else 0)
+        assert seq[1].kernel_size == conv.kernel_size
+    x = torch.randn(2, 4, *(9, 8, 7)[:dims])
+    torch.testing.assert_close(seq(x), conv(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_full_rank_svd_reproduces_one_tap_nd_conv(dims):
+    conv = _nd_conv(dims, 2, 0, 1, kernel=1)
+    seq = svd_conv1x1(conv, rank=100)
+    x = torch.randn(2, 4, *(9, 8, 7)[:dims])
+    torch.testing.assert_close(seq(x), conv(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_cp_als_recovers_exact_rank_nway_tensor(dims):
+    g = torch.Generator().manual_seed(dims)
+    shape = (6, 5, *(3, 4, 2)[:dims])
+    factors = [torch.randn(n, 3, generator=g, dtype=torch.float64) for n in shape]
+    letters = "abcde"[:len(shape)]
+    w = torch.einsum(",".join(f"{c}r" for c in letters) + "->" + letters, *factors)
+    fit = cp_als(w, 3, iters=500)
+    assert len(fit) == len(shape) and [f.shape for f in fit] == [(n, 3) for n in shape]
+    w_hat = torch.einsum(",".join(f"{c}r" for c in letters) + "->" + letters, *fit)
+    assert ((w_hat - w).norm() / w.norm()).item() < 1e-3  # as the 4-way test above
+
+
+def test_parameter_counts_match_formulas_3d():
+    conv = nn.Conv3d(6, 8, (3, 3, 5))
+    assert _n(tucker2_conv(conv, rank=(3, 2))) == tucker2_params(6, 8, 45, 2, 3, bias=True)
+    # 4 * (6 + 3 + 3 + 5 + 8) + 8
+    assert _n(cp_conv(conv, rank=4, iters=3)) == cp_params(6, 8, (3, 3, 5), 4, bias=True) == 108
+
+
+@pytest.mark.parametrize("input_size", [(1, 32), (1, 12, 12, 12)])
+def test_decompose_resnet18_nd(input_size):
+    model = create_model("resnet18", num_classes=3, input_size=input_size).eval()
+    new, records = decompose(model, method="tucker", rank="energy:1.0", keep_if_larger=True)
+    assert len(records) == 16  # all k>1 convolutions but the stem, as in 2D
+    assert max(r.rel_error for r in records) < 1e-5
+    x = torch.randn(2, *input_size)
+    torch.testing.assert_close(new.eval()(x), model(x), atol=1e-3, rtol=1e-3)
+
+
+def test_grouped_conv_refused_by_the_factorisation_itself():
+    with pytest.raises(ValueError, match="groups=4"):
+        tucker2_conv(nn.Conv3d(4, 4, 3, groups=4), rank=2)
+
+
+def test_unknown_operator_refused_by_decompose():
+    class Scale(nn.Module):  # a user's own layer with parameters, unknown to the registry
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.w
+
+    with pytest.raises(UnknownOperator) as err:
+        decompose(nn.Sequential(nn.Conv2d(3, 8, 3), Scale(), nn.Conv2d(8, 8, 3)), rank=2)
+    assert "Scale" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UnknownOperator, match="Scale"):
+        tucker2_conv(Scale(), rank=2)

@@ -1,8 +1,12 @@
 """The factorisations themselves: one layer in, a factor sequence out.
 
 Tucker-2 (Kim et al. 2016) and CP by alternating least squares (Lebedev et al. 2015) for
-``kxk`` convolutions, truncated SVD (Eckart and Young 1936) for linear layers and 1x1
-convolutions, the rank selection they share, and their parameter counts.
+``k``-tap convolutions, truncated SVD (Eckart and Young 1936) for linear layers and
+one-tap convolutions, the rank selection they share, and their parameter counts. A
+kernel is ``[C_out, C_in, *k]`` with 1, 2 or 3 kernel axes: Tucker-2 and SVD act on the
+two channel modes only (the kernel axes ride along in ``...`` of every einsum), CP is the
+``2 + len(k)``-way decomposition, one factor per kernel axis. Which layers admit which
+factorisation is their operator's ``lowrank`` fact (:mod:`cnnkit.layers.ops`).
 :mod:`cnnkit.compress.lowrank` applies them to whole models; the layer structures are
 :mod:`cnnkit.layers.lowrank`'s.
 """
@@ -10,11 +14,13 @@ convolutions, the rank selection they share, and their parameter counts.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from cnnkit.layers.lowrank import cp_layers, svd_layers, tucker2_layers
+from cnnkit.layers.ops import Unsupported, module_facts
 
 __all__ = ["cp_als", "cp_conv", "cp_params", "select_rank", "svd_conv1x1", "svd_linear",
            "svd_params", "tucker2_conv", "tucker2_params"]
@@ -22,13 +28,14 @@ __all__ = ["cp_als", "cp_conv", "cp_params", "select_rank", "svd_conv1x1", "svd_
 
 # ----------------------------------------------------------------------------- rank selection
 def tucker2_params(c_in: int, c_out: int, k: int, r_in: int, r_out: int, bias: bool) -> int:
-    """Parameters of a Tucker-2 factorised ``k``-pixel (``kh*kw``) convolution."""
+    """Parameters of a Tucker-2 factorised ``k``-tap (``prod(kernel_size)``) convolution."""
     return c_in * r_in + r_in * r_out * k + r_out * c_out + (c_out if bias else 0)
 
 
-def cp_params(c_in: int, c_out: int, kh: int, kw: int, rank: int, bias: bool) -> int:
-    """Parameters of a CP factorised ``kh x kw`` convolution."""
-    return rank * (c_in + kh + kw + c_out) + (c_out if bias else 0)
+def cp_params(c_in: int, c_out: int, kernel: Sequence[int], rank: int, bias: bool) -> int:
+    """Parameters of a CP factorised convolution with kernel size ``kernel`` (one size
+    per axis: ``(kh, kw)`` in 2D)."""
+    return rank * (c_in + sum(kernel) + c_out) + (c_out if bias else 0)
 
 
 def svd_params(n_in: int, n_out: int, rank: int, bias: bool) -> int:
@@ -117,35 +124,52 @@ def svd_linear(linear: nn.Linear, rank: int | str | None = None,
     return seq
 
 
-def svd_conv1x1(conv: nn.Conv2d, rank: int | str | None = None,
+def svd_conv1x1(conv: nn.Module, rank: int | str | None = None,
                 compression: float | None = None) -> nn.Sequential:
-    """Truncated SVD of a ``1x1`` convolution as two ``1x1`` convolutions (stride on the first)."""
-    _check_conv(conv)
+    """Truncated SVD of a one-tap (``1x1``, ``1``, ``1x1x1``) convolution as two one-tap
+    convolutions (stride on the first)."""
+    _check_conv(conv, "svd")
     w = conv.weight.detach()
-    first, second, r = _svd_factors(w[:, :, 0, 0], rank, compression)
+    if math.prod(w.shape[2:]) != 1:
+        raise ValueError(f"SVD factorises one-tap convolutions; {type(conv).__name__} has "
+                         f"kernel {tuple(w.shape[2:])}: use method='tucker' or 'cp'")
+    first, second, r = _svd_factors(w.flatten(1), rank, compression)
     seq = svd_layers(conv, r)
     with torch.no_grad():
-        seq[0].weight.copy_(first[:, :, None, None])
-        seq[1].weight.copy_(second[:, :, None, None])
+        seq[0].weight.copy_(first.reshape(seq[0].weight.shape))
+        seq[1].weight.copy_(second.reshape(seq[1].weight.shape))
         if conv.bias is not None:
             seq[1].bias.copy_(conv.bias)
     return seq
 
 
-def _check_conv(conv: nn.Conv2d) -> None:
-    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
-        raise ValueError("low-rank factorisation needs an nn.Conv2d with groups=1; grouped and "
-                         "depthwise convolutions are skipped by decompose()")
+def _check_conv(conv: nn.Module, method: str) -> None:
+    """Refuse a layer whose operator's ``lowrank`` fact does not admit ``method`` (or that
+    the registry does not know), and grouped convolutions (already cheap)."""
+    admits = module_facts(conv, "low-rank factorisation").lowrank
+    if isinstance(admits, Unsupported):
+        raise ValueError(f"cannot factorise a {type(conv).__name__}: {admits.reason}")
+    if method not in admits or getattr(conv, "groups", 1) != 1:
+        allowed = ", ".join(admits) or "nothing"
+        raise ValueError(f"{method} factorises ungrouped layers whose operator admits it; "
+                         f"{type(conv).__name__} (groups={getattr(conv, 'groups', 1)}) admits "
+                         f"{allowed}; grouped and depthwise convolutions are left alone by "
+                         "decompose()")
+
+
+def _taps(w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """A ``[out, in]`` matrix as the weight of a one-tap convolution of ``w``'s dims."""
+    return factor.reshape(*factor.shape, *(1,) * (w.ndim - 2))
 
 
 # ----------------------------------------------------------------------------- Tucker-2
 def _tucker2_ranks(w: torch.Tensor, rank: int | str | tuple[int, int] | None,
                    compression: float | None) -> tuple[int, int]:
-    c_out, c_in, kh, kw = w.shape
+    c_out, c_in, *kernel = w.shape
     if compression is not None:
         # R_in = t*C_in, R_out = t*C_out keeps both modes equally truncated; params(t) = target
         # is the quadratic t^2 C_in C_out k + t (C_in^2 + C_out^2) - C_in C_out k / c = 0.
-        k = kh * kw
+        k = math.prod(kernel)
         a, b, c = c_in * c_out * k, c_in**2 + c_out**2, -c_in * c_out * k / compression
         t = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
         return max(1, min(c_out, int(t * c_out))), max(1, min(c_in, int(t * c_in)))
@@ -156,7 +180,7 @@ def _tucker2_ranks(w: torch.Tensor, rank: int | str | tuple[int, int] | None,
     return select_rank(s_out, rank), select_rank(s_in, rank)
 
 
-def tucker2_conv(conv: nn.Conv2d, rank: int | str | tuple[int, int] | None = None,
+def tucker2_conv(conv: nn.Module, rank: int | str | tuple[int, int] | None = None,
                  compression: float | None = None, hooi_iters: int = 0) -> nn.Sequential:
     """Tucker-2 factorised convolution (Kim et al. 2016, "Compression of deep convolutional
     neural networks for fast and low power mobile applications").
@@ -167,75 +191,91 @@ def tucker2_conv(conv: nn.Conv2d, rank: int | str | tuple[int, int] | None = Non
     De Moor and Vandewalle 2000, "On the best rank-1 and rank-(R1, ..., RN) approximation of
     higher-order tensors"). ``rank`` is an int, ``"energy:f"`` per mode, or ``(R_out, R_in)``.
     Padding sits on the core convolution: a bias-free 1x1 convolution commutes with padding.
+    Only the channel modes are factorised, so the kernel may have any number of axes
+    (``...`` in the einsums): a Conv1d's core is ``k``, a Conv3d's ``kxkxk``.
     """
-    _check_conv(conv)
+    _check_conv(conv, "tucker")
     _check_rank_args(rank, compression)
     w = conv.weight.detach().double()
     r_out, r_in = _tucker2_ranks(w, rank, compression)
     u_out, u_in = _leading(_unfold(w, 0), r_out), _leading(_unfold(w, 1), r_in)
     for _ in range(hooi_iters):
-        u_in = _leading(_unfold(torch.einsum("oihw,os->sihw", w, u_out), 1), r_in)
-        u_out = _leading(_unfold(torch.einsum("oihw,ir->orhw", w, u_in), 0), r_out)
-    core = torch.einsum("oihw,os,ir->srhw", w, u_out, u_in)
+        u_in = _leading(_unfold(torch.einsum("oi...,os->si...", w, u_out), 1), r_in)
+        u_out = _leading(_unfold(torch.einsum("oi...,ir->or...", w, u_in), 0), r_out)
+    core = torch.einsum("oi...,os,ir->sr...", w, u_out, u_in)
     seq = tucker2_layers(conv, r_in, r_out)
     dtype = conv.weight.dtype
     with torch.no_grad():
-        seq[0].weight.copy_(u_in.T[:, :, None, None].to(dtype))
+        seq[0].weight.copy_(_taps(w, u_in.T).to(dtype))
         seq[1].weight.copy_(core.to(dtype))
-        seq[2].weight.copy_(u_out[:, :, None, None].to(dtype))
+        seq[2].weight.copy_(_taps(w, u_out).to(dtype))
         if conv.bias is not None:
             seq[2].bias.copy_(conv.bias)
     return seq
 
 
 # ----------------------------------------------------------------------------- CP
+def _khatri_rao(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Column-wise Kronecker product, rows in row-major order of the factors' rows (the
+    column order of an unfolding over the same modes)."""
+    kr = factors[0]
+    for f in factors[1:]:
+        kr = (kr[:, None, :] * f[None, :, :]).reshape(-1, kr.shape[1])
+    return kr
+
+
 def cp_als(w: torch.Tensor, rank: int, iters: int = 200, tol: float = 1e-10,
            seed: int = 0) -> list[torch.Tensor]:
-    """Rank-``rank`` CP of a 4-way tensor by alternating least squares, in float64.
+    """Rank-``rank`` CP of an N-way tensor (N >= 2) by alternating least squares, in float64.
 
-    ``w[a,b,c,d] ~ sum_r F0[a,r] F1[b,r] F2[c,r] F3[d,r]`` (Carroll and Chang 1970; Harshman
-    1970). Each factor starts from the leading left singular vectors of its unfolding, padded
-    with seeded Gaussian columns when ``rank`` exceeds that mode's size. Each sweep solves every
-    factor in closed form, ``F_n = X_(n) KR(others) (Hadamard of the others' Grams)^+``; the
-    loop stops after ``iters`` sweeps or when the relative fit changes by less than ``tol``.
+    ``w[a,b,c,...] ~ sum_r F0[a,r] F1[b,r] F2[c,r] ...`` (Carroll and Chang 1970; Harshman
+    1970): a convolution kernel ``[C_out, C_in, *k]`` has ``2 + len(k)`` modes. Each factor
+    starts from the leading left singular vectors of its unfolding, padded with seeded
+    Gaussian columns when ``rank`` exceeds that mode's size. Each sweep solves every factor
+    in closed form, ``F_n = X_(n) KR(others) (Hadamard of the others' Grams)^+``; the loop
+    stops after ``iters`` sweeps or when the relative fit changes by less than ``tol``.
     """
     x = w.detach().double()
+    modes = x.ndim
+    if modes < 2:
+        raise ValueError(f"CP needs a tensor of at least 2 modes, got shape {tuple(x.shape)}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     factors = []
-    for mode in range(4):
+    for mode in range(modes):
         u = _leading(_unfold(x, mode), rank)
         if u.shape[1] < rank:
             extra = torch.randn(x.shape[mode], rank - u.shape[1], generator=gen, dtype=x.dtype)
             u = torch.cat([u, extra.to(x.device) / math.sqrt(x.shape[mode])], 1)
         factors.append(u)
     norm2 = x.pow(2).sum().clamp_min(1e-300)
-    unfolded = [_unfold(x, mode) for mode in range(4)]
+    unfolded = [_unfold(x, mode) for mode in range(modes)]
+    last = modes - 1
     prev = math.inf
     for _ in range(iters):
-        for n in range(4):
-            others = [factors[m] for m in range(4) if m != n]
+        for n in range(modes):
+            others = [factors[m] for m in range(modes) if m != n]
             # Khatri-Rao product of the other factors, rows in the unfolding's column order
-            kr = torch.einsum("jr,kr,lr->jklr", *others).reshape(-1, rank)
-            mttkrp = unfolded[n] @ kr
-            gram = (others[0].T @ others[0]) * (others[1].T @ others[1]) * (others[2].T @ others[2])
+            mttkrp = unfolded[n] @ _khatri_rao(others)
+            gram = math.prod(f.T @ f for f in others)
             factors[n] = mttkrp @ torch.linalg.pinv(gram, hermitian=True)
         # ||X - X_hat||^2 = ||X||^2 - 2 <X, X_hat> + ||X_hat||^2 without forming X_hat
-        full_gram = gram * (factors[3].T @ factors[3])
-        resid2 = norm2 - 2 * (factors[3] * mttkrp).sum() + full_gram.sum()
+        full_gram = gram * (factors[last].T @ factors[last])
+        resid2 = norm2 - 2 * (factors[last] * mttkrp).sum() + full_gram.sum()
         err = resid2.clamp_min(0).div(norm2).sqrt().item()
         if abs(prev - err) < tol or err < tol:
             break
         prev = err
-    # balance the column norms across the four factors (the product is unchanged)
+    # balance the column norms across the factors (the product is unchanged)
     scale = torch.stack([f.norm(dim=0) for f in factors]).clamp_min(1e-300)
-    geo = scale.prod(0).pow(0.25)
+    geo = scale.prod(0).pow(1 / modes)
     return [f / s * geo for f, s in zip(factors, scale, strict=True)]
 
 
 def _cp_rank(w: torch.Tensor, rank: int | str | None, compression: float | None) -> int:
-    c_out, c_in, kh, kw = w.shape
+    c_out, c_in, *kernel = w.shape
     if compression is not None:
-        return max(1, int(c_out * c_in * kh * kw / compression // (c_in + kh + kw + c_out)))
+        return max(1, int(c_out * c_in * math.prod(kernel) / compression
+                          // (c_in + sum(kernel) + c_out)))
     if isinstance(rank, int) and not isinstance(rank, bool):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
@@ -244,29 +284,31 @@ def _cp_rank(w: torch.Tensor, rank: int | str | None, compression: float | None)
     return max(select_rank(_gram_eig(_unfold(w, m))[0], rank) for m in (0, 1))
 
 
-def cp_conv(conv: nn.Conv2d, rank: int | str | None = None, compression: float | None = None,
+def cp_conv(conv: nn.Module, rank: int | str | None = None, compression: float | None = None,
             iters: int = 200, tol: float = 1e-10, seed: int = 0) -> nn.Sequential:
     """CP-factorised convolution (Lebedev et al. 2015, "Speeding-up convolutional neural
     networks using fine-tuned CP-decomposition").
 
     ``W[o,i,h,w] ~ sum_r A[o,r] B[i,r] C[h,r] D[w,r]`` becomes ``1x1 (B^T) -> depthwise kx1 (C)
-    -> depthwise 1xk (D) -> 1x1 (A, bias)``; stride, padding and dilation of each axis go to
-    the depthwise convolution of that axis, so the output equals the reconstructed kernel's.
+    -> depthwise 1xk (D) -> 1x1 (A, bias)``; in any dims, one depthwise convolution per
+    kernel axis (a Conv1d's CP has one, a Conv3d's three). Stride, padding and dilation of
+    each axis go to the depthwise convolution of that axis, so the output equals the
+    reconstructed kernel's.
     """
-    _check_conv(conv)
+    _check_conv(conv, "cp")
     _check_rank_args(rank, compression)
     w = conv.weight.detach()
     r = _cp_rank(w.double(), rank, compression)
-    a, b, c, d = cp_als(w, r, iters=iters, tol=tol, seed=seed)
+    a, b, *axes = cp_als(w, r, iters=iters, tol=tol, seed=seed)
     seq = cp_layers(conv, r)
     dtype = w.dtype
     with torch.no_grad():
-        seq[0].weight.copy_(b.T[:, :, None, None].to(dtype))
-        seq[1].weight.copy_(c.T[:, None, :, None].to(dtype))
-        seq[2].weight.copy_(d.T[:, None, None, :].to(dtype))
-        seq[3].weight.copy_(a[:, :, None, None].to(dtype))
+        seq[0].weight.copy_(_taps(w, b.T).to(dtype))
+        for layer, c in zip(seq[1:-1], axes, strict=True):  # [R, 1, 1.., k_axis, ..1]
+            layer.weight.copy_(c.T.reshape(layer.weight.shape).to(dtype))
+        seq[-1].weight.copy_(_taps(w, a).to(dtype))
         if conv.bias is not None:
-            seq[3].bias.copy_(conv.bias)
+            seq[-1].bias.copy_(conv.bias)
     return seq
 
 
@@ -275,8 +317,10 @@ def _effective_weight(seq: nn.Sequential) -> torch.Tensor:
     ws = [m.weight.detach().double() for m in seq]
     if isinstance(seq[0], nn.Linear) or len(ws) == 2:
         mat = ws[1].flatten(1) @ ws[0].flatten(1)
-        return mat if isinstance(seq[0], nn.Linear) else mat[:, :, None, None]
-    if len(ws) == 3:  # Tucker-2
-        return torch.einsum("os,srhw,ri->oihw", ws[2][:, :, 0, 0], ws[1], ws[0][:, :, 0, 0])
-    return torch.einsum("or,rh,rw,ri->oihw", ws[3][:, :, 0, 0], ws[1][:, 0, :, 0],
-                        ws[2][:, 0, 0, :], ws[0][:, :, 0, 0])
+        return mat if isinstance(seq[0], nn.Linear) else _taps(ws[0], mat)
+    first, last = ws[0].flatten(1), ws[-1].flatten(1)
+    if seq[1].groups == 1:  # Tucker-2: 1x1 -> core -> 1x1
+        return torch.einsum("os,sr...,ri->oi...", last, ws[1], first)
+    # CP: the depthwise factors' kernels multiply (each is 1 except along its own axis)
+    taps = math.prod(w[:, 0] for w in ws[1:-1])
+    return torch.einsum("or,r...,ri->oi...", last, taps, first)

@@ -7,7 +7,7 @@
 * CP (Lebedev, Ganin, Rakhuba, Oseledets and Lempitsky 2015, "Speeding-up convolutional neural
   networks using fine-tuned CP-decomposition", ICLR): a rank-R CP of the 4-way kernel by
   alternating least squares gives ``1x1 (C_in->R) -> depthwise kx1 -> depthwise 1xk ->
-  1x1 (R->C_out, bias)``.
+  1x1 (R->C_out, bias)``, one depthwise convolution per kernel axis.
 * Truncated SVD of a linear layer (or a 1x1 convolution) into two (Eckart and Young 1936,
   "The approximation of one matrix by another of lower rank").
 
@@ -17,6 +17,9 @@ parameter ``compression`` factor solved for the rank. :func:`decompose` factoris
 model; :func:`cnnkit.layers.lowrank.factorize_model` builds freshly initialised factorised layers
 for training from scratch, and :func:`~cnnkit.layers.lowrank.apply_lowrank_history` replays a
 recorded factorisation. Grouped (and depthwise) convolutions are left alone: they are already cheap.
+All three work on convolutions of 1, 2 or 3 spatial dims; which layers admit which
+factorisation is their operator's ``lowrank`` fact (:mod:`cnnkit.layers.ops`), and a layer
+the registry does not know refuses.
 
 Example:
     >>> from cnnkit.models import create_model
@@ -39,6 +42,7 @@ from cnnkit.layers.lowrank import (
     factorize_model,
     replace_module,
 )
+from cnnkit.layers.ops import module_facts
 
 from .factorizations import (
     _check_rank_args,
@@ -85,9 +89,10 @@ def decompose(model: nn.Module, method: str = "auto", rank: int | str | None = N
     """Replace layers of a deep copy of ``model`` by low-rank factor sequences.
 
     Methods: ``"tucker"`` (Kim et al. 2016) or ``"cp"`` (Lebedev et al. 2015) for ``kxk``
-    convolutions, ``"svd"`` for linear layers and 1x1 convolutions, ``"auto"`` = Tucker-2 for
-    ``kxk`` and SVD for the rest. Each replaced layer becomes an ``nn.Sequential`` under the
-    same name, so the parent's ``forward`` still calls it. Grouped convolutions are skipped,
+    convolutions (``k``, ``kxkxk`` in 1D and 3D), ``"svd"`` for linear layers and one-tap
+    convolutions, ``"auto"`` = Tucker-2 for ``kxk`` and SVD for the rest. Each replaced
+    layer becomes an ``nn.Sequential`` under the same name, so the parent's ``forward``
+    still calls it. Grouped convolutions are skipped,
     and so, with ``skip_first``, is the first convolution (few input channels, little to gain).
     A factorisation that would not save parameters is skipped unless ``keep_if_larger``.
 
@@ -116,9 +121,9 @@ def decompose(model: nn.Module, method: str = "auto", rank: int | str | None = N
     for name, kind in factorizable(new, method, layers, skip_first):
         old = new.get_submodule(name)
         if kind == "svd":
-            build = svd_linear if isinstance(old, nn.Linear) else svd_conv1x1
-            seq = build(old, rank=rank, compression=compression)
-            r = seq[0].out_features if isinstance(old, nn.Linear) else seq[0].out_channels
+            dense = module_facts(old, "low-rank factorisation").channels == "linear"
+            seq = (svd_linear if dense else svd_conv1x1)(old, rank=rank, compression=compression)
+            r = seq[0].out_features if dense else seq[0].out_channels
         elif kind == "tucker":
             seq = tucker2_conv(old, rank=rank, compression=compression, hooi_iters=hooi_iters)
             r = (seq[1].out_channels, seq[1].in_channels)
