@@ -73,6 +73,10 @@ class Task:
         writes_predictions: ``cnnkit predict`` writes files (:meth:`prediction_names`,
             ``write_prediction``) rather than printing one line per input
             (:meth:`predict_row`).
+        output_kind: what the model's output is, for a viewer (``cnnkit serve``):
+            ``"probabilities"`` (K scores read through a softmax), ``"values"`` (K
+            numbers as they are), ``"mask"`` (K scores per position, whose argmax is the
+            position's class) or ``"image"``.
 
     Args:
         options: the run's :class:`~cnnkit.training.TrainConfig` (or any object with the
@@ -90,6 +94,7 @@ class Task:
     progress_tag: ClassVar[str]
     writes_predictions: ClassVar[bool] = False  # predict writes files (masks, images)
     models: ClassVar[str | None] = None  # the models it trains: those registered with this task
+    output_kind: ClassVar[str] = "probabilities"
 
     def __init__(self, options: Any = None) -> None:
         self.cfg = options

@@ -57,6 +57,7 @@ class Regress(Task):
     defaults = TaskDefaults(model="tinyvgg_wide", data="", loss="mse", epochs=30,
                             batch_size=64, optimizer="adamw", lr=1e-3)
     data_targets = "values"
+    output_kind = "values"
     models = "classify"  # any classifier: K outputs, without the softmax
     train_metric, progress_tag = "mse", "mse"
 

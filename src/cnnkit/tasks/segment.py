@@ -80,6 +80,7 @@ class Segment(Task):
                             batch_size=16, lr=0.05)
     data_targets = "masks"
     writes_predictions = True
+    output_kind = "mask"
     train_metric, progress_tag = "pixel_accuracy", "pix_acc"
 
     def classes(self, data: Any) -> list[str]:

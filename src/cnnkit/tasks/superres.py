@@ -38,6 +38,7 @@ class SuperRes(Task):
                             batch_size=16, optimizer="adamw", lr=3e-3, weight_decay=0.0)
     data_targets = "images"
     writes_predictions = True
+    output_kind = "image"
     train_metric, progress_tag = "psnr", "psnr"
 
     @property

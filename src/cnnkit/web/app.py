@@ -195,14 +195,16 @@ def create_app(explorer: Explorer, allowed_hosts: list[str] | None = None, *,
                                                             _int(request, "limit", 60)))
 
     def activations(request: Request) -> JSONResponse:
-        return JSONResponse(current.explorer.activations(_required(request, "input")))
+        return JSONResponse(current.explorer.activations(_required(request, "input"),
+                                                         _int(request, "depth")))
 
     def neuron(request: Request) -> JSONResponse:
-        position = [_int(request, "c")]
-        if request.query_params.get("y") is not None:
-            position += [_int(request, "y"), _int(request, "x")]
+        # c alone in a vector; c and x (1D), y and x (2D) or z, y and x (3D) in a map
+        position = [_int(request, "c")] + [_int(request, axis) for axis in ("z", "y", "x")
+                                           if request.query_params.get(axis) is not None]
         if None in position:
-            raise ValueError("give the neuron as c (a vector) or c, y and x (a map)")
+            raise ValueError("give the neuron as c (a vector) or c and its position in the "
+                             "map: x (1D), y and x (2D), z, y and x (3D)")
         return JSONResponse(current.explorer.neuron(_required(request, "input"),
                                                     _int(request, "layer", required=True),
                                                     tuple(position)))
@@ -214,7 +216,8 @@ def create_app(explorer: Explorer, allowed_hosts: list[str] | None = None, *,
         return JSONResponse(current.explorer.explain(_required(request, "input"),
                                                      request.query_params.get("method",
                                                                               "gradcam"),
-                                                     _int(request, "target")))
+                                                     _int(request, "target"),
+                                                     _int(request, "depth")))
 
     async def upload(request: Request) -> JSONResponse:
         length = request.headers.get("content-length")

@@ -1,17 +1,16 @@
 """The model side of ``cnnkit serve``: a run seen layer by layer, as JSON-ready answers.
 
 After CNN Explainer (Wang et al. 2020, "CNN Explainer: Learning Convolutional Neural
-Networks with Interactive Visualization", IEEE TVCG), for any cnnkit classifier run:
-every layer's activation maps for an input, the arithmetic of any neuron (a softmax
-over the logits is the last layer), a layer's filters, explanation heat maps of any
-registered method for any class, and the model's facts.
+Networks with Interactive Visualization", IEEE TVCG), for any cnnkit run of any task and
+any number of spatial dims: every layer's activation maps for an input, the arithmetic of
+any neuron, a layer's filters, explanation heat maps of any registered method for any
+output, and the model's facts. What follows the last layer (a softmax, a segmentation
+mask) is the run's task's to say (:mod:`cnnkit.web.outputs`); what is sent of each map
+(a plane, a volume's depth slice, capped and subsampled) is :mod:`cnnkit.web.views`'.
 
-Big layers are capped so a page stays light: at most ``max_channels`` channels of a
-layer are sent, and maps are subsampled (every s-th row and column, so each value shown
-is a real activation) until a whole network's answer holds at most ``max_values``
-numbers; the layer list says what was capped. One lock serialises all use of the model
-(hooks, explainers' gradient flags); finished traces are cached per input (a bounded
-LRU) and are never mutated, so answers are built from them outside the lock.
+One lock serialises all use of the model (hooks, explainers' gradient flags); finished
+traces are cached per input (a bounded LRU) and are never mutated, so answers, and every
+depth slice of a volume's answer, are built from them outside the lock.
 
 The weights files are stamped when loaded (:mod:`cnnkit.web.freshness`): every answer about
 the model says which files it serves, from when, and whether they changed on disk since
@@ -26,15 +25,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from cnnkit.run import resolve_run
-from cnnkit.tasks import create_task
-from cnnkit.tasks.classify import Classify
+from cnnkit.explain import create, list_methods
+from cnnkit.run import resolve_run, run_test_data
+from cnnkit.workflows.explain import run_task
 from cnnkit.workflows.load import load_run
 
 from .codec import pack
@@ -42,60 +40,26 @@ from .facts import compression_facts, layer_facts
 from .freshness import FileStamp, iso_time, weights_files
 from .inputs import InputStore, png_data_url
 from .layers import Layer, Trace, discover, layer_modules, trace
-from .neuron import filters, neuron, softmax_neuron
+from .neuron import filters, neuron
+from .outputs import create_head
+from .views import LayerPlan, plan_layers, sent_values
 
-__all__ = ["Explorer", "LayerPlan"]
+__all__ = ["Explorer", "LayerPlan", "plan_layers"]
 
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What of a layer's output is sent: ``channels`` of them (maps) or ``values`` of a
-    vector, every ``stride``-th row and column; ``hidden`` for no-op layers."""
-
-    channels: int
-    stride: int
-    hidden: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"channels": self.channels, "stride": self.stride, "hidden": self.hidden}
-
-
-def plan_layers(shapes: list[tuple[int, ...]], hidden: list[bool], max_channels: int,
-                max_side: int, max_values: int) -> list[LayerPlan]:
-    """Channel caps and subsampling strides so that all sent values fit ``max_values``.
-
-    Example:
-        >>> [p.stride for p in plan_layers([(64, 224, 224), (10,)], [False, False], 8, 64,
-        ...                                 100_000)]
-        [4, 1]
-    """
-    side = max_side
-    while True:
-        plans = []
-        for shape, skip in zip(shapes, hidden, strict=True):
-            if len(shape) == 3:
-                plans.append(LayerPlan(min(shape[0], max_channels),
-                                       max(1, math.ceil(max(shape[1:]) / side)), skip))
-            else:
-                plans.append(LayerPlan(min(math.prod(shape), max_channels * max_side), 1, skip))
-        total = sum(p.channels * math.ceil(s[1] / p.stride) * math.ceil(s[2] / p.stride)
-                    if len(s) == 3 else p.channels
-                    for p, s in zip(plans, shapes, strict=True) if not p.hidden)
-        if total <= max_values or side <= 4:
-            return plans
-        side //= 2
+_UPLOADS = {2: "images", 3: "volumes (.nii, .nii.gz)"}  # what an upload is, by spatial dims
 
 
 class Explorer:
-    """A classifier run for the web app; one instance is shared by all requests.
+    """A run for the web app, of any task and 1, 2 or 3 spatial dims; one instance is
+    shared by all requests.
 
     Args:
-        run: a loaded :class:`cnnkit.run.Run` (classification).
+        run: a loaded :class:`cnnkit.run.Run`.
         weights: which weights ``run`` holds (``best``, ``last`` or ``int8``), for display.
         float_model: for an int8 run, the float model it was quantised from: explanations
             need gradients and the summary a float model, so both use it.
         max_channels: channels sent per layer.
-        max_side: largest map side sent before subsampling.
+        max_side: largest plane side sent before subsampling.
         max_values: most values one activations answer holds.
         cache_size: traces kept (per input).
         max_uploads: uploads kept in memory.
@@ -115,25 +79,27 @@ class Explorer:
                  max_channels: int = 64, max_side: int = 64, max_values: int = 2_000_000,
                  cache_size: int = 4, max_uploads: int = 32, inputs: InputStore | None = None,
                  stamps: Sequence[FileStamp] | None = None) -> None:
-        if not isinstance(create_task(run.config.task, run.config), Classify):
-            raise ValueError(f"cnnkit serve explores classifiers; {run.path} is a "
-                             f"{run.config.task} run")
         self.run, self.weights, self.model = run, weights, run.model
+        self.task = run_task(run)
         self.float_model = float_model if float_model is not None else run.model
         self.input_size = tuple(run.preprocess.input_size)
+        self.input_depth = self.input_size[1] if len(self.input_size) == 4 else 1
         self.layers = discover(self.model, self.input_size)
         self.modules = dict(layer_modules(self.model))
+        self.options = {"max_channels": max_channels, "max_side": max_side,
+                        "max_values": max_values, "cache_size": cache_size,
+                        "max_uploads": max_uploads}
         self.plans = plan_layers([la.shape for la in self.layers],
                                  [la.kind == "identity" for la in self.layers],
                                  max_channels, max_side, max_values)
         self.input_plan = plan_layers([self.input_size], [False], max_channels, max_side,
                                       max_values)[0]
+        zeros = trace(self.model, self.layers, torch.zeros(1, *self.input_size))
+        self.head = create_head(self.task.output_kind, list(run.preprocess.classes),
+                                tuple(zeros.logits.shape), self.options)
         same = inputs is not None and inputs.input_size == self.input_size \
             and inputs.classes == list(run.preprocess.classes)
-        self.inputs = inputs if same else self._test_inputs(run, max_uploads)
-        self.options = {"max_channels": max_channels, "max_side": max_side,
-                        "max_values": max_values, "cache_size": cache_size,
-                        "max_uploads": max_uploads}
+        self.inputs = inputs if same else self._test_inputs(run, self.task, max_uploads)
         self.stamps = tuple(stamps) if stamps is not None else tuple(
             FileStamp.of(p) for p in weights_files(run.path, weights) if p.is_file())
         self.loaded_ns = time.time_ns()
@@ -144,6 +110,11 @@ class Explorer:
             if self.float_model is self.model else self._float_facts()
         int8 = self.model if weights == "int8" else None
         self.compression = compression_facts(run.path, self.float_model, int8)
+        try:  # a task whose outputs are not scores (super-resolution) is not explained
+            self.task.explainable(self.float_model)
+            self.explain_error = None
+        except ValueError as e:
+            self.explain_error = str(e)
 
     @classmethod
     def load(cls, run: str | os.PathLike, weights: str = "best", **options: Any) -> Explorer:
@@ -177,23 +148,23 @@ class Explorer:
         return self.inputs.error
 
     @staticmethod
-    def _test_inputs(run: Any, max_uploads: int) -> InputStore:
-        """The run's test split, or (data moved or deleted) none, with the reason."""
-        from cnnkit.run import run_test_data
-
+    def _test_inputs(run: Any, task: Any, max_uploads: int) -> InputStore:
+        """The run's test split with its targets as the task reads them, or (data moved
+        or deleted) none, with the reason."""
         prep, error = run.preprocess, None
         try:
             test = run_test_data(run)
-            images, labels = test.images, test.labels
+            images, targets = test.images, task(run.config).targets(test)
             if tuple(images.shape[1:]) != tuple(prep.input_size):
-                raise ValueError(f"its images are {list(images.shape[1:])}, the model takes "
+                raise ValueError(f"its inputs are {list(images.shape[1:])}, the model takes "
                                  f"{list(prep.input_size)}")
         except (ValueError, OSError) as e:
+            kind = _UPLOADS.get(len(prep.input_size) - 1)
             error = f"the run's test split cannot be loaded ({' '.join(str(e).split())}); " \
-                    "upload images instead"
+                + (f"upload {kind} instead" if kind else "and its inputs cannot be uploaded")
             images = torch.zeros(0, *prep.input_size, dtype=torch.uint8)
-            labels = torch.zeros(0, dtype=torch.long)
-        return InputStore(images, labels, prep.classes, prep.input_size, max_uploads,
+            targets = torch.zeros(0, dtype=torch.long)
+        return InputStore(images, targets, prep.classes, prep.input_size, max_uploads,
                           error=error)
 
     def _float_facts(self) -> dict[str, Any]:
@@ -204,10 +175,19 @@ class Explorer:
         return {**facts, "layers": [by_name.get(la.name) for la in self.layers],
                 "from_float_model": True}
 
+    def _depth(self, depth: int | None) -> int:
+        """The slider position: ``depth`` checked, or the middle slice by default."""
+        if depth is None:
+            return self.input_depth // 2
+        if not 0 <= depth < self.input_depth:
+            raise ValueError(f"depth {depth} is outside the input's slices 0.."
+                             f"{self.input_depth - 1}")
+        return depth
+
     # -- model use, under the lock --------------------------------------------------
 
     def trace(self, key: str) -> tuple[Trace, torch.Tensor, int | None]:
-        """The (cached) trace of input ``key``, its uint8 image and label."""
+        """The (cached) trace of input ``key``, its raw input and class label."""
         image, label = self.inputs.get(key)
         with self._lock:
             cached = self._traces.get(key)
@@ -219,96 +199,113 @@ class Explorer:
             self._traces.move_to_end(key)
         return cached, image, label
 
-    def explain(self, key: str, method: str, target: int | None) -> dict[str, Any]:
-        """A heat map ``[H, W]`` of ``method`` for class ``target`` (None: the predicted)."""
-        from cnnkit.explain import create, list_methods
-
+    def explain(self, key: str, method: str, target: int | None,
+                depth: int | None = None) -> dict[str, Any]:
+        """A heat map of ``method`` for output ``target`` (None: the task's default, the
+        predicted class), as a plane: a volume's slice ``depth``, a signal's strip."""
+        if self.explain_error is not None:
+            raise ValueError(self.explain_error)
         if method not in list_methods():
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(list_methods())}")
+        k = self._depth(depth)
         t, image, _ = self.trace(key)
         classes = self.run.preprocess.classes
         if target is not None and not 0 <= target < len(classes):
             raise ValueError(f"target {target} is not a class index 0..{len(classes) - 1}")
-        target = int(t.logits.argmax()) if target is None else target
         x = self.run.preprocess(image)[None]
-        with self._lock, create(method, self.float_model) as explainer:
-            heat = explainer(x, target=target)[0].detach().float()
+        if target is None:
+            target = self.head.predicted(t.logits)
+        with self._lock:
+            if target is None:  # the task's own default (a region's class, output 0)
+                target = int(self.task.predicted(self.task.explainable(self.float_model), x)[0])
+            with create(method, self.float_model, task=self.task) as explainer:
+                heat = explainer(x, target=target)[0].detach().float()
+        plane, index = sent_values(heat[None], LayerPlan(1, 1, False), k, self.input_depth)
         return {"input": key, "method": method, "target": target, "class": classes[target],
-                "map": pack(heat), "min": heat.min().item(), "max": heat.max().item(),
-                "float_model": self.float_model is not self.model}
+                "map": pack(plane[0]), "min": heat.min().item(), "max": heat.max().item(),
+                "slice": index, "float_model": self.float_model is not self.model}
 
     # -- answers built from traces ---------------------------------------------------
 
     def layer_list(self) -> list[dict[str, Any]]:
-        """The layers (and the softmax as the last), with what is sent of each and facts."""
+        """The layers (and the output's own column, if any, as the last), with what is sent
+        of each and facts."""
         rows = [{**la.to_dict(), **plan.to_dict(), "facts": fact,
                  "source_shape": list(self._source_shape(la))}
                 for la, plan, fact in zip(self.layers, self.plans, self.facts["layers"],
                                           strict=True)]
-        n = len(self.run.preprocess.classes)
-        last = self.layers[-1] if self.layers else None
-        rows.append({"index": len(self.layers), "name": "softmax", "module": "", "type": "Softmax",
-                     "kind": "softmax", "shape": [n], "input_shape": [n],
-                     "source": last.index if last is not None and last.shape == (n,) else None,
-                     "channels": n, "stride": 1, "hidden": False, "facts": None,
-                     "source_shape": [n]})
-        return rows
+        head = self.head.row(len(self.layers), self.layers[-1] if self.layers else None)
+        return rows if head is None else [*rows, head]
 
     def info(self) -> dict[str, Any]:
         """Everything about the run that does not depend on an input."""
-        from cnnkit.explain import list_methods
-
         run, prep = self.run, self.run.preprocess
         return {"run": run.path.name, "model": run.config.model, "data": run.config.data,
+                "task": self.task.name, "output_kind": self.task.output_kind,
                 "weights": self.weights, "classes": prep.classes,
-                "input_size": list(self.input_size), "mean": list(prep.mean),
-                "std": list(prep.std), "test_images": len(self.inputs),
-                "test_error": self.test_error, "summary": run.summary,
-                "input_plan": self.input_plan.to_dict(), "layers": self.layer_list(),
+                "input_size": list(self.input_size), "input_depth": self.input_depth,
+                "mean": list(prep.mean), "std": list(prep.std),
+                "test_images": len(self.inputs), "test_error": self.test_error,
+                "summary": run.summary, "input_plan": self.input_plan.to_dict(),
+                "layers": self.layer_list(), **self.head.info(),
                 "totals": {k: v for k, v in self.facts.items() if k != "layers"},
-                "compression": self.compression, "methods": list_methods(),
+                "compression": self.compression,
+                "methods": [] if self.explain_error else list_methods(),
+                "explain_error": self.explain_error,
                 "cam_layer": getattr(self.float_model, "cam_layer", None),
                 **self.freshness()}
 
-    def activations(self, key: str) -> dict[str, Any]:
-        """Every layer's output for input ``key`` (capped as planned), and the prediction."""
+    def activations(self, key: str, depth: int | None = None) -> dict[str, Any]:
+        """Every layer's output for input ``key`` (capped as planned; a volume's slice at
+        slider position ``depth``), and the prediction."""
+        k = self._depth(depth)
         t, image, label = self.trace(key)
         layers = []
         for la, plan, out in zip(self.layers, self.plans, t.outputs, strict=True):
             entry: dict[str, Any] = {"index": la.index, "min": out.min().item(),
-                                     "max": out.max().item()}
+                                     "max": out.max().item(), "slice": None}
             if not plan.hidden:
-                sent = out[:plan.channels, ::plan.stride, ::plan.stride] if out.ndim == 3 \
-                    else out.reshape(-1)[:plan.channels]
+                sent, entry["slice"] = sent_values(out, plan, k, self.input_depth)
                 entry["data"] = pack(sent)
             layers.append(entry)
         x = self.run.preprocess(image)
-        s = self.input_plan.stride
-        probs = torch.softmax(t.logits, 0)
+        sent_x, x_slice = sent_values(x, self.input_plan, k, self.input_depth)
+        answer = self.head.answer(t.logits, k, self.input_depth)
+        if answer["head"] is not None:
+            answer["head"]["index"] = len(self.layers)
         classes = self.run.preprocess.classes
         return {"input": key, "label": label, "class": None if label is None else classes[label],
-                "image": png_data_url(image),
-                "x": pack(x[:self.input_plan.channels, ::s, ::s]),
+                "depth": k if len(self.input_size) == 4 else None, "x_slice": x_slice,
+                "image": png_data_url(image, x_slice), "x": pack(sent_x),
                 "x_min": x.min().item(), "x_max": x.max().item(), "layers": layers,
-                "logits": t.logits.tolist(), "probabilities": probs.tolist(),
-                "predicted": int(probs.argmax())}
+                "truth": self._truth(key, k), **answer}
+
+    def _truth(self, key: str, k: int) -> dict[str, Any] | None:
+        """A test input's target when it is not a class: a mask's plane at slider position
+        ``k`` (``[1, h, w]``, the mask column's sampling) or values."""
+        target = self.inputs.target(key)
+        if target is None or target.ndim == 0:
+            return None
+        if target.ndim == len(self.input_size) - 1 and self.head.plan is not None:
+            sent, _ = sent_values(target[None].float(), self.head.plan, k, self.input_depth)
+            return {"mask": pack(sent)}
+        return {"values": target.reshape(-1).tolist()}
 
     def _layer(self, index: int) -> Layer | None:
-        if not 0 <= index <= len(self.layers):
-            raise LookupError(f"no layer {index}; the layers are 0..{len(self.layers)} "
-                              f"({len(self.layers)} is the softmax)")
+        last = len(self.layers) if self.head.name else len(self.layers) - 1
+        if not 0 <= index <= last:
+            extra = f" ({last} is the {self.head.name})" if self.head.name else ""
+            raise LookupError(f"no layer {index}; the layers are 0..{last}{extra}")
         return self.layers[index] if index < len(self.layers) else None
 
     def neuron(self, key: str, index: int, position: tuple[int, ...]) -> dict[str, Any]:
-        """The arithmetic of neuron ``position`` (``(c, y, x)`` or ``(j,)``) of layer ``index``."""
+        """The arithmetic of neuron ``position`` (``(c, *where)`` in a map, ``(j,)`` in a
+        vector) of layer ``index`` (past the last: the output's own column)."""
         layer = self._layer(index)
         t, _, _ = self.trace(key)
         if layer is None:
-            if len(position) != 1:
-                raise ValueError("a softmax neuron is one class: give c only")
-            view = softmax_neuron(t.logits, position[0])
-            view["class"] = self.run.preprocess.classes[position[0]]
-            name = "softmax"
+            view = self.head.neuron(t.logits, position)
+            name = self.head.name
         else:
             view = neuron(layer, self.modules[layer.module], t.inputs[index], t.outputs[index],
                           position)
@@ -319,7 +316,7 @@ class Explorer:
         """Layer ``index``'s kernels (convolution) or weights (linear), capped."""
         layer = self._layer(index)
         if layer is None:
-            raise ValueError("the softmax has no filters")
+            raise ValueError(f"the {self.head.name} has no filters")
         return filters(layer, self.modules[layer.module], self._source_shape(layer), max_out,
                        max_in)
 

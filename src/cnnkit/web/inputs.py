@@ -15,6 +15,14 @@ mode conversion ever copies the full image), and only then preprocesses exactly 
 training (:func:`cnnkit.data.load_image`). A :class:`DecodeBudget` bounds the pixels being
 decoded at once (one full-size image, or many small ones), and large decodes hand their
 freed memory back to the operating system.
+
+A run on volumes takes NIfTI uploads (``.nii``, ``.nii.gz``; :func:`decode_volume_upload`),
+bounded the same way: the header is read first (from the first bytes of a gzip stream,
+never the whole stream), more than ``max_pixels`` voxels are refused before anything
+else is decompressed, decompression stops at the size the header declares (a gzip bomb
+inflates no further), and the volume is then read exactly as in training
+(:func:`cnnkit.data.load_input`). A run on 1D signals takes no uploads (cnnkit reads no
+single-signal files yet): its test split is explored.
 """
 
 from __future__ import annotations
@@ -23,21 +31,26 @@ import base64
 import contextlib
 import ctypes
 import io
+import math
 import re
 import secrets
 import sys
+import tempfile
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from cnnkit.data import load_image
+from cnnkit.data import load_image, load_input
 
-__all__ = ["InputStore", "UploadTooLarge", "DecodeBudget", "decode_upload", "png_data_url",
-           "release_memory", "MAX_UPLOAD_PIXELS"]
+__all__ = ["InputStore", "UploadTooLarge", "DecodeBudget", "decode_upload",
+           "decode_volume_upload", "png_data_url", "release_memory", "MAX_UPLOAD_PIXELS"]
 
 # What Pillow raises on a file it cannot read (an UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
@@ -194,10 +207,92 @@ def decode_upload(data: bytes, size: tuple[int, int], channels: int,
             release_memory()
 
 
-def png_data_url(image: torch.Tensor) -> str:
-    """A uint8 ``[C, H, W]`` image as a ``data:image/png`` URL."""
-    a = image.permute(1, 2, 0).numpy()
-    im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+# NIfTI-1 and NIfTI-2 header sizes and nibabel's classes for them.
+_NIFTI_HEADERS = ((348, "Nifti1Header"), (540, "Nifti2Header"))
+_GZIP = b"\x1f\x8b"
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``data``, decompressed if it is gzip: never more, so a
+    small stream that would inflate to gigabytes costs ``limit`` bytes."""
+    if data[:2] != _GZIP:
+        return data[:limit]
+    try:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, limit)
+    except zlib.error as e:
+        raise ValueError(f"the upload is a damaged gzip file ({e}); upload a .nii or .nii.gz "
+                         "volume") from e
+
+
+def _nifti_header(data: bytes) -> Any:
+    try:
+        import nibabel as nib  # optional: the volumes extra
+    except ImportError as e:
+        raise ValueError("reading NIfTI uploads needs nibabel; install it with pip install "
+                         "'cnnkit[volumes]'") from e
+    for size, name in _NIFTI_HEADERS:
+        head = _inflate(data, size)
+        if len(head) < size:
+            continue
+        try:
+            return getattr(nib, name).from_fileobj(io.BytesIO(head), check=True)
+        except Exception:  # noqa: BLE001, S112 - nibabel raises many types; try the next
+            continue
+    raise ValueError("the upload is not a NIfTI volume; the model takes volumes: upload a "
+                     ".nii or .nii.gz file")
+
+
+def decode_volume_upload(data: bytes, input_size: Sequence[int],
+                         max_pixels: int = MAX_UPLOAD_PIXELS,
+                         budget: DecodeBudget | None = None) -> torch.Tensor:
+    """An uploaded NIfTI file's bytes (``.nii`` or ``.nii.gz``) as the ``[C, D, H, W]``
+    volume the model takes (``input_size``), read as in training.
+
+    Raises:
+        UploadTooLarge: more than ``max_pixels`` voxels (all channels), from the header.
+        ValueError: empty, not NIfTI, damaged or truncated.
+    """
+    if not data:
+        raise ValueError("the upload is empty; choose a NIfTI volume (.nii, .nii.gz)")
+    header = _nifti_header(data)
+    shape = tuple(int(v) for v in header.get_data_shape())
+    if len(shape) not in (3, 4) or 0 in shape:
+        raise ValueError(f"the volume has shape {list(shape)}; upload a 3D (x, y, z) or 4D "
+                         "(x, y, z, channel) NIfTI volume")
+    voxels = math.prod(shape)
+    if voxels > max_pixels:
+        raise UploadTooLarge(f"the volume has {'x'.join(map(str, shape))} voxels, over the "
+                             f"limit of {max_pixels:,}; upload a smaller volume")
+    size = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
+    with budget.held(voxels) if budget is not None else contextlib.nullcontext():
+        raw = _inflate(data, size)
+        if len(raw) < size:
+            raise ValueError(f"the volume is truncated: its header declares {size:,} bytes, "
+                             f"the file holds {len(raw):,}; upload the whole file")
+        with tempfile.TemporaryDirectory(prefix="cnnkit-upload-") as folder:
+            path = Path(folder) / "upload.nii"
+            path.write_bytes(raw)
+            del raw
+            return load_input(path, input_size)
+
+
+def _uint8(image: torch.Tensor) -> torch.Tensor:
+    if image.dtype == torch.uint8:
+        return image
+    return (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def png_data_url(image: torch.Tensor, depth: int | None = None) -> str:
+    """An input ``[C, *spatial]`` (uint8, or float in [0, 1]) as a ``data:image/png`` URL:
+    an image as it is, a volume's slice ``depth`` (the middle one by default), a 1D
+    signal as a strip (its one row repeated, so it reads at thumbnail size)."""
+    image = _uint8(image)
+    if image.ndim == 4:
+        image = image[:, image.shape[1] // 2 if depth is None else depth]
+    elif image.ndim == 2:
+        image = image[:, None].expand(-1, max(1, image.shape[1] // 8), -1)
+    a = np.ascontiguousarray(image[:3].permute(1, 2, 0).numpy())
+    im = Image.fromarray(a[..., 0] if a.shape[-1] in (1, 2) else a)
     buf = io.BytesIO()
     im.save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -207,10 +302,12 @@ class InputStore:
     """The test split by index and the most recent uploads, by id; safe between threads.
 
     Args:
-        images: the test split, uint8 ``[N, C, H, W]`` (may be empty).
-        labels: its labels ``[N]``.
-        classes: class names.
-        input_size: ``(C, H, W)`` the model takes.
+        images: the test split ``[N, C, *spatial]``, uint8 or float in [0, 1] (may be
+            empty).
+        labels: its targets, as the run's task reads them: class labels ``[N]``, masks
+            ``[N, *spatial]`` or values ``[N, K]``.
+        classes: the names of the model's outputs.
+        input_size: ``(C, *spatial)`` the model takes.
         max_uploads: uploads kept; the oldest is dropped beyond it.
         max_pixels: most pixels an upload may decode to (:func:`decode_upload`).
         decode_pixels: pixels decoded at the same time (:class:`DecodeBudget`); more wait.
@@ -231,8 +328,20 @@ class InputStore:
     def __len__(self) -> int:
         return len(self.images)
 
+    def _label(self, i: int) -> int | None:
+        """Test input ``i``'s class, when its target is one (not a mask or values)."""
+        t = self.labels[i]
+        return int(t) if t.ndim == 0 and not t.is_floating_point() else None
+
+    def target(self, key: str) -> torch.Tensor | None:
+        """The target of a test input (a label, mask or values); None for an upload."""
+        self.get(key)  # checks the id
+        kind, ident = key.split(":")
+        return self.labels[int(ident)] if kind == "test" else None
+
     def get(self, key: str) -> tuple[torch.Tensor, int | None]:
-        """The uint8 image ``[C, H, W]`` and its label (None for uploads).
+        """The input ``[C, *spatial]`` and its class label (None for uploads and for
+        targets that are not classes).
 
         Raises:
             ValueError: ``key`` is not ``test:<index>`` or ``upload:<token>``.
@@ -247,7 +356,7 @@ class InputStore:
             if not ident.isdigit() or int(ident) >= len(self.images):
                 raise LookupError(f"no test image {ident}; the test split has "
                                   f"{len(self.images)} images (test:0 .. test:{len(self) - 1})")
-            return self.images[int(ident)], int(self.labels[int(ident)])
+            return self.images[int(ident)], self._label(int(ident))
         with self._lock:
             if ident not in self._uploads:
                 raise LookupError(f"upload {ident} is not held (only the last "
@@ -256,9 +365,22 @@ class InputStore:
             return self._uploads[ident][0], None
 
     def add_upload(self, data: bytes, filename: str) -> str:
-        """Decode and keep an upload; returns its id ``upload:<token>``."""
-        c, h, w = self.input_size
-        image = decode_upload(data, (h, w), c, self.max_pixels, self._budget)
+        """Decode and keep an upload (an image, or a NIfTI volume for a model of volumes);
+        returns its id ``upload:<token>``.
+
+        Raises:
+            UploadTooLarge: over the pixel (voxel) limit.
+            ValueError: not a file of the model's kind of input, or damaged.
+        """
+        c, *spatial = self.input_size
+        if len(spatial) == 3:
+            image = decode_volume_upload(data, self.input_size, self.max_pixels, self._budget)
+        elif len(spatial) == 2:
+            image = decode_upload(data, tuple(spatial), c, self.max_pixels, self._budget)
+        else:
+            raise ValueError(f"the model takes {len(spatial)}D inputs, which cannot be "
+                             "uploaded (cnnkit reads images and NIfTI volumes); explore the "
+                             "test split")
         token = secrets.token_hex(8)
         with self._lock:
             self._uploads[token] = (image, filename)
@@ -271,7 +393,10 @@ class InputStore:
         if offset < 0 or limit < 1:
             raise ValueError("offset must be >= 0 and limit >= 1")
         stop = min(offset + min(limit, 500), len(self.images))
-        items = [{"input": f"test:{i}", "label": int(self.labels[i]),
-                  "class": self.classes[int(self.labels[i])], "image": png_data_url(self.images[i])}
-                 for i in range(offset, stop)]
+        items = []
+        for i in range(offset, stop):
+            label = self._label(i)
+            items.append({"input": f"test:{i}", "label": label,
+                          "class": None if label is None else self.classes[label],
+                          "image": png_data_url(self.images[i])})
         return {"total": len(self.images), "offset": offset, "items": items}

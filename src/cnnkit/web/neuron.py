@@ -32,7 +32,7 @@ from torch import nn
 from .codec import pack
 from .layers import Layer
 
-__all__ = ["neuron", "softmax_neuron", "filters", "layer_weights"]
+__all__ = ["neuron", "softmax_neuron", "argmax_neuron", "filters", "layer_weights"]
 
 TOP_TERMS = 64  # the largest products a linear neuron lists (all are summed and sent packed)
 
@@ -173,21 +173,22 @@ def pool_neuron(module: nn.Module, x: torch.Tensor, out: torch.Tensor, c: int, i
     return _finish(view, None, result, out[c, i, j].item(), sum(map(abs, values)))
 
 
-def norm_neuron(module: nn.Module, x: torch.Tensor, out: torch.Tensor, c: int, i: int,
-                j: int) -> dict[str, Any]:
-    """Output ``(c, i, j)`` of a BatchNorm at inference: ``(x - mean) / sqrt(var + eps) *
-    gamma + beta`` (Ioffe and Szegedy 2015, "Batch Normalization")."""
+def norm_neuron(module: nn.Module, x: torch.Tensor, out: torch.Tensor, c: int,
+                *where: int) -> dict[str, Any]:
+    """Output ``(c, *where)`` of a BatchNorm (of any spatial dims) at inference:
+    ``(x - mean) / sqrt(var + eps) * gamma + beta`` (Ioffe and Szegedy 2015, "Batch
+    Normalization")."""
     if module.running_mean is not None:
         mean, var = module.running_mean[c].item(), module.running_var[c].item()
     else:  # no running statistics: the (one-image) batch's own, as PyTorch uses then
         mean, var = x[c].double().mean().item(), x[c].double().var(unbiased=False).item()
     gamma = 1.0 if module.weight is None else module.weight[c].item()
     beta = 0.0 if module.bias is None else module.bias[c].item()
-    v = x[c, i, j].item()
+    v = x[(c, *where)].item()
     result = (v - mean) / math.sqrt(var + module.eps) * gamma + beta
     view = {"kind": "norm", "input": v, "mean": mean, "var": var, "eps": module.eps,
             "gamma": gamma, "beta": beta}
-    return _finish(view, module, result, out[c, i, j].item(), abs(result))
+    return _finish(view, module, result, out[(c, *where)].item(), abs(result))
 
 
 def _gelu(x: float, m: nn.Module) -> float:
@@ -253,7 +254,9 @@ def passthrough_neuron(layer: Layer, x: torch.Tensor, out: torch.Tensor,
 
 def neuron(layer: Layer, module: nn.Module, x: torch.Tensor, out: torch.Tensor,
            index: tuple[int, ...]) -> dict[str, Any]:
-    """The view of one neuron: ``index`` is ``(c, i, j)`` in a map or ``(j,)`` in a vector.
+    """The view of one neuron: ``index`` is ``(c, *position)`` in a map or ``(j,)`` in a
+    vector. Convolution and pooling are spelled out for 2D maps; in 1D and 3D their
+    neurons are shown by value.
 
     Args:
         layer: the layer (its kind picks the view).
@@ -275,14 +278,14 @@ def neuron(layer: Layer, module: nn.Module, x: torch.Tensor, out: torch.Tensor,
     if len(index) != len(out.shape) or any(not 0 <= v < n for v, n in
                                             zip(index, out.shape, strict=True)):
         raise ValueError(f"neuron {list(index)} is outside layer {layer.name!r} of shape "
-                         f"{list(out.shape)}; give c, y, x inside it")
+                         f"{list(out.shape)}; give c and a position inside it")
     if layer.kind == "conv" and out.ndim == 3:
         return conv_neuron(module, x, out, *index)
     if layer.kind == "linear" and out.ndim == 1:
         return linear_neuron(module, x, out, index[0])
     if layer.kind == "pool" and out.ndim == 3:
         return pool_neuron(module, x, out, *index)
-    if layer.kind == "norm" and out.ndim == 3:
+    if layer.kind == "norm" and out.ndim >= 2:
         return norm_neuron(module, x, out, *index)
     if layer.kind == "activation" and type(module).__name__ in _ACTIVATIONS:
         return activation_neuron(module, x, out, index)
@@ -312,23 +315,49 @@ def softmax_neuron(logits: torch.Tensor, k: int) -> dict[str, Any]:
     return _finish(view, None, exps[k].item() / total, value, 1.0)
 
 
+def argmax_neuron(logits: torch.Tensor, position: tuple[int, ...]) -> dict[str, Any]:
+    """The class of one position of a segmentation: the argmax of the class scores there.
+
+    Example:
+        >>> v = argmax_neuron(torch.tensor([[[0.5, 2.0]], [[1.0, -1.0]]]), (0, 0))
+        >>> v["result"], v["scores"], v["matches"]
+        (1, [0.5, 1.0], True)
+    """
+    if len(position) != logits.ndim - 1 or any(not 0 <= p < n for p, n in
+                                                zip(position, logits.shape[1:], strict=True)):
+        raise ValueError(f"position {list(position)} is outside the mask "
+                         f"{list(logits.shape[1:])}")
+    scores = logits[(slice(None), *position)]
+    value = int(logits.argmax(0)[position])
+    result = int(scores.argmax())
+    return {"kind": "argmax", "scores": scores.tolist(), "result": result, "value": value,
+            "matches": result == value}
+
+
 def filters(layer: Layer, module: nn.Module, source_shape: tuple[int, ...] | None,
             max_out: int, max_in: int) -> dict[str, Any]:
     """A convolution's kernels ``[out, in, kh, kw]`` or a linear layer's weights.
 
     A linear layer after a flatten of a map ``(C, H, W)`` shows each output's weights as
     C maps (as CNN Explainer draws the dense layer); otherwise as one row ``[1, in]``.
-    At most ``max_out`` outputs and ``max_in`` input channels are sent.
+    Kernels are sent as planes: a 1D kernel as one row, a 3D one ``[kd, kh, kw]`` as its
+    depth slices stacked, ``[kd * kh, kw]``. At most ``max_out`` outputs and ``max_in``
+    input channels are sent.
     """
     if layer.kind not in ("conv", "linear"):
         raise ValueError(f"layer {layer.name!r} is a {layer.type}; only convolution and linear "
                          "layers have filters")
     weight, bias = layer_weights(module)
+    kernel_shape = list(weight.shape)
     if layer.kind == "linear":
         maps = source_shape if source_shape and math.prod(source_shape) == weight.shape[1] \
             and len(source_shape) == 3 else (1, 1, weight.shape[1])
         weight = weight.reshape(weight.shape[0], *maps)
+    elif weight.ndim != 4:  # 1D and 3D kernels as planes
+        k = weight.shape[2:]
+        plane = (1, k[0]) if len(k) == 1 else (math.prod(k[:-1]), k[-1])
+        weight = weight.reshape(*weight.shape[:2], *plane)
     shown = weight[:max_out, :max_in]
     return {"layer": layer.index, "name": layer.name, "shape": list(weight.shape),
             "weights": pack(shown), "bias": None if bias is None else bias[:max_out].tolist(),
-            "groups": getattr(module, "groups", 1)}
+            "groups": getattr(module, "groups", 1), "kernel_shape": kernel_shape}
