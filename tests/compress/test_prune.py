@@ -15,6 +15,7 @@ from cnnkit.compress.prune import (
     prune,
     register_criterion,
 )
+from cnnkit.layers.ops import UnknownOperator
 from cnnkit.models import create_model
 
 X32 = (2, 3, 32, 32)
@@ -399,3 +400,112 @@ def test_every_criterion_prunes_mobilenet_like_the_zeroed_original(criterion, ra
         torch.testing.assert_close(pruned(x), _zeroed(model, pruned.pruning_history)(x),
                                    atol=1e-5, rtol=0)
     assert _params(pruned) < _params(model) / 2.3
+
+
+# -- 1D and 3D: the same groups, the same surgery, read from the registry's channels fact --
+ND_MODELS = {  # (name, builder options): one network in 1, 2 and 3 spatial dims
+    "resnet18_1d": ("resnet18", dict(num_classes=3, input_size=(1, 32))),
+    "resnet18_2d": ("resnet18", dict(num_classes=3, input_size=(1, 32, 32))),
+    "resnet18_3d": ("resnet18", dict(num_classes=3, input_size=(1, 12, 12, 12))),
+    "unet3d": ("unet3d", dict(num_classes=3, input_size=(1, 16, 16, 16), width=4)),
+}
+
+
+def _randomise_norms(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def _zeroed_nd(model: nn.Module, history: list[dict]) -> nn.Module:
+    """As :func:`_zeroed`, and a transposed convolution's outputs are its weight's dim 1."""
+    ref = copy.deepcopy(model)
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for entry in history:
+            drop = torch.tensor(sorted(set(range(entry["channels"])) - set(entry["kept"])))
+            for name, kind, offset, _ in entry["members"]:
+                m = modules[name]
+                if kind in ("out", "bn", "dw"):
+                    if getattr(m, "transposed", False):
+                        m.weight[:, offset + drop] = 0
+                    else:
+                        m.weight[offset + drop] = 0
+                    if m.bias is not None:
+                        m.bias[offset + drop] = 0
+    return ref
+
+
+@pytest.mark.parametrize("key", list(ND_MODELS))
+def test_nd_pruned_equals_zeroed_original(key):
+    name, kwargs = ND_MODELS[key]
+    torch.manual_seed(0)
+    model = _randomise_norms(create_model(name, **kwargs))
+    x = torch.randn(2, *kwargs["input_size"])
+    pruned = prune(model, 0.5, example_inputs=x[:1]).eval()
+    with torch.no_grad():
+        expected = _zeroed_nd(model, pruned.pruning_history)(x)
+        got = pruned(x)
+        assert got.shape == model(x).shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert expected.abs().max() > 1e-2
+    assert _params(pruned) < _params(model) / 2.3
+
+
+def test_nd_channel_counts_are_the_2d_ones():
+    counts = {}
+    for dims in (1, 2, 3):
+        name, kwargs = ND_MODELS[f"resnet18_{dims}d"]
+        model = create_model(name, **kwargs)
+        groups = dependency_groups(model, torch.randn(1, *kwargs["input_size"]))
+        pruned = prune(model, 0.5)
+        counts[dims] = ([(g.channels, len(g.members), g.prunable) for g in groups],
+                        [(n, m.weight.shape[:2]) for n, m in pruned.named_modules()
+                         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))])
+    assert counts[1] == counts[2] == counts[3]
+    assert dict(counts[3][1])["layer1.0.conv1"] == (32, 32)
+
+
+def test_unet3d_transposed_convolutions_are_pruned():
+    name, kwargs = ND_MODELS["unet3d"]
+    model = create_model(name, **kwargs)
+    pruned = prune(model, 0.5)
+    assert [(u.in_channels, u.out_channels) for u in pruned.up] == [(32, 32), (16, 16), (8, 8)]
+    assert [(u.in_channels, u.out_channels) for u in model.up] == [(64, 64), (32, 32), (16, 16)]
+    again = apply_history(create_model(name, **kwargs), pruned.pruning_history)
+    assert again.state_dict().keys() == pruned.state_dict().keys()
+
+
+def test_unknown_operator_refused_by_pruning():
+    class Scale(nn.Module):  # a user's own layer with parameters, unknown to the registry
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.w
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Scale(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(UnknownOperator) as err:
+        dependency_groups(model, torch.randn(1, 3, 8, 8))
+    assert "Scale" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UnknownOperator, match="Scale"):
+        prune(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+
+
+def test_unknown_function_refused_by_pruning():
+    class Spectral(nn.Module):  # a container calling a function the registry does not know
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 8, 3)
+
+        def forward(self, x):
+            return torch.fft.fft(self.conv(x)).real
+
+    with pytest.raises(UnknownOperator, match="'fft_fft'"):
+        dependency_groups(Spectral(), torch.randn(1, 3, 8))

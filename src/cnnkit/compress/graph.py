@@ -12,11 +12,15 @@ Towards any structural pruning").
 The analysis is read-only: one forward pass in eval mode under a
 :class:`~torch.overrides.TorchFunctionMode` gives every tensor a channel *layout* (which
 source groups its dim 1 is made of, in order) and records, for each convolution /
-BatchNorm / linear call, which group segment sits at which offset of its channels.
-Layers are recognised by their weight tensors, so no per-architecture code is needed.
-Anything the analysis does not understand (attention gates, channel slicing, grouped
-convolutions, normalisations other than BatchNorm) makes the groups it touches
-unprunable instead of producing a wrong plan; the model's outputs are never pruned.
+transposed convolution / norm / linear call, which group segment sits at which offset of
+its channels. How each call couples channels is its operator's ``channels`` fact in the
+operator registry (:mod:`cnnkit.layers.ops`, :data:`~cnnkit.layers.ops.CHANNELS`), and
+layers are recognised by their weight tensors, so no per-architecture code is needed and
+the analysis is the same in 1, 2 or 3 spatial dims. An ``"opaque"`` coupling (attention
+gates, channel slicing, group norms), a grouped convolution or a norm without its layer
+makes the groups it touches unprunable instead of producing a wrong plan; the model's
+outputs are never pruned. A module or a function the registry does not know refuses
+(:class:`~cnnkit.layers.ops.UnknownOperator`, one line): it is never skipped silently.
 """
 
 from __future__ import annotations
@@ -30,33 +34,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from cnnkit.layers.ops import arg, tensors
+from cnnkit.layers.ops import arg, function_facts, operator_modules, resolve, tensors
 from cnnkit.models._surgery import Member
 
 __all__ = ["Group", "Member", "dependency_groups"]
 
-# Ops that keep every channel where it was and map an all-zero channel to zeros, so a
-# removed (zeroed) channel stays removed: activations with f(0) = 0, pools, dropout.
-_PASS = frozenset({
-    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "gelu",
-    "silu", "silu_", "elu", "elu_", "tanh", "hardswish", "mish", "dropout", "dropout2d",
-    "alpha_dropout", "feature_alpha_dropout", "max_pool1d", "max_pool2d", "max_pool3d",
-    "max_pool1d_with_indices", "max_pool2d_with_indices",
-    "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
-    "adaptive_max_pool2d_with_indices", "contiguous", "clone", "detach", "to", "float",
-})
-_ADD = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__",
-                  "sub", "sub_", "__sub__", "__rsub__", "__isub__"})
-_CAT = frozenset({"cat", "concat", "concatenate"})
-_CONV = frozenset({"conv1d", "conv2d", "conv3d"})
-_RESHAPE = frozenset({"flatten", "view", "reshape"})
+_CONSUMER = "structured pruning"
+# The couplings of layers that own channels (their weights name them in the trace).
+_LAYERS = ("conv", "conv_transpose", "linear", "norm")
 
 
 @dataclass(frozen=True)
@@ -81,11 +69,11 @@ class _ChannelTracer(TorchFunctionMode):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.owner: dict[int, tuple[str, nn.Module]] = {}
-        for name, module in model.named_modules():
-            if isinstance(module, (_ConvNd, nn.Linear, _BatchNorm)):
+        self.owner: dict[int, tuple[str, str]] = {}  # id(weight) -> (layer, coupling)
+        for name, module, facts in operator_modules(model, _CONSUMER):
+            if facts.channels in _LAYERS:
                 for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-                    self.owner[id(t)] = (name, module)
+                    self.owner[id(t)] = (name, facts.channels)
         self.layouts = WeakIdKeyDictionary()
         self.length: list[int] = []
         self.parent: list[int] = []
@@ -126,30 +114,36 @@ class _ChannelTracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        ins = [t for t in tensors((args, kwargs)) if t in self.layouts]
         first = next(tensors(out), None)
         if first is None:  # sizes, shapes, dims: nothing flows
             return out
-        if name in _CONV:
+        every = list(tensors((args, kwargs)))
+        ins = [t for t in every if t in self.layouts]
+        if not ins and not any(id(t) in self.owner for t in every):
+            return out  # constants, or the input before the first layer: no channels yet
+        facts = function_facts(getattr(func, "__name__", repr(func)), _CONSUMER)
+        coupling = resolve(facts.channels, args, kwargs)
+        if coupling == "conv":
             self._conv(args, kwargs, first)
-        elif name == "batch_norm":
-            self._batch_norm(args, kwargs, first)
-        elif name == "linear":
+        elif coupling == "conv_transpose":
+            self._conv_transpose(args, kwargs, first)
+        elif coupling == "norm":
+            self._norm(args, kwargs, first)
+        elif coupling == "linear":
             self._linear(args, kwargs, first)
         elif not ins:
             pass
-        elif name in _PASS or name.lstrip("_") in _PASS:
+        elif coupling == "pass":
             for t in tensors(out):  # pooling indices too: max_unpool pairs them with x
                 self._unary(args[0], t)
-        elif name in _ADD:
+        elif coupling == "merge":
             self._add(args, first)
-        elif name in _CAT:
+        elif coupling == "concat":
             self._cat(args, kwargs, first)
-        elif name in _RESHAPE:
+        elif coupling == "flatten":
             self._reshape(args[0], first)
-        else:
-            for t in ins:  # an op we do not understand: keep its channels whole
+        else:  # "opaque": keep its channels whole
+            for t in ins:
                 self.block(self.layouts[t])
         return out
 
@@ -158,15 +152,15 @@ class _ChannelTracer(TorchFunctionMode):
             self.out_nodes[name] = self.new_node(channels)
         return self.out_nodes[name]
 
-    def _layer(self, weight: Any, kind: type) -> str | None:
+    def _layer(self, weight: Any, coupling: str) -> str | None:
         owner = self.owner.get(id(weight))
-        return owner[0] if owner and isinstance(owner[1], kind) else None
+        return owner[0] if owner and owner[1] == coupling else None
 
     def _conv(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         x, weight = args[0], arg(args, kwargs, 1, "weight")
         groups = arg(args, kwargs, 6, "groups", 1)
         layout = self.layouts.get(x)
-        name = self._layer(weight, _ConvNd)
+        name = self._layer(weight, "conv")
         if name is None or (layout is not None and layout.span != 1):
             self.block(layout)
             return
@@ -182,11 +176,30 @@ class _ChannelTracer(TorchFunctionMode):
         else:  # grouped or channel-multiplying convolutions are not pruned
             self.block(layout)
 
-    def _batch_norm(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+    def _conv_transpose(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """Weight ``[C_in, C_out / groups, *k]``: only ungrouped ones are pruned."""
+        x, weight = args[0], arg(args, kwargs, 1, "weight")
+        layout = self.layouts.get(x)
+        name = self._layer(weight, "conv_transpose")
+        if name is None or arg(args, kwargs, 6, "groups", 1) != 1 or (
+                layout is not None and layout.span != 1):
+            self.block(layout)
+            return
+        if layout is not None:
+            self.add_members(layout, name, "in")
+        node = self._out_node(name, weight.shape[1])
+        self.members[node].append(Member(name, "out"))
+        self.layouts[out] = _Layout((node,))
+
+    def _norm(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """Per-channel statistics (batch_norm and instance_norm share the argument order)."""
         layout = self.layouts.get(args[0])
-        name = self._layer(arg(args, kwargs, 1, "running_mean"), _BatchNorm)
-        if name is None:
-            name = self._layer(arg(args, kwargs, 3, "weight"), _BatchNorm)
+        stats = [arg(args, kwargs, i, key) for i, key in
+                 ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+        if all(t is None for t in stats):  # no per-channel state: a zero channel stays zero
+            self._unary(args[0], out)
+            return
+        name = next((n for t in stats if (n := self._layer(t, "norm")) is not None), None)
         if layout is None or name is None or layout.span != 1:
             self.block(layout)
             return
@@ -196,7 +209,7 @@ class _ChannelTracer(TorchFunctionMode):
     def _linear(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         x, weight = args[0], arg(args, kwargs, 1, "weight")
         layout = self.layouts.get(x)
-        name = self._layer(weight, nn.Linear)
+        name = self._layer(weight, "linear")
         if name is None or x.dim() != 2:
             self.block(layout)
             return
@@ -321,6 +334,9 @@ def dependency_groups(model: nn.Module,
     Returns:
         Every group in order of first appearance; ``prunable`` is False for groups that
         reach the model output or an operation the analysis does not model.
+
+    Raises:
+        UnknownOperator: a module or a function the operator registry does not know.
 
     Example:
         >>> from cnnkit.models import create_model

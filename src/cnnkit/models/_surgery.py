@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+
+from cnnkit.layers.ops import module_facts
 
 __all__ = ["Member", "apply_history", "apply_step", "shrink", "refresh_metadata",
            "default_inputs"]
@@ -134,10 +135,19 @@ def keep_indices(size: int, drop: set[int]) -> torch.Tensor:
 
 
 def shrink(old: nn.Module, drop_out: set[int], drop_in: set[int]) -> nn.Module:
-    """A new module of ``old``'s type without the dropped output / input channels."""
+    """A new module of ``old``'s type without the dropped output / input channels.
+
+    How the layer's weights hold its channels is its operator's ``channels`` fact in the
+    registry (:mod:`cnnkit.layers.ops`): ``"conv"`` (``[C_out, C_in / groups, *k]``, any
+    dims), ``"conv_transpose"`` (``[C_in, C_out, *k]``), ``"linear"`` or ``"norm"``.
+    """
+    coupling = module_facts(old, "structured pruning").channels
     w = old.weight if getattr(old, "weight", None) is not None else None
     kw = dict(device=w.device if w is not None else None, dtype=w.dtype if w is not None else None)
-    if isinstance(old, _ConvNd) and not old.transposed:
+    if coupling in ("conv", "conv_transpose") and not isinstance(old, _ConvNd):
+        raise ValueError(f"cannot prune a {type(old).__name__}: its surgery rebuilds torch "
+                         "convolutions (nn.ConvNd / nn.ConvTransposeNd) only")
+    if coupling == "conv":
         keep_out = keep_indices(old.out_channels, drop_out)
         depthwise = old.groups > 1
         # Depthwise: channel c is input c and output c at once ("dw" members drop both).
@@ -147,12 +157,19 @@ def shrink(old: nn.Module, drop_out: set[int], drop_in: set[int]) -> nn.Module:
                         old.padding_mode, **kw)
         weight = old.weight.detach()[keep_out]
         new.weight.data.copy_(weight if depthwise else weight[:, keep_in])
-    elif isinstance(old, nn.Linear):
+    elif coupling == "conv_transpose":  # weight [C_in, C_out, *k]; only ungrouped ones
+        keep_out = keep_indices(old.out_channels, drop_out)
+        keep_in = keep_indices(old.in_channels, drop_in)
+        new = type(old)(len(keep_in), len(keep_out), old.kernel_size, old.stride, old.padding,
+                        old.output_padding, 1, old.bias is not None, old.dilation,
+                        old.padding_mode, **kw)
+        new.weight.data.copy_(old.weight.detach()[keep_in][:, keep_out])
+    elif coupling == "linear":
         keep_out = keep_indices(old.out_features, drop_out)
         keep_in = keep_indices(old.in_features, drop_in)
         new = nn.Linear(len(keep_in), len(keep_out), old.bias is not None, **kw)
         new.weight.data.copy_(old.weight.detach()[keep_out][:, keep_in])
-    elif isinstance(old, _BatchNorm):
+    elif coupling == "norm":
         keep_out = keep_indices(old.num_features, drop_out)
         new = type(old)(len(keep_out), old.eps, old.momentum, old.affine,
                         old.track_running_stats, **kw)
@@ -162,8 +179,9 @@ def shrink(old: nn.Module, drop_out: set[int], drop_in: set[int]) -> nn.Module:
         if old.track_running_stats:
             new.num_batches_tracked.copy_(old.num_batches_tracked)
     else:
-        raise ValueError(f"cannot prune a {type(old).__name__}; structured pruning supports "
-                         "Conv1d/2d/3d, Linear and BatchNorm layers")
+        raise ValueError(f"cannot prune a {type(old).__name__}: its operator couples channels "
+                         f"as {coupling!r}; structured pruning rebuilds convolutions, "
+                         "transposed convolutions, linear layers and norms (any dims)")
     if getattr(old, "bias", None) is not None:
         new.bias.data.copy_(old.bias.detach()[keep_out])
     new.train(old.training)
