@@ -28,7 +28,7 @@ def _randomize_bn(model, seed=0, centred=False):
     adds no bias."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             n = m.num_features
             m.weight.data = torch.rand(n, generator=g, dtype=m.weight.dtype) + 0.5
             m.running_var = torch.rand(n, generator=g, dtype=m.weight.dtype) + 0.5
@@ -246,6 +246,55 @@ def test_residual_and_concatenation_nets_conserve_relevance(name):
     logits = model.eval()(x).detach().gather(1, targets)
     maps = create("lrp", model, rule="epsilon", epsilon=1e-12)(x, target=targets)
     torch.testing.assert_close(maps.sum((2, 3)), logits, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("input_size", [(2, 16), (2, 8, 8), (2, 6, 6, 6)],
+                         ids=["1d", "2d", "3d"])
+def test_relevance_is_conserved_in_every_dims(input_size):
+    """The residual-net conservation above, with the network built in 1, 2 and 3 dims:
+    the composites read each layer's slot from the operator registry, whatever its dims."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=4, input_size=input_size).double()
+    model = _randomize_bn(model, centred=True).eval()
+    nn.init.zeros_(model.get_classifier().bias)
+    x = torch.randn(2, *input_size, dtype=torch.float64)
+    targets = torch.tensor([[0, 3], [1, 2]])
+    logits = model(x).detach().gather(1, targets)
+    maps = create("lrp", model, rule="epsilon", epsilon=1e-12)(x, target=targets)
+    assert maps.shape == (2, 2, *input_size[1:])
+    spatial = tuple(range(2, maps.ndim))
+    torch.testing.assert_close(maps.sum(spatial), logits, rtol=1e-5, atol=1e-9)
+
+
+class _Scale(nn.Module):
+    """A user's own layer with parameters, unknown to the operator registry."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_unknown_operator_and_ruleless_operator_refused():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), _Scale(), nn.Flatten(), nn.Linear(24, 3))
+    with pytest.raises(ValueError, match="_Scale") as err:
+        create("lrp", model)(torch.randn(1, 2, 8))
+    assert "\n" not in str(err.value) and "register_op" in str(err.value)
+    bilinear = nn.Sequential(nn.Flatten(), nn.Bilinear(16, 16, 3))
+
+    class Twice(nn.Module):  # the registry knows nn.Bilinear, and that LRP has no rule for it
+        def __init__(self):
+            super().__init__()
+            self.net = bilinear
+
+        def forward(self, x):
+            flat = self.net[0](x)
+            return self.net[1](flat, flat)
+
+    with pytest.raises(ValueError, match="LRP has no rule for Bilinear"):
+        create("lrp", Twice())(torch.randn(1, 1, 16))
 
 
 def test_zplus_has_the_sign_of_the_score_and_alpha1beta0_is_zplus():

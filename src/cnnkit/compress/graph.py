@@ -70,7 +70,7 @@ class _ChannelTracer(TorchFunctionMode):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.owner: dict[int, tuple[str, str]] = {}  # id(weight) -> (layer, coupling)
-        for name, module, facts in operator_modules(model, _CONSUMER):
+        for name, module, facts in operator_modules(model, _CONSUMER, functional_leaves=True):
             if facts.channels in _LAYERS:
                 for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
                     self.owner[id(t)] = (name, facts.channels)

@@ -257,13 +257,17 @@ def function_facts(name: str, consumer: str = "cnnkit") -> OpFacts:
 
 
 def operator_modules(model: nn.Module, consumer: str = "cnnkit",
+                     functional_leaves: bool = False,
                      ) -> list[tuple[str, nn.Module, OpFacts]]:
     """The modules of ``model`` that are operators, in module order, with their facts.
 
     A registered module is an operator and its children are not visited (a quantised
     linear layer holds its packed weights in a child); a module with children that is
     not registered is a container (``Sequential``, a residual block) and is visited; a
-    leaf module that is not registered refuses (:class:`UnknownOperator`).
+    leaf module that is not registered refuses (:class:`UnknownOperator`). With
+    ``functional_leaves``, an unregistered leaf without parameters (``a + b`` wrapped in
+    a module) is passed over instead, for consumers that see the torch functions it
+    calls (pruning's trace, LRP's gradient); one with parameters still refuses.
     """
     found: list[tuple[str, nn.Module, OpFacts]] = []
 
@@ -273,6 +277,8 @@ def operator_modules(model: nn.Module, consumer: str = "cnnkit",
         if facts is not None:
             found.append((prefix, module, facts))
         elif not children:
+            if functional_leaves and next(module.parameters(), None) is None:
+                return
             where = f" at {prefix!r}" if prefix else ""
             raise _unknown(f"{type(module).__module__}.{type(module).__qualname__} "
                            f"(a module{where})", consumer)

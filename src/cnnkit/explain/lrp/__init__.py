@@ -66,7 +66,7 @@ def lrp_relevance(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
         composite: which rule on which layer.
         order: the layers composites handle, in execution order (``order[0]`` reads x).
     """
-    weighted = [m for m in order if isinstance(m, (nn.Linear, *_CONV))]
+    weighted = [m for m in order if Composite.weighted(m)]
     rules = {m: composite.rule_for(m, first=bool(weighted) and m is weighted[0])
              for m in order}
     leaves: list[torch.Tensor] = []
@@ -88,8 +88,6 @@ def lrp_relevance(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
             h.remove()
     return sum(t.detach()[:, None] * g for t, g in zip([xg, *leaves], grads, strict=True))
 
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @register_method("lrp")

@@ -9,8 +9,11 @@ then gets the convolution's rule, and the BatchNorm's shift is treated as the bi
 
 Which BatchNorm follows which convolution is found by running the model once (hooks in a
 context manager): a BatchNorm is folded when its input *is* a convolution's output
-tensor, with no per-architecture knowledge. The caller's model is never touched: all
-work happens on a deep copy, and the copy's outputs are checked against the original's.
+tensor, with no per-architecture knowledge. Which modules are convolutions, norms and
+layers with a rule is their operator's ``lrp`` fact (:mod:`cnnkit.layers.ops`); a module
+the registry does not know, or without an LRP rule, refuses in one line. The caller's
+model is never touched: all work happens on a deep copy, and the copy's outputs are
+checked against the original's.
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .composites import Composite
+from cnnkit.layers.ops import operator_modules
+
+from .composites import CONSUMER, Composite, slot
 
 __all__ = ["canonize", "trace", "fold_batchnorm"]
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @contextlib.contextmanager
@@ -50,23 +52,26 @@ def trace(model: nn.Module, x: torch.Tensor,
     produced: dict[int, tuple[torch.Tensor, nn.Module]] = {}  # id(output) -> (output, conv)
     pairs: dict[nn.Module, nn.Module | None] = {}  # bn -> conv (None: not foldable)
 
+    slots = {m: slot(m) for _, m, _ in operator_modules(model, CONSUMER, functional_leaves=True)}
+
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if Composite.handles(module) and module not in order:
             order.append(module)
-        if isinstance(module, _CONV):
+        if slots[module] == "conv":
             produced[id(output)] = (output, module)  # keeping `output` keeps its id unique
-        elif isinstance(module, _BN):
+        elif slots[module] == "norm":
             hit = produced.get(id(inputs[0]))
             conv = hit[1] if hit is not None and hit[0] is inputs[0] else None
             # a BatchNorm called on several inputs folds only if always after the same conv
             pairs[module] = conv if pairs.get(module, conv) is conv else None
 
-    mods = [m for m in model.modules() if Composite.handles(m) or isinstance(m, _BN)]
+    mods = [m for m, s in slots.items() if Composite.handles(m) or s == "norm"]
     with _hooks(mods, hook):
         out = model(x)
     convs = [c for c in pairs.values() if c is not None]
     folds = [(c, bn) for bn, c in pairs.items()
-             if c is not None and convs.count(c) == 1 and bn.running_var is not None]
+             if c is not None and convs.count(c) == 1
+             and getattr(bn, "running_var", None) is not None]
     return order, folds, out
 
 

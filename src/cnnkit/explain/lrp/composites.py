@@ -1,10 +1,13 @@
 """LRP composites: *where* each rule runs (which rule on which layer).
 
-A composite maps a layer to a rule from :mod:`.rules` by the layer's kind: the first
+A composite maps a layer to a rule from :mod:`.rules` by the layer's slot: the first
 weighted layer (the one reading the pixels), other convolutions, dense layers and
 average pools. Layers with no rule (ReLU, max pool, BatchNorm left unfolded,
 concatenation, additions) run their ordinary gradient, which is itself an LRP rule in the
-``g = R / a`` convention (see :mod:`cnnkit.explain.lrp`).
+``g = R / a`` convention (see :mod:`cnnkit.explain.lrp`). A layer's slot is its
+operator's ``lrp`` fact in the registry (:mod:`cnnkit.layers.ops`,
+:data:`~cnnkit.layers.ops.LRP_SLOTS`), in any number of spatial dims; a module the
+registry does not know, or one whose operator has no LRP rule, refuses in one line.
 
 The named composites follow zennit (Anders et al. 2021, "Software for Dataset-wide XAI:
 From Local Explanations to Global Insights with Zennit, CoRelAy, and ViRelAy") and the
@@ -21,14 +24,30 @@ from typing import Any
 
 from torch import nn
 
+from cnnkit.layers.ops import module_facts
+
 from .rules import AlphaBeta, Epsilon, Gamma, Rule, ZBox, ZPlus
 
 __all__ = ["Composite", "register_composite", "create_composite", "list_composites",
-           "uniform_composite", "pixel_bounds", "RULES"]
+           "uniform_composite", "pixel_bounds", "slot", "RULES"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-         nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+CONSUMER = "LRP"
+_WEIGHTED = ("conv", "dense")  # the slots whose layer reads the pixels when it comes first
+
+
+def slot(module: nn.Module) -> str:
+    """The composite slot of ``module``: its operator's ``lrp`` fact.
+
+    Raises:
+        UnknownOperator: the registry does not know the module (one line).
+        ValueError: its operator has no LRP rule (``lrp=None``), as a bilinear layer or
+            a binary convolution.
+    """
+    facts = module_facts(module, CONSUMER)
+    if facts.lrp is None:
+        raise ValueError(f"LRP has no rule for {type(module).__name__} (operator "
+                         f"{facts.name!r}); explain the model with another method")
+    return facts.lrp
 
 
 @dataclass(frozen=True)
@@ -43,20 +62,22 @@ class Composite:
     first: Rule | None = None
 
     def rule_for(self, module: nn.Module, first: bool = False) -> Rule | None:
-        """The rule of ``module`` (None: its ordinary gradient)."""
-        weighted = isinstance(module, (*_CONV, nn.Linear))
-        if first and weighted and self.first is not None:
+        """The rule of ``module``'s slot (None: its ordinary gradient)."""
+        where = slot(module)
+        if first and where in _WEIGHTED and self.first is not None:
             return self.first
-        if isinstance(module, _CONV):
-            return self.conv
-        if isinstance(module, nn.Linear):
-            return self.dense
-        return self.pool if isinstance(module, _POOL) else None
+        return {"conv": self.conv, "dense": self.dense, "pool": self.pool}.get(where)
 
     @staticmethod
     def handles(module: nn.Module) -> bool:
-        """Whether composites give ``module`` a rule at all."""
-        return isinstance(module, (*_CONV, nn.Linear, *_POOL))
+        """Whether composites give ``module`` a rule at all (its slot is conv, dense or
+        pool)."""
+        return slot(module) in (*_WEIGHTED, "pool")
+
+    @staticmethod
+    def weighted(module: nn.Module) -> bool:
+        """Whether ``module`` is a weighted layer (a convolution or a dense layer)."""
+        return slot(module) in _WEIGHTED
 
 
 # One rule everywhere (the ``rule=`` option of ``lrp``); z^B only makes sense on the pixels.
