@@ -69,3 +69,32 @@ def test_int8_layers_are_recognised():
     assert [la.kind for la in layers] == ["conv", "conv", "pool", "conv", "conv", "pool",
                                           "linear"]
     assert layer_kind(nn.Dropout()) == "identity" and layer_kind(nn.Upsample()) == "other"
+
+
+@pytest.mark.parametrize("input_size", [(1, 32), (1, 16, 16), (1, 8, 8, 8)],
+                         ids=["1d", "2d", "3d"])
+def test_kinds_come_from_the_registry_in_every_dims(input_size):
+    model = create_model("resnet18", num_classes=3, input_size=input_size)
+    layers = discover(model, input_size)
+    kinds = {la.module: la.kind for la in layers}
+    assert (kinds["conv1"], kinds["bn1"], kinds["avgpool"], kinds["fc"]) == (
+        "conv", "norm", "pool", "linear")
+    assert [la.kind for la in layers].count("conv") == 20  # 17 3x3 + 3 downsamples, as 2D
+    assert layer_kind(nn.ConvTranspose3d(2, 2, 2)) == "other"  # no view: values only
+
+
+def test_unknown_layer_with_parameters_refused():
+    class Scale(nn.Module):  # a user's own layer with parameters, unknown to the registry
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.w
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), Scale(), nn.Flatten(), nn.Linear(72, 3))
+    with pytest.raises(ValueError, match="Scale") as err:
+        discover(model, (1, 8, 8))
+    assert "\n" not in str(err.value)
+    free = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.Flatten()), nn.Linear(72, 3))
+    assert [la.kind for la in discover(free, (1, 8, 8))] == ["conv", "flatten", "linear"]

@@ -3,11 +3,13 @@
 CNN Explainer (Wang et al. 2020, "CNN Explainer: Learning Convolutional Neural Networks
 with Interactive Visualization", IEEE TVCG) draws one fixed Tiny VGG layer by layer.
 Here the layers of any cnnkit classifier (float, pruned or int8) are found by one
-forward pass with hooks on every module that is a layer: a module of a known kind
-(convolution, activation, pooling, normalisation, linear, flatten, identity; quantised
-ones too),
-whose children are not visited, or any other leaf module (kind ``"other"``). A module
-called twice (ResNet's ReLU) gives one layer per call.
+forward pass with hooks on every module that is a layer: a module the operator registry
+knows (:mod:`cnnkit.layers.ops`; quantised ones too), whose children are not visited and
+whose ``view`` fact says how the explorer explains it (convolution, activation, pooling,
+normalisation, linear, flatten, identity; kind ``"other"``: values only), or any other
+leaf module without parameters (kind ``"other"``). A leaf with parameters the registry
+does not know refuses in one line. A module called twice (ResNet's ReLU) gives one
+layer per call.
 
 Each layer also knows its *source*: the layer whose output is its input (``-1``: the
 image), found by storage identity during the pass, so in-place operations and views
@@ -25,45 +27,44 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.ao.nn.quantized as nnq
 from torch import nn
+
+from cnnkit.layers.ops import find_module, module_facts
 
 __all__ = ["Layer", "Trace", "layer_kind", "layer_modules", "discover", "trace"]
 
-# (module types, kind): the first match wins; the kinds are what the web app explains.
-_KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
-    ((nn.Conv2d, nnq.Conv2d), "conv"),
-    ((nn.Linear, nnq.Linear), "linear"),
-    ((nn.BatchNorm2d, nnq.BatchNorm2d), "norm"),
-    ((nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), "pool"),
-    ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
-      nn.Sigmoid, nn.Tanh, nn.Mish, nn.PReLU, nnq.ReLU6, nnq.Hardswish, nnq.LeakyReLU,
-      nnq.ELU, nnq.Sigmoid), "activation"),
-    ((nn.Flatten,), "flatten"),
-    ((nn.Identity, nn.Dropout, nn.Dropout2d, nnq.Dropout), "identity"),  # no-ops in eval mode
-)
+_CONSUMER = "the explorer"
+# The registry's views (cnnkit.layers.ops.VIEWS) as the kinds the web app explains.
+_KIND_OF_VIEW = {"conv": "conv", "linear": "linear", "norm": "norm", "max_pool": "pool",
+                 "avg_pool": "pool", "adaptive_max_pool": "pool", "adaptive_avg_pool": "pool",
+                 "activation": "activation", "flatten": "flatten", "identity": "identity"}
 
 
 def layer_kind(module: nn.Module) -> str:
     """``conv``, ``linear``, ``norm``, ``pool``, ``activation``, ``flatten``, ``identity``
-    (Identity, Dropout: no-ops at inference) or ``other``."""
-    for types, kind in _KINDS:
-        if isinstance(module, types):
-            return kind
-    return "other"
+    (Identity, Dropout: no-ops at inference) or ``other``, from the ``view`` fact of the
+    module's operator; ``other`` for an operator without a view or an unregistered module."""
+    facts = find_module(module)
+    return _KIND_OF_VIEW.get(facts.view, "other") if facts is not None else "other"
 
 
 def layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules that are layers: known kinds (not descended into) and other leaves.
+    """The modules that are layers: registered operators (not descended into) and other
+    leaves without parameters.
 
-    A quantised Linear has a child (its packed parameters), so stopping at known kinds
-    is what keeps it one layer.
+    A quantised Linear has a child (its packed parameters), so stopping at registered
+    operators is what keeps it one layer.
+
+    Raises:
+        UnknownOperator: a leaf module with parameters that the registry does not know.
     """
     found: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
         children = list(module.named_children())
-        if layer_kind(module) != "other" or not children:
+        if find_module(module) is not None or not children:
+            if next(module.parameters(), None) is not None:
+                module_facts(module, _CONSUMER)  # refuses a layer with weights it cannot read
             found.append((prefix, module))
             return
         for name, child in children:
