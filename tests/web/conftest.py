@@ -89,3 +89,30 @@ def replace_weights():
         os.replace(str(path) + ".tmp", path)
 
     return replace
+
+
+def _train(root, name: str, **options):
+    import cnnkit
+
+    cnnkit.train(runs_dir=str(root), name=name, epochs=1, batch_size=8, progress=False,
+                 **options)
+    return root / name
+
+
+@pytest.fixture(scope="session")
+def seg3d_path(tmp_path_factory):
+    """A 3D U-Net segmenting shapes3d volumes (8x8x8, 24 of them; ~5 s on 2 cores). Plain
+    cross-entropy in float32: with bf16 autocast and Dice, the first steps of this tiny net
+    sometimes diverged."""
+    return _train(tmp_path_factory.mktemp("web-seg3d"), "u3", model="unet3d", task="segment",
+                  data="shapes3d", data_options={"n": 24, "size": 8},
+                  model_kwargs={"width": 4, "depth": 2}, lr=0.01, loss="ce", amp="off")
+
+
+@pytest.fixture(scope="session")
+def cls3d_path(tmp_path_factory):
+    """A MobileNet V1 built in 3D from the input size, classifying shapes3d volumes (a
+    ResNet-18 in 3D is 33M parameters: its run folder alone is 0.5 GB)."""
+    return _train(tmp_path_factory.mktemp("web-cls3d"), "m3", model="mobilenet_v1",
+                  task="classify", data="shapes3d", data_options={"n": 24, "size": 8},
+                  model_kwargs={"width_mult": 0.25})

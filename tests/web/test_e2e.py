@@ -124,3 +124,48 @@ def test_weights_replaced_on_disk_show_a_banner_and_reload(sync_api, run_path, t
         page.wait_for_selector("body[data-ready=true]", timeout=30_000)
         expect(page.locator("#stale")).to_be_hidden()
         assert page.problems == []
+
+
+def test_moving_the_slider_shows_another_slice_of_a_volume(sync_api, seg3d_path):
+    """A 3D U-Net's page: the slider moves every map to its slice at the new depth, and a
+    neuron clicked on the shown slice is the model's activation at that depth."""
+    import torch
+    from playwright.sync_api import expect
+
+    from cnnkit.run import run_test_split
+    from cnnkit.training import load_run
+    from cnnkit.web import create_app, load_explorer
+
+    explorer = load_explorer(seg3d_path)
+    layer = next(la for la in explorer.layers if len(la.shape) == 4 and la.shape[1] == 4
+                 and la.kind != "identity")  # a layer pooled to half the depth
+    with _open(sync_api, create_app(explorer, allowed_hosts=["127.0.0.1"])) as page:
+        expect(page.locator("#depth-control")).to_be_visible()
+        expect(page.locator("#depth-text")).to_have_text("5 of 8")  # the middle slice first
+        page.click(f"#layer-{layer.index} canvas.map[data-channel='1']")
+        page.wait_for_selector(f"#zoom-canvas[data-layer='{layer.index}'][data-slice='2']")
+        page.locator("#depth").fill("7")
+        expect(page.locator("#depth-text")).to_have_text("8 of 8")
+        zoom = page.wait_for_selector(f"#zoom-canvas[data-layer='{layer.index}'][data-slice='3']")
+        expect(page.locator(f"#layer-{layer.index}")).to_have_attribute("data-slice", "3")
+        expect(page.locator("#layer-input")).to_have_attribute("data-slice", "7")
+        cell = int(zoom.get_attribute("data-cell"))
+        y, x = 2, 1
+        zoom.click(position={"x": (x + 0.5) * cell, "y": (y + 0.5) * cell})
+        expect(page.locator("#arithmetic h3")).to_have_text(
+            f"{layer.name}: channel 1, slice 3, row {y}, column {x}")
+
+        run = load_run(seg3d_path)
+        images, _ = run_test_split(run)
+        calls = []  # the module's outputs, one per call (a pool is called at every level)
+        module = run.model.get_submodule(layer.module)
+        handle = module.register_forward_hook(lambda m, a, out: calls.append(out.clone()))
+        with torch.no_grad():
+            run.model(run.preprocess(images[0])[None])
+        handle.remove()
+        call = int(layer.name.partition("#")[2] or 1) - 1
+        expected = calls[call][0, 1, 3, y, x].item()
+        shown = page.locator("#neuron-value")
+        assert np.float32(shown.get_attribute("data-value")) == np.float32(expected)
+        expect(page.locator("#mask-canvas")).to_be_visible()
+        assert page.problems == []

@@ -23,6 +23,11 @@ export function sequential(t) {
   return interpolate(SEQUENTIAL, t);
 }
 
+// Class k of a segmentation in its colour (the run's palette, as cnnkit predict's overlays).
+export function classColour(info, k) {
+  return info.palette[Math.round(k)] || [128, 128, 128];
+}
+
 export function css([r, g, b]) {
   return `rgb(${r}, ${g}, ${b})`;
 }

@@ -3,8 +3,9 @@
 // layer of any model), and a layer's filters.
 
 import { unpack } from "./api.js";
-import { css, diverging, drawMap, fmt, fmtCell, fmtFull, ink } from "./colors.js";
+import { classColour, css, diverging, drawMap, fmt, fmtCell, fmtFull, ink } from "./colors.js";
 import { clear, el, $ } from "./dom.js";
+import { positionOf } from "./overview.js";
 
 const ZOOM_PX = 360; // the enlarged map's longer side
 const SHOWN_INPUT_CHANNELS = 6; // a convolution's input channels drawn (all are summed)
@@ -246,21 +247,45 @@ function softmaxView(view, state) {
 function passView(view) {
   const text = view.kind === "flatten" ? "Flatten lays the maps out as one vector; the value is unchanged."
     : view.kind === "identity" ? `${view.function} passes its input through unchanged at inference.`
-      : `No arithmetic view for ${view.function}; this is the value the model computed.`;
+      : `No arithmetic view for ${view.function}${view.position.length === 3 ? "" : " in this number of dims"}; `
+        + "this is the value the model computed.";
   return [el("p", { class: "explain", text }),
-    view.input === undefined ? null : line("input", fmtFull(view.input)), verdict(view)];
+    typeof view.input !== "number" ? null : line("input", fmtFull(view.input)), verdict(view)];
+}
+
+function argmaxView(view, state) {
+  const classes = state.info.classes;
+  const rows = view.scores.map((z, j) => el("tr", { class: j === view.result ? "chosen" : null }, [
+    el("td", {}, el("span", { class: "swatch", style: { background: css(classColour(state.info, j)) } })),
+    el("td", { text: classes[j] }), el("td", { text: fmt(z) }),
+  ]));
+  return [
+    el("p", { class: "explain", text: "A segmentation gives each position the class with the highest score there." }),
+    el("table", { class: "terms" }, [el("tr", {}, ["", "class", "score"].map((t) => el("th", { text: t }))), ...rows]),
+    line("argmax", `${view.result} (${view.class})`),
+    verdict(view),
+  ];
 }
 
 const VIEWS = { conv: convView, activation: activationView, pool: poolView, norm: normView,
-  linear: linearView, softmax: softmaxView };
+  linear: linearView, softmax: softmaxView, argmax: argmaxView };
+
+// Where a neuron is, in words: (c, x) in a 1D map, (c, y, x) in 2D, (c, z, y, x) in 3D.
+function place(position, layer) {
+  const [c, ...at] = position;
+  const axes = ["slice", "row", "column"].slice(3 - at.length);
+  const words = at.map((v, i) => `${axes[i]} ${v}`).join(", ");
+  return layer.kind === "mask" ? words : `channel ${c}, ${words}`;
+}
 
 export function showNeuron(state, view) {
   const layer = state.info.layers[view.layer];
-  const where = view.position.length === 3
-    ? `channel ${view.position[0]}, row ${view.position[1]}, column ${view.position[2]}`
+  const where = view.position.length >= 2 ? place(view.position, layer)
     : layer.kind === "softmax" || layer.shape[0] === state.info.classes.length
       ? `class ${state.info.classes[view.position[0]]}` : `unit ${view.position[0]}`;
-  const body = (VIEWS[view.kind] || passView)(view, state, layer);
+  // A neuron shown by value only (a 1D or 3D convolution or pooling) has no arithmetic to draw.
+  const byValue = view.result === null && view.matches === null;
+  const body = (byValue ? passView : VIEWS[view.kind] || passView)(view, state, layer);
   const outside = layer.source === null && layer.kind !== "softmax" ? el("p", { class: "note",
     text: "This layer's input was computed outside any module (a residual sum, a functional operation), "
       + "so it has no column of its own; the values shown are the input the layer received." }) : null;
@@ -275,10 +300,13 @@ export function showZoom(state, layerIndex, channel, onNeuron) {
   const layer = layerIndex < 0 ? state.info.input_plan : state.info.layers[layerIndex];
   const [, h, w] = entry.data.shape;
   const cell = Math.max(3, Math.min(40, Math.floor(ZOOM_PX / Math.max(h, w))));
+  const slice = layerIndex < 0 ? state.acts.x_slice : entry.slice;
   const canvas = el("canvas", { id: "zoom-canvas", width: w * cell, height: h * cell,
-    data: { cell, rows: h, cols: w, stride: layer.stride, layer: layerIndex, channel } });
+    data: { cell, rows: h, cols: w, stride: layer.stride, layer: layerIndex, channel,
+      slice: slice === null || slice === undefined ? "" : slice } });
   const m = Math.max(Math.abs(entry.min), Math.abs(entry.max));
   const mode = state.mode === "channel" ? entry.channelMax[channel] : state.mode === "network" ? state.acts.networkMax : m;
+  const isMask = layer.kind === "mask";
   const values = entry.data.data.subarray(channel * h * w, (channel + 1) * h * w);
   const ctx = canvas.getContext("2d");
   ctx.font = `${Math.max(8, Math.floor(cell / 3.6))}px system-ui, sans-serif`;
@@ -286,31 +314,34 @@ export function showZoom(state, layerIndex, channel, onNeuron) {
   ctx.textBaseline = "middle";
   for (let r = 0; r < h; r++) {
     for (let c = 0; c < w; c++) {
-      const colour = diverging(values[r * w + c], mode);
+      const colour = isMask ? classColour(state.info, values[r * w + c]) : diverging(values[r * w + c], mode);
       ctx.fillStyle = css(colour);
       ctx.fillRect(c * cell, r * cell, cell, cell);
-      if (cell >= 30) {
+      if (cell >= 30 && !isMask) {
         ctx.fillStyle = ink(colour);
         ctx.fillText(fmtCell(values[r * w + c]), c * cell + cell / 2, r * cell + cell / 2);
       }
     }
   }
   const sel = state.selection;
-  if (sel && sel.layer === layerIndex && sel.position.length === 3 && sel.position[0] === channel) {
+  if (sel && sel.layer === layerIndex && sel.position.length >= 2 && sel.position[0] === channel) {
     ctx.strokeStyle = "#111";
     ctx.lineWidth = 3;
-    const [r, c] = [sel.position[1] / layer.stride, sel.position[2] / layer.stride];
+    const at = sel.position.length === 2 ? [0, sel.position[1]] : sel.position.slice(-2);
+    const [r, c] = [at[0] / (sel.position.length === 2 ? 1 : layer.stride), at[1] / layer.stride];
     ctx.strokeRect(c * cell + 1.5, r * cell + 1.5, cell - 3, cell - 3);
   }
   canvas.addEventListener("click", (event) => {
     const rect = canvas.getBoundingClientRect();
     const c = Math.floor((event.clientX - rect.left) * (canvas.width / rect.width) / cell);
     const r = Math.floor((event.clientY - rect.top) * (canvas.height / rect.height) / cell);
-    if (r >= 0 && r < h && c >= 0 && c < w) onNeuron(layerIndex, [channel, r * layer.stride, c * layer.stride]);
+    if (r >= 0 && r < h && c >= 0 && c < w) onNeuron(layerIndex, positionOf(state, layerIndex, channel, r, c));
   });
   const name = layerIndex < 0 ? "input" : state.info.layers[layerIndex].name;
+  const depth = layerIndex < 0 ? state.info.input_depth : layer.depth;
+  const sliceText = slice === null || slice === undefined ? "" : `, slice ${slice + 1} of ${depth}`;
   clear($("#zoom")).append(
-    el("h3", { text: `${name}, channel ${channel}` }),
+    el("h3", { text: `${name}, ${isMask ? "predicted classes" : `channel ${channel}`}${sliceText}` }),
     canvas,
     el("p", { class: "note", text: layerIndex < 0 ? "The normalised input the first layer sees."
       : `Click a neuron to see its arithmetic.${layer.stride > 1 ? ` Every ${layer.stride}th row and column is shown.` : ""}` }),
@@ -343,6 +374,8 @@ export function showFilters(state, data) {
     el("h3", { text: `${data.name}: filters` }),
     el("p", { class: "explain", text: `Each row is one output channel's filter: a ${kh}×${kw} kernel per input `
       + `channel (columns), coloured on ±${fmt(m)} (blue positive, red negative).`
+      + (data.kernel_shape && data.kernel_shape.length === 5
+        ? ` Each ${data.kernel_shape.slice(2).join("×")} kernel is drawn as its ${data.kernel_shape[2]} depth slices, one above the other.` : "")
       + (capped ? ` Showing ${nOut} of ${data.shape[0]} filters and ${nIn} of ${data.shape[1]} input channels.` : "") }),
     el("div", { class: "filters-wrap" }, table),
   );

@@ -4,7 +4,7 @@ import { getJSON, postJSON, unpack, uploadImage } from "./api.js";
 import { drawLegend, fmt } from "./colors.js";
 import { clear, $ } from "./dom.js";
 import { showFilters, showNeuron, showZoom } from "./detail.js";
-import { buildOverview, drawOverview, markSelection } from "./overview.js";
+import { buildOverview, drawOverview, markSelection, positionOf } from "./overview.js";
 import * as panels from "./panels.js";
 
 const state = {
@@ -15,6 +15,7 @@ const state = {
   zoom: null, // {layer, channel} shown enlarged
   selection: null, // {layer, position} of the neuron shown
   feeds: null, // {source, channels}: the maps the selected neuron reads
+  depth: null, // the slider: the input's slice shown (volumes only); every layer at the same relative depth
   galleryOffset: 0,
 };
 
@@ -44,6 +45,7 @@ function channelMax(data) {
   return out;
 }
 
+// Every map arrives as planes [n, h, w] (a 1D map as one row, a volume as its slice).
 function decode(acts) {
   acts.x = { min: acts.x_min, max: acts.x_max, data: unpack(acts.x) };
   acts.x.channelMax = channelMax(acts.x.data);
@@ -54,9 +56,12 @@ function decode(acts) {
     entry.data = unpack(entry.data);
     entry.channelMax = channelMax(entry.data);
   }
-  // The softmax, the last layer of the page: its values are the probabilities.
-  const probabilities = Float32Array.from(acts.probabilities);
-  acts.layers.push({ min: 0, max: 1, data: { shape: [probabilities.length], data: probabilities } });
+  // The output's own column (a softmax, a segmentation mask), the last of the page.
+  if (acts.head) {
+    acts.head.data = unpack(acts.head.data);
+    acts.head.channelMax = channelMax(acts.head.data);
+    acts.layers.push(acts.head);
+  }
   acts.networkMax = networkMax;
   return acts;
 }
@@ -81,18 +86,36 @@ async function reloadWeights() {
 
 async function selectInput(key) {
   status("computing…");
-  state.acts = decode(await getJSON("/api/activations", { input: key }));
+  const params = { input: key };
+  if (state.depth !== null) params.depth = state.depth;
+  const asked = (state.asked = (state.asked || 0) + 1);
+  const acts = await getJSON("/api/activations", params);
+  if (asked !== state.asked) return; // a newer input or slice was asked for meanwhile
+  state.acts = decode(acts);
   state.input = key;
   panels.markThumb(key);
   panels.showInput(state);
   panels.showPrediction(state, (k) => guarded(() => pickNeuron(state.info.layers.length - 1, [k])));
+  panels.showSlice(state);
   drawOverview(state);
   updateLegend();
   if (state.selection) await pickNeuron(state.selection.layer, state.selection.position);
   else if (state.zoom) showZoom(state, state.zoom.layer, state.zoom.channel, onNeuron);
   if ($("#explain-show").checked) await explain();
   status("");
+  document.body.dataset.depth = state.depth === null ? "" : String(state.depth);
   await checkWeights();
+}
+
+// The slider moved: the same input, every volume at its slice for the new depth.
+async function moveSlider() {
+  state.depth = Number($("#depth").value);
+  if (state.selection && state.selection.position.length === 4) {
+    const layer = state.info.layers[state.selection.layer];
+    const slice = Math.min(layer.depth - 1, Math.floor(state.depth * layer.depth / state.info.input_depth));
+    state.selection.position[1] = slice;
+  }
+  if (state.input) await selectInput(state.input);
 }
 
 function onNeuron(layer, position) {
@@ -114,20 +137,20 @@ async function pickChannel(layer, channel) {
   const values = entry.data.data.subarray(channel * h * w, (channel + 1) * h * w);
   let best = 0;
   for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
-  const stride = state.info.layers[layer].stride;
-  await pickNeuron(layer, [channel, Math.floor(best / w) * stride, (best % w) * stride]);
+  await pickNeuron(layer, positionOf(state, layer, channel, Math.floor(best / w), best % w));
 }
 
 async function pickNeuron(layer, position) {
   const params = { input: state.input, layer, c: position[0] };
-  if (position.length === 3) Object.assign(params, { y: position[1], x: position[2] });
+  const axes = ["z", "y", "x"].slice(4 - position.length); // a map: c, then its position
+  axes.forEach((axis, i) => { params[axis] = position[i + 1]; });
   const view = await getJSON("/api/neuron", params);
   state.selection = { layer, position };
   const info = state.info.layers[layer];
   state.feeds = view.kind === "conv" ? { source: info.source, channels: view.in_channels }
-    : position.length === 3 && info.source !== null ? { source: info.source, channels: [position[0], position[0] + 1] }
-      : null;
-  if (position.length === 3) {
+    : position.length >= 2 && info.source !== null && info.kind !== "mask"
+      ? { source: info.source, channels: [position[0], position[0] + 1] } : null;
+  if (position.length >= 2) {
     state.zoom = { layer, channel: position[0] };
     showZoom(state, layer, position[0], onNeuron);
   } else {
@@ -143,7 +166,7 @@ async function pickLayer(index) {
     state.selection = state.feeds = null;
     markSelection(state);
     showFilters(state, await getJSON("/api/filters", { layer: index }));
-  } else if (layer.shape.length === 3) {
+  } else if (layer.shape.length >= 2) {
     await pickChannel(index, 0);
   } else {
     await pickNeuron(index, [0]);
@@ -157,6 +180,7 @@ async function explain() {
   }
   status("explaining…");
   const params = { input: state.input, method: $("#explain-method").value };
+  if (state.depth !== null) params.depth = state.depth;
   if ($("#explain-class").value !== "") params.target = $("#explain-class").value;
   const heat = await getJSON("/api/explain", params);
   panels.showExplanation(heat, unpack(heat.map));
@@ -173,6 +197,14 @@ async function start() {
   state.info = await getJSON("/api/model");
   const info = state.info;
   document.title = `${info.run} · cnnkit explorer`;
+  if (info.input_depth > 1) {
+    state.depth = Math.floor(info.input_depth / 2);
+    $("#depth").max = String(info.input_depth - 1);
+    $("#depth").value = String(state.depth);
+    $("#depth-control").hidden = false;
+    $("#depth").addEventListener("input", () => guarded(moveSlider));
+  }
+  panels.setupUpload(info);
   panels.showRunInfo(info);
   panels.showFacts(info);
   panels.setupExplain(info, () => guarded(explain));

@@ -1,7 +1,7 @@
 // The overview: the network laid out layer by layer (CNN Explainer's main view), each
 // column showing a layer's channel maps, or its values for a vector layer.
 
-import { css, diverging, drawMap, fmt, sequential } from "./colors.js";
+import { classColour, css, diverging, drawMap, fmt, sequential } from "./colors.js";
 import { clear, el, $ } from "./dom.js";
 
 const MAP_PX = 64; // CSS size of a map thumbnail's longer side
@@ -9,13 +9,31 @@ const ROWS_AS_TEXT = 32; // vectors up to this length are listed with their valu
 
 const KIND_LABEL = {
   conv: "convolution", linear: "linear", norm: "batch norm", pool: "pooling",
-  activation: "activation", flatten: "flatten", softmax: "softmax", other: "other",
+  activation: "activation", flatten: "flatten", softmax: "softmax", mask: "class per position",
+  other: "other",
 };
 
+// A map (C, *spatial) is drawn as planes: 1D (C, L) as rows [1, L], 2D as itself, and a
+// volume (C, D, H, W) one depth slice [H, W] at a time.
+export function plane(shape) {
+  return shape.length === 2 ? [1, shape[1]] : shape.slice(-2);
+}
+
 export function sentShape(layer) {
-  if (layer.shape.length !== 3) return [Math.min(layer.channels, layer.shape.reduce((a, b) => a * b))];
-  const [, h, w] = layer.shape;
+  if (layer.shape.length < 2) return [Math.min(layer.channels, layer.shape.reduce((a, b) => a * b))];
+  const [h, w] = plane(layer.shape);
   return [layer.channels, Math.ceil(h / layer.stride), Math.ceil(w / layer.stride)];
+}
+
+// The neuron of layer i (-1: the input) under cell (r, c) of channel ch's sent plane, in the
+// layer's own coordinates: [ch, x] (1D), [ch, y, x] (2D) or [ch, z, y, x] (3D, z: the slice shown).
+export function positionOf(state, i, ch, r, c) {
+  const layer = i < 0 ? { ...state.info.input_plan, shape: state.info.input_size } : state.info.layers[i];
+  const entry = i < 0 ? state.acts.x : state.acts.layers[i];
+  const [y, x] = [r * layer.stride, c * layer.stride];
+  if (layer.shape.length === 2) return [ch, x];
+  if (layer.shape.length === 4) return [ch, i < 0 ? state.acts.x_slice : entry.slice, y, x];
+  return [ch, y, x];
 }
 
 // The range m of the colour scale: values in [-m, m]. i = -1 is the input.
@@ -23,7 +41,7 @@ export function scaleOf(state, i, c) {
   const acts = state.acts;
   if (state.mode === "network") return acts.networkMax;
   const entry = i < 0 ? acts.x : acts.layers[i];
-  if (state.mode === "channel" && entry.data && entry.shape.length === 3) {
+  if (state.mode === "channel" && entry.data && entry.data.shape.length === 3) {
     return entry.channelMax[c];
   }
   return Math.max(Math.abs(entry.min), Math.abs(entry.max));
@@ -31,9 +49,9 @@ export function scaleOf(state, i, c) {
 
 function note(layer) {
   const parts = [];
-  if (layer.shape.length === 3) {
+  if (layer.shape.length >= 2) {
     if (layer.channels < layer.shape[0]) parts.push(`showing ${layer.channels} of ${layer.shape[0]} channels`);
-    if (layer.stride > 1) parts.push(`every ${layer.stride}th row and column`);
+    if (layer.stride > 1) parts.push(`every ${layer.stride}th ${layer.shape.length === 2 ? "value" : "row and column"}`);
   } else if (layer.channels < layer.shape[0]) {
     parts.push(`showing ${layer.channels} of ${layer.shape[0]} values`);
   }
@@ -44,10 +62,11 @@ function note(layer) {
 function mapCanvas(shape, layerIndex, channel, onPick) {
   const [, h, w] = shape;
   const zoom = Math.max(1, Math.floor(MAP_PX / Math.max(h, w)));
+  const rows = Math.max(h * zoom, h === 1 ? 8 : 0); // a 1D strip stays visible
   return el("canvas", {
     class: "map", title: `channel ${channel}`,
     data: { layer: layerIndex, channel },
-    style: { width: `${w * zoom}px`, height: `${h * zoom}px` },
+    style: { width: `${w * zoom}px`, height: `${rows}px` },
     on: { click: () => onPick(layerIndex, channel) },
   });
 }
@@ -61,7 +80,7 @@ function column(layer, info, handlers) {
   });
   const meta = el("div", { class: "layer-meta", text: `${layer.type} · ${layer.shape.join("×")}` });
   const body = el("div", { class: "maps" });
-  if (shape.length === 3) {
+  if (layer.shape.length >= 2) {
     for (let c = 0; c < shape[0]; c++) body.append(mapCanvas(shape, layer.index, c, handlers.channel));
   } else if (shape[0] <= ROWS_AS_TEXT) {
     const labels = shape[0] === info.classes.length ? info.classes : null;
@@ -87,14 +106,15 @@ function column(layer, info, handlers) {
   }
   return el("div", { class: `layer kind-${layer.kind}`, id: `layer-${layer.index}` }, [
     name, meta, el("div", { class: "layer-kind", text: KIND_LABEL[layer.kind] || layer.kind }),
-    el("div", { class: "layer-note", text: note(layer) }), body,
+    el("div", { class: "layer-note", text: note(layer) }),
+    layer.shape.length === 4 ? el("div", { class: "layer-slice" }) : null, body,
   ]);
 }
 
 export function buildOverview(info, handlers) {
   const root = clear($("#overview"));
   const inputLayer = {
-    index: -1, name: "input", type: "normalised image", kind: "input", shape: info.input_size,
+    index: -1, name: "input", type: "normalised input", kind: "input", shape: info.input_size,
     channels: info.input_plan.channels, stride: info.input_plan.stride, source: -1,
   };
   const input = column(inputLayer, info, handlers);
@@ -137,10 +157,17 @@ export function drawOverview(state) {
       continue;
     }
     const [n, h, w] = entry.data.shape;
+    const slice = i < 0 ? acts.x_slice : entry.slice;
+    const depth = i < 0 ? info.input_depth : layer.depth;
+    if (slice !== null && slice !== undefined) {
+      col.dataset.slice = String(slice);
+      col.querySelector(".layer-slice").textContent = `slice ${slice + 1} of ${depth}`;
+    }
     col.querySelectorAll("canvas.map").forEach((canvas, c) => {
       if (c >= n) return;
       const m = scaleOf(state, i, c);
-      drawMap(canvas, entry.data.data, c * h * w, h, w, (v) => diverging(v, m));
+      const colour = layer && layer.kind === "mask" ? (v) => classColour(info, v) : (v) => diverging(v, m);
+      drawMap(canvas, entry.data.data, c * h * w, h, w, colour);
     });
   }
 }
@@ -152,7 +179,7 @@ export function markSelection(state) {
   if (!s) return;
   const col = $(`#layer-${s.layer}`);
   if (!col) return;
-  const target = s.position.length === 3
+  const target = s.position.length >= 2
     ? col.querySelector(`canvas.map[data-channel="${s.position[0]}"]`)
     : col.querySelector(`.unit[data-unit="${s.position[0]}"]`);
   if (target) target.classList.add("selected");

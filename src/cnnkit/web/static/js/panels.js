@@ -1,15 +1,17 @@
 // The side panels: run info, the input gallery, the prediction, the explanation overlay
 // and the model facts.
 
-import { css, diverging, drawLegend, drawMap, fmt, sequential } from "./colors.js";
+import { classColour, css, diverging, drawLegend, drawMap, fmt, sequential } from "./colors.js";
 import { clear, el, $ } from "./dom.js";
 
 export function showRunInfo(info) {
-  const acc = info.summary && info.summary.test_accuracy !== undefined
-    ? `test accuracy ${(100 * info.summary.test_accuracy).toFixed(1)}%` : null;
+  const summary = info.summary || {};
+  const acc = summary.test_accuracy !== undefined ? `test accuracy ${(100 * summary.test_accuracy).toFixed(1)}%`
+    : summary.test_miou !== undefined ? `test mIoU ${summary.test_miou.toFixed(3)}`
+      : summary.test_mse !== undefined ? `test MSE ${fmt(summary.test_mse)}` : null;
   const file = info.weights_files[0];
   const weights = file ? `${info.weights} weights of ${when(file.modified)}` : `${info.weights} weights`;
-  const parts = [info.run, `${info.model} on ${info.data}`, weights,
+  const parts = [info.run, `${info.model} on ${info.data} (${info.task})`, weights,
     `input ${info.input_size.join("×")}`, acc].filter(Boolean);
   clear($("#run-info")).append(...parts.map((p) => el("span", {
     text: p, title: p === weights && file ? `${file.name}, ${file.size} bytes, SHA-256 ${file.sha256}` : null,
@@ -33,12 +35,13 @@ export function showFreshness(fresh) {
 export function addThumbs(listing, onPick) {
   const gallery = $("#gallery");
   for (const item of listing.items) {
+    const name = item.class === null ? item.input.replace("test:", "#") : item.class;
     gallery.append(el("button", {
-      class: "thumb", type: "button", title: `${item.input}: ${item.class}`,
+      class: "thumb", type: "button", title: `${item.input}: ${name}`,
       data: { input: item.input }, on: { click: () => onPick(item.input) },
-    }, [el("img", { src: item.image, alt: item.class }), el("span", { text: item.class })]));
+    }, [el("img", { src: item.image, alt: name }), el("span", { text: name })]));
   }
-  $("#gallery-count").textContent = `(${listing.total} images)`;
+  $("#gallery-count").textContent = `(${listing.total} inputs)`;
   $("#more").hidden = listing.offset + listing.items.length >= listing.total;
 }
 
@@ -57,37 +60,86 @@ export function showInput(state) {
     ctx.drawImage(img, 0, 0);
   };
   img.src = acts.image;
-  const truth = acts.label === null ? "uploaded image" : `true class ${acts.class}`;
-  clear($("#input-caption")).append(
-    el("strong", { text: acts.input }), ` · ${truth} · predicted `,
-    el("strong", { id: "predicted", text: info.classes[acts.predicted] }),
-  );
+  const truth = acts.label !== null ? `true class ${acts.class}`
+    : acts.input.startsWith("upload:") ? "uploaded" : "test input";
+  const predicted = acts.predicted === null ? []
+    : [" · predicted ", el("strong", { id: "predicted", text: info.classes[acts.predicted] })];
+  clear($("#input-caption")).append(el("strong", { text: acts.input }), ` · ${truth}`, ...predicted);
+  showMask(state);
 }
 
+// A segmentation's predicted classes over the input (background left clear).
+function showMask(state) {
+  const canvas = $("#mask-canvas");
+  const head = state.acts.head;
+  canvas.hidden = !(head && state.info.output_kind === "mask");
+  if (canvas.hidden) return;
+  const [, h, w] = head.data.shape;
+  drawMap(canvas, head.data.data, 0, h, w, (v) => (v === 0 ? [0, 0, 0, 0] : [...classColour(state.info, v), 130]));
+}
+
+// The volume's slice shown, and the slider's place.
+export function showSlice(state) {
+  if (state.depth === null) return;
+  $("#depth-text").textContent = `${state.depth + 1} of ${state.info.input_depth}`;
+}
+
+export function setupUpload(info) {
+  const dims = info.input_size.length - 1;
+  $("#upload-label").hidden = dims === 1;
+  if (dims === 3) {
+    $("#upload-text").textContent = "Upload a NIfTI volume";
+    $("#upload").accept = ".nii,.nii.gz,.gz";
+  }
+  const hints = {
+    probability: "Class probabilities (softmax of the logits). Click a class for the softmax arithmetic.",
+    share: "The share of positions predicted as each class (the mask's colours, drawn over the input). "
+      + "Click the mask column's map for the scores of a position.",
+    value: "The values the model predicts.",
+  };
+  $("#prediction-hint").textContent = hints[{ probabilities: "probability", mask: "share", values: "value" }[info.output_kind]]
+    || "This model's output is an image: see the last layer.";
+}
+
+// Per output: a probability (bar and logit), a share of positions (bar in the class colour)
+// or a value (and the true one, for a test input).
 export function showPrediction(state, onClass) {
   const { acts, info } = state;
+  if (acts.scores === null) {
+    clear($("#prediction"));
+    return;
+  }
+  const truth = acts.truth && acts.truth.values ? acts.truth.values : null;
   const rows = info.classes.map((name, k) => {
-    const p = acts.probabilities[k];
+    const p = acts.scores[k];
+    const bar = acts.score_kind === "value" ? null : el("span", { class: "class-bar" }, el("span", { style: {
+      width: `${(100 * p).toFixed(1)}%`,
+      background: css(acts.score_kind === "share" ? classColour(info, k) : sequential(0.25 + 0.6 * p)) } }));
+    const extra = acts.score_kind === "probability" ? `logit ${fmt(acts.logits[k])}`
+      : truth ? `true ${fmt(truth[k])}` : "";
     return el("button", {
       class: `class-row${k === acts.predicted ? " top" : ""}`, type: "button",
-      data: { class: k }, on: { click: () => onClass(k) },
+      data: { class: k }, on: { click: () => acts.score_kind === "probability" && onClass(k) },
     }, [
       el("span", { class: "class-name", text: name }),
-      el("span", { class: "class-bar" }, el("span", { style: { width: `${(100 * p).toFixed(1)}%`,
-        background: css(sequential(0.25 + 0.6 * p)) } })),
-      el("span", { class: "class-p", text: `${(100 * p).toFixed(1)}%` }),
-      el("span", { class: "class-logit", text: `logit ${fmt(acts.logits[k])}` }),
+      bar || el("span"),
+      el("span", { class: "class-p", text: acts.score_kind === "value" ? fmt(p) : `${(100 * p).toFixed(1)}%` }),
+      el("span", { class: "class-logit", text: extra }),
     ]);
   });
   clear($("#prediction")).append(...rows);
 }
 
 export function setupExplain(info, onChange) {
+  if (info.explain_error) {
+    $("#explain-show").disabled = true;
+    $("#explain-note").textContent = info.explain_error;
+  }
   const method = $("#explain-method");
   for (const m of info.methods) method.append(el("option", { value: m, text: m }));
   method.value = info.methods.includes("gradcam") ? "gradcam" : info.methods[0];
   const target = $("#explain-class");
-  target.append(el("option", { value: "", text: "the predicted class" }));
+  target.append(el("option", { value: "", text: info.output_kind === "values" ? "the first output" : "the predicted class" }));
   info.classes.forEach((c, k) => target.append(el("option", { value: k, text: c })));
   for (const id of ["#explain-method", "#explain-class", "#explain-show"]) $(id).addEventListener("change", onChange);
   $("#explain-opacity").addEventListener("input", () => {
