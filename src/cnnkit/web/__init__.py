@@ -2,10 +2,11 @@
 
 After CNN Explainer (Wang, Turko, Shaikh, Park, Das, Hohman, Kahng and Chau 2020,
 "CNN Explainer: Learning Convolutional Neural Networks with Interactive Visualization",
-IEEE TVCG), for any cnnkit classifier run instead of one fixed Tiny VGG: every layer's
-activation maps, the arithmetic of any neuron with the model's real numbers, filters,
-explanation heat maps and model facts. Importing this package imports Starlette; the
-``web`` extra installs it (``pip install "cnnkit[web]"``).
+IEEE TVCG), for any cnnkit run (classification, segmentation, regression, super-resolution;
+1D, 2D or 3D inputs, a volume shown one slice at a time with a slider) instead of one fixed
+Tiny VGG: every layer's activation maps, the arithmetic of any neuron with the model's real
+numbers, filters, explanation heat maps and model facts. Importing this package imports
+Starlette; the ``web`` extra installs it (``pip install "cnnkit[web]"``).
 
 Example:
     >>> from cnnkit.web import create_app, load_explorer  # doctest: +SKIP
