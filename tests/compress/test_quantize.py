@@ -22,6 +22,7 @@ from cnnkit.compress.quantize import (
     search_calibration,
 )
 from cnnkit.data import load_data
+from cnnkit.layers.ops import UnknownOperator
 from cnnkit.models import create_model
 
 
@@ -345,3 +346,47 @@ def test_qat_clear_errors() -> None:
         quantize_aware_train(_conv_linear_bn(), [])
     with pytest.raises(ValueError, match="one-shot"):
         quantize_aware_train(_conv_linear_bn(), iter([(x, y)]), epochs=2)
+
+
+# -- 1D and 3D networks, and the registry's int8 facts ------------------------------------
+@pytest.mark.parametrize("input_size", [(1, 32), (1, 12, 12, 12)], ids=["1d", "3d"])
+def test_int8_resnet18_nd_is_close_to_float(input_size):
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=3, input_size=input_size).eval()
+    x = torch.randn(8, *input_size)
+    qmodel = quantize(model, x, backend="auto")
+    with torch.no_grad():
+        ref, got = model(x), qmodel(x)
+    assert got.shape == ref.shape
+    assert ((got - ref).norm() / ref.norm()).item() < 0.1  # measured ~0.03
+
+
+def test_unet3d_traces_and_refuses_x86_transposed_convolutions():
+    torch.manual_seed(0)
+    model = create_model("unet3d", num_classes=3, input_size=(1, 8, 8, 8), width=2).eval()
+    x = torch.randn(2, 1, 8, 8, 8)
+    # the x86 engine's transposed convolutions are wrong (the int8 fact): refused in one line
+    with pytest.raises(ValueError, match="conv_transpose3d.*fbgemm") as err:
+        quantize(model, x, backend="x86")
+    assert "\n" not in str(err.value)
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        qmodel = quantize(model, x, backend="fbgemm")
+        with torch.no_grad():
+            ref, got = model(x), qmodel(x)
+        assert ((got - ref).norm() / ref.norm()).item() < 0.2
+        torch.backends.quantized.engine = "x86"
+
+
+def test_unknown_operator_refused_by_quantize():
+    class Scale(nn.Module):  # a user's own layer with parameters, unknown to the registry
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.w
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Scale()).eval()
+    with pytest.raises(UnknownOperator, match="Scale") as err:
+        quantize(model, torch.randn(2, 3, 8, 8))
+    assert "\n" not in str(err.value)

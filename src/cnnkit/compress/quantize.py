@@ -20,6 +20,12 @@ torchao's PT2E, which is not installed here, so its DeprecationWarnings are sile
 Quantisation-aware fine-tuning, which trains through this int8 scheme before converting, is
 :func:`cnnkit.compress.qat.quantize_aware_train`.
 
+Whether the engine runs an operator is its ``int8`` fact in the operator registry
+(:mod:`cnnkit.layers.ops`): before converting, one float pass reads the fact of every
+call on the input's data and refuses, in one line, an operator the engine cannot run
+(e.g. the x86 engine's transposed convolutions, 1D/3D linear interpolation), a module
+with parameters or a function the registry does not know.
+
 The engine is process-wide torch state (``torch.backends.quantized.engine``): :func:`quantize`
 sets it, and a quantised model must run under the engine it was built with.
 """
@@ -37,6 +43,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 try:  # the eager/FX quantisation API is deprecated; fail clearly the day it is removed
     from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
@@ -46,6 +54,8 @@ except ImportError as err:  # pragma: no cover - depends on the installed torch
     raise ImportError(f"cnnkit.compress.quantize needs torch.ao.quantization's FX API, "
                       f"which torch {torch.__version__} lacks ({err}); install torch<=2.13"
                       ) from err
+
+from cnnkit.layers.ops import Unsupported, function_facts, operator_modules, tensors
 
 from .observers import OBSERVERS, EntropyObserver, PercentileObserver
 
@@ -77,6 +87,49 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     except Exception as err:  # torch.fx raises TraceError, TypeError, ... on dynamic code
         raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx ({err}); "
                          "quantize models without data-dependent control flow") from err
+
+
+_CONSUMER = "int8 quantisation"
+
+
+class _Int8Check(TorchFunctionMode):
+    """Reads the ``int8`` fact of every call on data that depends on the input."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend = backend
+        self.data = WeakIdKeyDictionary()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = list(tensors(out))  # calls returning no tensor (.dim(), .shape) are no operators
+        if outs and any(t in self.data for t in tensors((args, kwargs))):
+            facts = function_facts(getattr(func, "__name__", repr(func)), _CONSUMER)
+            verdict = facts.int8(args, kwargs, self.backend) if callable(facts.int8) \
+                else facts.int8
+            if isinstance(verdict, Unsupported):
+                raise ValueError(f"int8 quantisation cannot run {facts.name} on the "
+                                 f"{self.backend} engine: {verdict.reason}")
+            for t in outs:
+                self.data[t] = True
+        return out
+
+
+def check_int8(model: nn.Module, example: torch.Tensor, backend: str,
+               traced: nn.Module | None = None) -> None:
+    """Refuse (one line) a model with an operator the ``backend`` int8 engine cannot run,
+    by its operators' ``int8`` facts, or one the registry does not know; its functions are
+    read on one pass of ``traced`` (default: ``model``, which must be in eval mode)."""
+    for _, module, facts in operator_modules(model, _CONSUMER, functional_leaves=True):
+        if isinstance(facts.int8, Unsupported):
+            raise ValueError(f"int8 quantisation cannot run {type(module).__name__}: "
+                             f"{facts.int8.reason}")
+    check = _Int8Check(backend)
+    x = example.detach().clone()
+    check.data[x] = True
+    with torch.no_grad(), check:
+        (model if traced is None else traced)(x)
 
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
@@ -189,6 +242,7 @@ def quantize(model: nn.Module, calibration_data: torch.Tensor | Iterable, *,
     example = first[:1] if example_inputs is None else example_inputs
     torch.backends.quantized.engine = backend
     folded = fold_batchnorm(model)
+    check_int8(model, example, backend, traced=folded)
     with warnings.catch_warnings():  # torch.ao.quantization deprecation notices (see module doc)
         warnings.simplefilter("ignore")
         prepared = prepare_fx(folded, mapping, (example,))

@@ -92,12 +92,17 @@ class DoubleConv(nn.Module):
 
 def center_crop(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Crop the trailing spatial dims of ``x`` to ``size`` around the centre (the paper's
-    cropping of the skip maps, "necessary due to the loss of border pixels")."""
-    slices = [slice(None)] * (x.ndim - len(size))
-    for have, want in zip(x.shape[-len(size):], size, strict=True):
-        start = (have - want) // 2
+    cropping of the skip maps, "necessary due to the loss of border pixels").
+
+    Written so torch.fx can trace it (for int8 quantisation): the number of axes comes
+    from ``len(size)``, never from iterating a shape, and the crop is one slicing.
+    """
+    n = len(size)
+    slices = []
+    for i, want in enumerate(size):
+        start = (x.shape[i - n] - want) // 2
         slices.append(slice(start, start + want))
-    return x[tuple(slices)]
+    return x[(..., *slices)]
 
 
 def _valid_output(n: int, depth: int) -> int | None:
@@ -253,7 +258,7 @@ class UNet(DenseModel):
         return F.pad(x, widths, mode=mode), crops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[2:]
+        size = [x.shape[d] for d in range(2, 2 + self.dims)]  # fx-traceable: no iteration
         if isinstance(self.encoder, Encoder):
             feats = self.encoder(x)
             y = feats[-1]
@@ -272,7 +277,8 @@ class UNet(DenseModel):
         for i, (up, block) in enumerate(zip(self.up, self.decoder, strict=True)):
             y = up(y)
             if i < len(skips):
-                y = block(torch.cat([center_crop(skips[i], y.shape[2:]), y], dim=1))
+                crop = [y.shape[d] for d in range(2, 2 + self.dims)]
+                y = block(torch.cat([center_crop(skips[i], crop), y], dim=1))
             else:
                 y = block(y)
         y = self.head(y)

@@ -91,7 +91,7 @@ class UNet3D(DenseModel):
         _init(self, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5:
+        if isinstance(x, torch.Tensor) and x.ndim != 5:  # not on torch.fx's symbolic proxies
             raise ValueError(f"3D U-Net takes [B, C, D, H, W] volumes, got shape {tuple(x.shape)}")
         skips = []
         for i, block in enumerate(self.encoder):
