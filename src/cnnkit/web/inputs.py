@@ -329,9 +329,11 @@ class InputStore:
         return len(self.images)
 
     def _label(self, i: int) -> int | None:
-        """Test input ``i``'s class, when its target is one (not a mask or values)."""
+        """Test input ``i``'s class, when its target is one of the model's outputs (not a
+        mask, values, or a label the model does not predict, as super-resolution's)."""
         t = self.labels[i]
-        return int(t) if t.ndim == 0 and not t.is_floating_point() else None
+        is_class = t.ndim == 0 and not t.is_floating_point() and 0 <= int(t) < len(self.classes)
+        return int(t) if is_class else None
 
     def target(self, key: str) -> torch.Tensor | None:
         """The target of a test input (a label, mask or values); None for an upload."""
