@@ -10,11 +10,13 @@ consumer                                      fact
 ============================================  ==========================================
 ``analysis.summary`` (the forward tracer)     ``macs``, ``field`` (receptive field per axis)
 ``compress.dependency_groups``, surgery       ``channels`` (how channels couple)
+(``models._surgery.shrink``)
 ``explain.lrp`` composites and canonizer      ``lrp`` (which composite slot)
-``web`` explorer (layers, neuron views)       ``view``
-``layers.lowrank``, ``compress.lowrank``      ``lowrank`` (which factorisations apply)
+``web.layers`` (the explorer's layer kinds)   ``view``
+``layers.lowrank``, ``compress.lowrank``,     ``lowrank`` (which factorisations apply)
+``compress.factorizations``
 ``layers.binary``                             ``binary`` (the conversion, or a refusal)
-``compress.quantize``                         ``int8`` (whether the x86 engine runs it)
+``compress.quantize`` (``check_int8``)        ``int8`` (whether the engine runs it)
 ============================================  ==========================================
 
 So a new operator (Conv1d, Conv3d, a later graph convolution) is registered once with
