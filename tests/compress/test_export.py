@@ -53,3 +53,19 @@ def test_export_detects_mismatch(tmp_path):
 def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown export format"):
         export(Wrong(), torch.randn(2, 3), tmp_path / "w", format="tflite")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("name,kwargs", [
+    ("resnet18", dict(num_classes=3, input_size=(1, 32))),
+    ("unet3d", dict(num_classes=3, input_size=(1, 8, 8, 8), width=2)),
+], ids=["resnet18_1d", "unet3d"])
+def test_export_matches_model_in_1d_and_3d(tmp_path, fmt, name, kwargs):
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).eval()
+    path = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
+    res = export(model, torch.randn(2, *kwargs["input_size"]), path, format=fmt)
+    assert res["checked_with"] and res["max_abs_diff"] < 1e-4
