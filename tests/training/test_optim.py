@@ -71,5 +71,7 @@ def test_amp_resolution():
     cpu = torch.device("cpu")
     assert resolve_amp("off", cpu) is None
     assert resolve_amp("auto", cpu) == (torch.bfloat16 if _cpu_has_bf16() else None)
+    assert resolve_amp("auto", cpu, spatial_dims=1) == resolve_amp("auto", cpu)
+    assert resolve_amp("auto", cpu, spatial_dims=3) is None  # bf16 conv3d grads went NaN
     with pytest.raises(ValueError, match="fp16 autocast needs a CUDA GPU"):
         resolve_amp("fp16", cpu)

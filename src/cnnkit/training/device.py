@@ -31,12 +31,20 @@ def _cpu_has_bf16() -> bool:
     return bool(probe and probe())
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+def resolve_amp(amp: str, device: torch.device, spatial_dims: int = 2) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device``, or None for full precision.
 
     ``auto`` means bf16 on CUDA GPUs that support it, fp16 on older ones, bf16 on CPUs
     with native bf16 (AVX-512 BF16 or AMX: training steps run 1.5-2x faster there, see
-    ``bench/amp_cpu.py`` and docs/benchmarks.md), and off on other CPUs and on MPS.
+    ``bench/amp_cpu.py`` and docs/benchmarks.md) for inputs of up to two spatial axes, and
+    off on other CPUs, on MPS and for volumes on the CPU: oneDNN's bf16 ``conv3d`` weight
+    gradients turned NaN within two epochs of a 3D U-Net on shapes3d (torch 2.13, an
+    AVX-512 BF16 EPYC), from finite inputs and output gradients, and not reproducibly
+    (the same tensors replayed give finite gradients). ``--amp bf16`` still asks for it.
+
+    Example:
+        >>> resolve_amp("auto", torch.device("cpu"), spatial_dims=3) is None
+        True
     """
     if amp == "off":
         return None
@@ -47,7 +55,8 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return torch.float16
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
+        cpu_bf16 = device.type == "cpu" and _cpu_has_bf16() and spatial_dims < 3
+        return torch.bfloat16 if cpu_bf16 else None
     if amp == "fp16":
         raise ValueError("fp16 autocast needs a CUDA GPU; use --amp bf16 or --amp off on CPU")
     if device.type == "cpu" and not _cpu_has_bf16():

@@ -159,7 +159,6 @@ class Trainer:
                              f"{task.name}; pass --task {info.task}, or pick a {task.models} model "
                              f"(`cnnkit models --task {task.models}`)")
         seed_everything(cfg.seed)
-        self.amp = resolve_amp(cfg.amp, self.device)
         if cfg.image_size is not None and self._init_model is None:  # before any data
             s = cfg.image_size  # a stand-in of the data's size: the model and batch fit?
             check_run_memory(cfg, task, SimpleNamespace(input_size=(cfg.channels or 1, s, s),
@@ -169,6 +168,7 @@ class Trainer:
                          strict=cfg.strict, seed=cfg.seed, targets=task.data_targets,
                          **cfg.data_options)
         self.data = data
+        self.amp = resolve_amp(cfg.amp, self.device, len(data.input_size) - 1)
         self.split = split_indices(data.labels, cfg.split, seed=cfg.seed)
         train_idx, val_idx, test_idx = self.split
         if min(len(train_idx), len(val_idx), len(test_idx)) == 0:
