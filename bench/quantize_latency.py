@@ -26,12 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 import cnnkit
-from cnnkit.compress.quantize import (
-    freeze_quantized,
-    quantize,
-    save_quantized,
-    search_calibration,
-)
+from cnnkit.compress.quantize import freeze_quantized, quantize, search_calibration
+from cnnkit.compress.quantized_file import save_quantized
 from cnnkit.data import load_data, split_indices
 from cnnkit.models import create_model
 from cnnkit.workflows.compress import measure_latency

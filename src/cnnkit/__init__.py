@@ -48,9 +48,9 @@ _SUBPACKAGES = ("layers", "models", "data", "tasks", "run", "training", "explain
 
 def __getattr__(name: str) -> Any:
     if name in _SUBPACKAGES:  # cnnkit.training is callable: cnnkit.train(...) trains
-        return importlib.import_module(f"cnnkit.{name}")
+        return importlib.import_module(f"cnnkit.{name}")  # lazy: PEP 562
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)  # lazy: PEP 562
         globals()[name] = value
         return value
     raise AttributeError(f"module 'cnnkit' has no attribute {name!r}")

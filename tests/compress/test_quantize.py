@@ -16,11 +16,10 @@ from cnnkit.compress.quantize import (
     PercentileObserver,
     fold_batchnorm,
     freeze_quantized,
-    load_quantized,
     quantize,
-    save_quantized,
     search_calibration,
 )
+from cnnkit.compress.quantized_file import load_quantized, save_quantized
 from cnnkit.data import load_data
 from cnnkit.layers.ops import UnknownOperator
 from cnnkit.models import create_model

@@ -31,7 +31,8 @@ def run_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def int8_path(run_path, tmp_path_factory):
     """The same run with an int8 model beside its weights, as ``cnnkit compress`` writes it."""
-    from cnnkit.compress.quantize import quantize, save_quantized
+    from cnnkit.compress.quantize import quantize
+    from cnnkit.compress.quantized_file import save_quantized
     from cnnkit.run import run_test_split
     from cnnkit.training import load_run
 

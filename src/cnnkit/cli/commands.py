@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from cnnkit._files import make_folder, refuse_existing
 from cnnkit.run.config import RESUME_OPTIONS
 
 from .generate import config_from_args, given_options, option_flag
@@ -26,8 +27,6 @@ def output_folder(out: str | None, default: Path, force: bool) -> Iterator[Path]
     ``default-3`` ... (created atomically, so two commands never share one); a given
     ``--out`` must be new, unless ``--force`` lets the command write into it. A folder
     made here and left empty by a failing command is removed."""
-    from cnnkit._files import make_folder
-
     if out is None:
         path = made = make_folder(default, next_free=True)
     elif force:
@@ -56,7 +55,7 @@ def one_line(e: BaseException) -> str:
 
 def _resume_args(args: argparse.Namespace) -> tuple[Path, dict]:
     """The run folder and the options to change (``RESUME_OPTIONS``) for ``--resume``."""
-    from cnnkit.run import resolve_run
+    from cnnkit.run import resolve_run  # lazy: cli start-up
 
     cls = args.config_class
     given = given_options(cls, args)
@@ -86,8 +85,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _launch(args: argparse.Namespace, config, resume: Path | None) -> int:
     """``cnnkit train --nproc N``: the same command under torchrun, N processes."""
-    from cnnkit.run import RunPaths, read_config
-    from cnnkit.training import distributed
+    from cnnkit.run import RunPaths, read_config  # lazy: cli start-up
+    from cnnkit.training import distributed  # lazy: cli start-up
 
     batch = (read_config(RunPaths(resume).config) if resume is not None else config).batch_size
     if batch % args.nproc:
@@ -100,8 +99,8 @@ def _launch(args: argparse.Namespace, config, resume: Path | None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from cnnkit.models import model_info
-    from cnnkit.training import Trainer, distributed
+    from cnnkit.models import model_info  # lazy: cli start-up
+    from cnnkit.training import Trainer, distributed  # lazy: cli start-up
 
     if args.nproc is not None and distributed.under_torchrun():
         raise ValueError("--nproc starts torchrun itself; under torchrun leave it out "
@@ -154,13 +153,13 @@ def train(args: argparse.Namespace) -> int:
 
 def _headline(result: dict) -> str:
     """The task's test metrics on one line."""
-    from cnnkit.tasks import create_task
+    from cnnkit.tasks import create_task  # lazy: cli start-up
 
     return create_task(result["task"], result).headline(result)
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from cnnkit.workflows.evaluate import evaluate_run
+    from cnnkit.workflows.evaluate import evaluate_run  # lazy: cli start-up
 
     result = evaluate_run(args.run, data=args.data, weights=args.weights)
     if args.json:
@@ -172,8 +171,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from cnnkit.tasks import create_task
-    from cnnkit.workflows.evaluate import predict_files
+    from cnnkit.tasks import create_task  # lazy: cli start-up
+    from cnnkit.workflows.evaluate import predict_files  # lazy: cli start-up
 
     for f in args.files:
         if Path(f).is_dir():
@@ -181,7 +180,7 @@ def predict(args: argparse.Namespace) -> int:
         if not Path(f).exists():
             raise FileNotFoundError(f"image file {f!r} does not exist; check the path "
                                     "(give one or more image files)")
-    from cnnkit.workflows.load import load_run
+    from cnnkit.workflows.load import load_run  # lazy: cli start-up
 
     run = load_run(args.run)
     task = create_task(run.config.task, run.config)
@@ -201,7 +200,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _predict_files(run, task, args: argparse.Namespace) -> int:
-    from cnnkit.workflows.evaluate import predict_dense_files
+    from cnnkit.workflows.evaluate import predict_dense_files  # lazy: cli start-up
 
     with output_folder(args.out, run.path / "predictions", args.force) as out:
         results = predict_dense_files(run, args.files, out, crf=args.crf, overwrite=args.force)
@@ -218,11 +217,11 @@ def _size_text(size) -> str:
 
 
 def summary(args: argparse.Namespace) -> int:
-    from cnnkit.analysis import summary as model_summary
+    from cnnkit.analysis import summary as model_summary  # lazy: cli start-up
 
     target = args.target
     if (Path(target) / "config.yaml").is_file():
-        from cnnkit.workflows.load import load_run
+        from cnnkit.workflows.load import load_run  # lazy: cli start-up
 
         run = load_run(target)
         native = run.preprocess.input_size
@@ -232,7 +231,7 @@ def summary(args: argparse.Namespace) -> int:
                              f"for {_size_text(native)}")
         model, size = run.model, args.input or native
     else:
-        from cnnkit.models import create_model, model_info
+        from cnnkit.models import create_model, model_info  # lazy: cli start-up
 
         model_info(target)
         kwargs = {}
@@ -256,8 +255,8 @@ def summary(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from cnnkit.workflows.bench import docs_section, format_tables, run_bench
-    from cnnkit.workflows.bench.report import machine_text, write_section
+    from cnnkit.workflows.bench import docs_section, format_tables, run_bench  # lazy: cli start-up
+    from cnnkit.workflows.bench.report import machine_text, write_section  # lazy: cli start-up
 
     result = run_bench(config_from_args(args.config_class, args),
                        progress=False if args.no_progress else None)
@@ -284,8 +283,8 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def models(args: argparse.Namespace) -> int:
-    from cnnkit.models import list_models, model_info
-    from cnnkit.tasks import task_class
+    from cnnkit.models import list_models, model_info  # lazy: cli start-up
+    from cnnkit.tasks import task_class  # lazy: cli start-up
 
     if args.task is not None:
         task_class(args.task)  # an unknown task: one line naming the registered ones
@@ -301,8 +300,8 @@ def models(args: argparse.Namespace) -> int:
 
 
 def tasks(args: argparse.Namespace) -> int:
-    from cnnkit.models import list_models
-    from cnnkit.tasks import list_tasks, task_class
+    from cnnkit.models import list_models  # lazy: cli start-up
+    from cnnkit.tasks import list_tasks, task_class  # lazy: cli start-up
 
     for name in list_tasks():
         cls = task_class(name)
@@ -315,7 +314,7 @@ def tasks(args: argparse.Namespace) -> int:
 
 
 def datasets(args: argparse.Namespace) -> int:
-    from cnnkit.data import dataset_info, list_datasets
+    from cnnkit.data import dataset_info, list_datasets  # lazy: cli start-up
 
     for n in list_datasets():
         print(f"{n:<8}  {dataset_info(n)}")
@@ -332,15 +331,15 @@ def datasets(args: argparse.Namespace) -> int:
 
 def explain(args: argparse.Namespace) -> int:
 
-    from cnnkit.explain import list_methods
-    from cnnkit.workflows.explain import explain_files
-    from cnnkit.workflows.load import load_run
+    from cnnkit.explain import list_methods  # lazy: cli start-up
+    from cnnkit.workflows.explain import explain_files  # lazy: cli start-up
+    from cnnkit.workflows.load import load_run  # lazy: cli start-up
 
     methods = args.method or ["gradcam"]
     known = list_methods()
     for m in methods:
         if m not in known:
-            from cnnkit.models._registry import suggest
+            from cnnkit.models._registry import suggest  # lazy: cli start-up
 
             raise ValueError(f"unknown explanation method {m!r}{suggest(m, known)} "
                              f"(choose from {', '.join(known)})")
@@ -358,14 +357,13 @@ def explain(args: argparse.Namespace) -> int:
 
 
 def _explain_benchmark(args: argparse.Namespace) -> int:
-    from cnnkit._files import refuse_existing
-    from cnnkit.workflows.explain_benchmark import (
+    from cnnkit.workflows.explain_benchmark import (  # lazy: cli start-up
         benchmark_files,
         benchmark_methods,
         format_table,
         write_benchmark,
     )
-    from cnnkit.workflows.load import load_run
+    from cnnkit.workflows.load import load_run  # lazy: cli start-up
 
     fixed = [name for name, given in (("IMAGES", args.images), ("--target", args.target),
                                       ("--out", args.out)) if given]

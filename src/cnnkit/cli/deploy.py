@@ -80,9 +80,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def compress(args: argparse.Namespace) -> int:
-    from cnnkit.compress.prune import criteria
-    from cnnkit.workflows.compress import compress_run
-    from cnnkit.workflows.sweep import sweep_run
+    from cnnkit.compress.prune import criteria  # lazy: cli start-up
+    from cnnkit.workflows.compress import compress_run  # lazy: cli start-up
+    from cnnkit.workflows.sweep import sweep_run  # lazy: cli start-up
 
     if args.criterion not in criteria():
         raise ValueError(f"unknown --criterion {args.criterion!r}; choose from "
@@ -131,10 +131,10 @@ def compress(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # lazy: cli start-up
 
-    from cnnkit.compress.export import export as export_model
-    from cnnkit.workflows.load import load_run
+    from cnnkit.compress.export import export as export_model  # lazy: cli start-up
+    from cnnkit.workflows.load import load_run  # lazy: cli start-up
 
     run = load_run(args.run)
     c, *spatial = run.preprocess.input_size
@@ -161,8 +161,8 @@ def serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port} (0 picks a free port)")
     try:
-        from cnnkit.web import ServerLimits
-        from cnnkit.web import serve as serve_explorer
+        from cnnkit.web import ServerLimits  # lazy: optional dependency (the web extra)
+        from cnnkit.web import serve as serve_explorer  # lazy: optional dependency (the web extra)
     except ImportError as e:
         raise ValueError(f"cnnkit serve needs the web extra ({e}); install it with "
                          "pip install 'cnnkit[web]'") from e

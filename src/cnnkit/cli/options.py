@@ -13,7 +13,7 @@ __all__ = ["kv", "size", "number", "positive_int", "positive_float", "nonnegativ
 
 def kv(text: str) -> tuple[str, object]:
     """``key=value`` with the value parsed as YAML (numbers, booleans, lists)."""
-    import yaml
+    import yaml  # lazy: cli start-up
 
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")

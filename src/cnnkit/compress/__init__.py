@@ -26,7 +26,8 @@ from .graph import Group, Member, dependency_groups
 from .lowrank import decompose, factorize_model
 from .prune import apply_history, criteria, prune, register_criterion
 from .qat import quantize_aware_train
-from .quantize import freeze_quantized, load_quantized, quantize, save_quantized, search_calibration
+from .quantize import freeze_quantized, quantize, search_calibration
+from .quantized_file import load_quantized, save_quantized
 from .schedule import MaskSparsity, iterative_prune
 from .unstructured import lottery_ticket, magnitude_prune, remove_masks, sparsity_report
 

@@ -51,7 +51,7 @@ def _onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
 def _run_onnx(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, str] | None:
     if importlib.util.find_spec("onnxruntime") is None:
         return None
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: optional dependency
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from cnnkit._limits import max_image_pixels, require_memory
 
+from ._types import convert_channels
+
 __all__ = ["image_extensions", "image_files", "default_size", "decode", "read_images",
            "load_image", "open_image", "quiet_bomb_warnings", "ImageTooLarge",
            "DEFAULT_MAX_SIZE"]
@@ -219,8 +221,6 @@ def load_image(image: str | os.PathLike | Image.Image, size: tuple[int, int] | N
         FileNotFoundError: the file does not exist.
         ValueError: Pillow cannot read it.
     """
-    from ._types import convert_channels
-
     if isinstance(image, Image.Image):
         im = _to_l_or_rgb(image)
         if size is not None and im.size != (size[1], size[0]):

@@ -20,6 +20,8 @@ from ._types import ImageData
 
 __all__ = ["register_dataset", "list_datasets", "dataset_info", "load_data", "TARGETS"]
 
+# Filled by the package's __init__, which imports every built-in module and which Python
+# runs to its end before code outside the package can call this module's functions.
 _DATASETS: dict[str, Callable[..., ImageData]] = {}
 _HOLDS: dict[str, tuple[str, ...]] = {}  # the targets each built-in data set holds
 # What a data set may be read for: a class per sample, a mask per sample, the inputs
@@ -56,11 +58,6 @@ def register_dataset(fn: Callable[..., ImageData] | None = None, *,
     return deco if fn is None else deco(fn)
 
 
-def _ensure_loaded() -> None:
-    # Importing the package registers the built-in data sets (each module decorates its builder).
-    from cnnkit import data  # noqa: F401
-
-
 def list_datasets() -> list[str]:
     """Names of the built-in data sets, sorted.
 
@@ -68,7 +65,6 @@ def list_datasets() -> list[str]:
         >>> list_datasets()
         ['digits', 'shapes']
     """
-    _ensure_loaded()
     return sorted(_DATASETS)
 
 
@@ -79,7 +75,6 @@ def dataset_info(name: str) -> str:
         >>> dataset_info("digits").startswith("Handwritten digits")
         True
     """
-    _ensure_loaded()
     if name not in _DATASETS:
         raise ValueError(f"unknown data set {name!r}{_suggest(name)}; "
                          f"built-in data sets: {', '.join(sorted(_DATASETS))}")
@@ -129,7 +124,6 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
         >>> d.input_size, d.classes[:3], d.augment
         ((1, 8, 8), ['0', '1', '2'], 'digits')
     """
-    _ensure_loaded()
     if channels not in (None, 1, 3):
         raise ValueError(f"channels={channels} is not supported; give 1 (grayscale) or 3 (RGB)")
     if targets not in TARGETS:

@@ -91,7 +91,7 @@ def _walk_volumes(folder: Path):
 
 def _nibabel() -> Any:
     try:
-        import nibabel
+        import nibabel  # lazy: optional dependency
     except ImportError as e:
         raise ValueError("reading NIfTI volumes needs nibabel; install it with "
                          "pip install 'cnnkit[volumes]'") from e

@@ -34,11 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.layers.nd import DIMS, interp_mode
+from cnnkit.models._registry import suggest
 from cnnkit.tasks import Task, task_class
 
 __all__ = ["Explainer", "TargetScores", "register_method", "create", "list_methods",
            "resolve_layer", "resolve_targets", "check_input"]
 
+# Filled by the package's __init__, which imports every built-in module and which Python
+# runs to its end before code outside the package can call this module's functions.
 _METHODS: dict[str, type[Explainer]] = {}
 
 
@@ -55,13 +58,8 @@ def register_method(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
     return deco
 
 
-def _ensure_loaded() -> None:
-    from cnnkit import explain  # noqa: F401  (importing the package registers every method)
-
-
 def list_methods() -> list[str]:
     """Names of the registered explanation methods, sorted."""
-    _ensure_loaded()
     return sorted(_METHODS)
 
 
@@ -87,10 +85,7 @@ def create(name: str, model: nn.Module, layer: str | nn.Module | None = None, *,
         >>> cnnkit.explain.create("gradcam", model)(torch.rand(4, 1, 32)).shape
         torch.Size([4, 32])
     """
-    _ensure_loaded()
     if name not in _METHODS:
-        from cnnkit.models._registry import suggest
-
         raise ValueError(f"unknown explanation method {name!r}{suggest(name, list(_METHODS))} "
                          f"(choose from {', '.join(sorted(_METHODS))})")
     explainer = _METHODS[name](model, layer=layer, **options)
@@ -112,8 +107,6 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
         return model.get_submodule(layer)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
-        from cnnkit.models._registry import suggest
-
         raise ValueError(f"the model has no layer {layer!r}{suggest(layer, names)}") from None
 
 

@@ -44,6 +44,8 @@ class ModelInfo:
     task: str = "classify"
 
 
+# Filled by the package's __init__, which imports every built-in module and which Python
+# runs to its end before code outside the package can call this module's functions.
 _MODELS: dict[str, ModelInfo] = {}
 
 
@@ -70,11 +72,6 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, task: str = "c
     return deco if fn is None else deco(fn)
 
 
-def _ensure_loaded() -> None:
-    # Importing the package registers every family (each module decorates its builders).
-    from cnnkit import models  # noqa: F401
-
-
 def suggest(name: str, choices: list[str], n: int = 3) -> str:
     """Return ``"; did you mean: a, b?"`` for the closest names, or ``""``."""
     close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
@@ -83,7 +80,6 @@ def suggest(name: str, choices: list[str], n: int = 3) -> str:
 
 def model_info(name: str) -> ModelInfo:
     """Metadata of a registered model; raises ValueError naming the nearest names."""
-    _ensure_loaded()
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}{suggest(name, list(_MODELS))} "
                          "(run `cnnkit models` to list them all)")
@@ -97,7 +93,6 @@ def list_models(pattern: str | None = None, task: str | None = None) -> list[str
         >>> "resnet18" in list_models("resnet*")
         True
     """
-    _ensure_loaded()
     names = sorted(_MODELS)
     if pattern:
         names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]

@@ -270,7 +270,7 @@ def _task_class(name: str) -> type:
     Raises:
         ValueError: ``name`` is not a registered task; the message lists them.
     """
-    from cnnkit.tasks import list_tasks, task_class
+    from cnnkit.tasks import list_tasks, task_class  # lazy: cli start-up
 
     if name not in list_tasks():
         raise ValueError(f"task must be one of {', '.join(list_tasks())}, got {name!r}")
@@ -279,7 +279,7 @@ def _task_class(name: str) -> type:
 
 def _on_cuda(device: str) -> bool:
     """Whether ``device`` ("auto", "cuda:1", ...) means a CUDA GPU here."""
-    import torch
+    import torch  # lazy: cli start-up
 
     if device == "auto":
         return torch.cuda.is_available()

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 __all__ = ["register_task", "task_class", "create_task", "list_tasks"]
 
+# Filled by the package's __init__, which imports every built-in module and which Python
+# runs to its end before code outside the package can call this module's functions.
 _TASKS: dict[str, type[Task]] = {}
 
 
@@ -33,10 +35,6 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def _ensure_loaded() -> None:
-    from cnnkit import tasks  # noqa: F401 - importing the package registers the built-ins
-
-
 def list_tasks() -> list[str]:
     """Names of the registered tasks, sorted.
 
@@ -44,7 +42,6 @@ def list_tasks() -> list[str]:
         >>> list_tasks()
         ['classify', 'regress', 'segment', 'superres']
     """
-    _ensure_loaded()
     return sorted(_TASKS)
 
 
@@ -54,7 +51,6 @@ def task_class(name: str) -> type[Task]:
     Raises:
         ValueError: no such task (naming the registered ones).
     """
-    _ensure_loaded()
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(_TASKS)}")
     return _TASKS[name]

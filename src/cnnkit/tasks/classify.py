@@ -16,7 +16,8 @@ from cnnkit.data.shards import all_reduce_sum, gather_shards, is_sharded
 
 from ._base import ReportParts, Task, TaskDefaults, autocast
 from ._registry import register_task
-from .figures import png, table
+from .figures import png, show, table
+from .metrics import confusion_matrix
 
 __all__ = ["Classify", "evaluate_classify"]
 
@@ -103,8 +104,6 @@ class Classify(Task):
 
     def report(self, summary: dict[str, Any], test: dict[str, Any], data: Any,
                test_idx: torch.Tensor) -> ReportParts:
-        from .metrics import confusion_matrix
-
         classes = summary["classes"]
         cm = confusion_matrix(test["preds"], test["targets"], len(classes), ignore_index=-1)
         figures = [("Confusion matrix", _confusion(cm, classes))]
@@ -143,8 +142,6 @@ def _confusion(cm: torch.Tensor, classes: list[str]) -> str:
 def _samples(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
              probs: torch.Tensor, classes: list[str], n: int = 24) -> str:
     import matplotlib.pyplot as plt
-
-    from .figures import show
 
     # Misclassified samples first: they are what a reader wants to see.
     order = torch.argsort((preds == targets).int(), stable=True)[:n]

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cnnkit.data import downscale
+
 __all__ = ["confusion_matrix", "segmentation_scores", "psnr", "ssim", "rgb_to_y",
            "bicubic_upscale", "bicubic_downscale"]
 
@@ -246,8 +248,6 @@ def bicubic_downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
     images come from). Clamped to [0, 1]. Compare the model's output with
     ``hr[..., :scale * h, :scale * w]``.
     """
-    from cnnkit.data import downscale
-
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
     h, w = hr.shape[-2] // scale, hr.shape[-1] // scale

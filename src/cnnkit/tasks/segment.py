@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from cnnkit.data._types import IGNORE_INDEX
@@ -24,6 +26,8 @@ from cnnkit.models._dense import pad_to_multiple
 from ._base import ReportParts, Task, TaskDefaults, autocast
 from ._registry import register_task
 from .figures import png, show, table
+from .losses import SegmentationLoss
+from .metrics import confusion_matrix, segmentation_scores
 
 __all__ = ["Segment", "RegionScores"]
 
@@ -111,8 +115,6 @@ class Segment(Task):
         return data
 
     def criterion(self) -> nn.Module:
-        from .losses import SegmentationLoss
-
         return SegmentationLoss(self.cfg.loss, ignore_index=IGNORE_INDEX)
 
     def batch_score(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -123,8 +125,6 @@ class Segment(Task):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
                  amp: torch.dtype | None = None) -> dict[str, Any]:
         """mIoU, per-class IoU and Dice, pixel accuracy and loss over ``loader``."""
-        from .metrics import confusion_matrix, segmentation_scores
-
         was_training = model.training
         model.eval()
         crit = self.criterion()
@@ -218,9 +218,6 @@ class Segment(Task):
         first. Volumes: a uint8 NIfTI label volume in the voxel grid of ``source``, and
         the overlay of its middle slice along the first axis.
         """
-        import numpy as np
-        from PIL import Image
-
         mask_name, overlay_name = self.prediction_names(source)
         volume = pred.ndim == 4
         if crf and volume:

@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
+from cnnkit.data import downscale
 from cnnkit.data.shards import all_reduce_sum, gather_shards, is_sharded
 from cnnkit.data.volumes import file_stem
 
 from ._base import ReportParts, Task, TaskDefaults, autocast
 from ._registry import register_task
 from .figures import png, show
+from .metrics import bicubic_upscale, psnr, ssim
 
 __all__ = ["SuperRes"]
 
@@ -84,18 +87,12 @@ class SuperRes(Task):
         return nn.MSELoss() if self.cfg.loss == "mse" else nn.L1Loss()
 
     def batch_score(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        from .metrics import psnr
-
         return psnr(out.detach().float().clamp(0, 1), y).sum(), len(y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
                  amp: torch.dtype | None = None) -> dict[str, Any]:
         """PSNR and SSIM of the model and of bicubic upscaling, borders of ``scale`` px cut."""
-        from cnnkit.data import downscale
-
-        from .metrics import bicubic_upscale, psnr, ssim
-
         was_training = model.training
         model.eval()
         crit, s = self.criterion(), self.scale
@@ -156,8 +153,6 @@ class SuperRes(Task):
     def write_prediction(self, pred: torch.Tensor, image: torch.Tensor, out: Path, source: Path,
                          classes: list[str], crf: bool = False) -> dict[str, Any]:
         """The upscaled image (``pred`` in [0, 1], ``[C, sH, sW]``) as a PNG."""
-        from PIL import Image
-
         if crf:
             raise ValueError("--crf refines segmentations; this is a super-resolution run")
         path = out / self.prediction_names(source)[0]
@@ -171,8 +166,6 @@ class SuperRes(Task):
 
 def _samples(out: torch.Tensor, bic: torch.Tensor, hr: torch.Tensor) -> str:
     import matplotlib.pyplot as plt
-
-    from .metrics import psnr
 
     n = min(4, len(out))
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cnnkit._limits import require_memory
+from cnnkit.models import create_model
 
 __all__ = ["training_bytes", "require_training_memory", "check_run_memory"]
 
@@ -73,8 +74,6 @@ def check_run_memory(config: Any, task: Any, data: Any) -> None:
     """:func:`require_training_memory` for a run: its model, options, batch and task
     (``task.model_kwargs(data)``: the input size and classes ``data`` implies; ``data`` is
     the loaded data or a stand-in with ``input_size``, ``classes`` and ``mask_classes``)."""
-    from cnnkit.models import create_model
-
     kwargs = {**task.model_kwargs(data), **config.model_kwargs}
     fix = ("give a smaller --image-size" if config.image_size else "resize the images with "
            "--image-size") + f", a smaller --batch-size (now {config.batch_size}) or a smaller "\

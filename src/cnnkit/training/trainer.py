@@ -27,6 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cnnkit._files import atomic_write
+from cnnkit.data import TensorLoader, channel_stats, load_data, split_indices
+from cnnkit.models import create_model, model_info
 from cnnkit.run import (
     Preprocess,
     RunFolder,
@@ -38,6 +40,7 @@ from cnnkit.run import (
     write_yaml,
 )
 from cnnkit.run.checkpoint import load_weights, read_header, save_state, save_weights
+from cnnkit.run.report import write_report
 from cnnkit.run.weights import build_model, check_belongs, check_meta, check_rebuildable, run_meta
 from cnnkit.tasks import create_task
 from cnnkit.tasks.classify import evaluate_classify
@@ -49,6 +52,7 @@ from .epoch import NonFiniteLossError, train_epoch
 from .fast import try_compile
 from .optim import ModelEma, build_optimizer, build_scheduler
 from .resume import capture, deterministic_algorithms, restore, resume_config, seed_everything
+from .sync_bn import convert_sync_batchnorm
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "evaluate"]
 
@@ -148,9 +152,6 @@ class Trainer:
     # -- setup -----------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        from cnnkit.data import TensorLoader, channel_stats, load_data, split_indices
-        from cnnkit.models import create_model, model_info
-
         cfg = self.config
         task = self.task = create_task(cfg.task, cfg)
         info = model_info(cfg.model)
@@ -215,8 +216,6 @@ class Trainer:
         if cfg.channels_last:  # the loaders hand out channels_last batches to match
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and self.dist.enabled:
-            from .sync_bn import convert_sync_batchnorm
-
             self.model = convert_sync_batchnorm(self.model, self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, len(self.train_loader))
@@ -329,8 +328,6 @@ class Trainer:
             return self._finish()
 
     def _finish(self) -> dict[str, Any]:
-        from cnnkit.run.report import write_report
-
         if self.dist.is_main:
             best, _ = load_weights(self.paths.weights)
             self.model.load_state_dict(best)

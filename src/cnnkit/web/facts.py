@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit.analysis import summary
+
 from .layers import Layer
 
 __all__ = ["layer_facts", "compression_facts"]
@@ -42,8 +44,6 @@ def layer_facts(model: nn.Module, input_size: Sequence[int], layers: Sequence[La
         >>> facts["layers"][0]["params"], facts["layers"][0]["receptive_field"]
         (100, 3)
     """
-    from cnnkit.analysis import summary
-
     result = summary(model, tuple(input_size))
     rows: dict[tuple[str, int], Any] = {}
     calls: dict[str, int] = {}

@@ -226,7 +226,7 @@ def _inflate(data: bytes, limit: int) -> bytes:
 
 def _nifti_header(data: bytes) -> Any:
     try:
-        import nibabel as nib  # optional: the volumes extra
+        import nibabel as nib  # lazy: optional dependency (the volumes extra)
     except ImportError as e:
         raise ValueError("reading NIfTI uploads needs nibabel; install it with pip install "
                          "'cnnkit[volumes]'") from e

@@ -31,7 +31,7 @@ from cnnkit.compress.lowrank import decompose
 from cnnkit.compress.prune import prune as prune_model
 from cnnkit.compress.qat import quantize_aware_train
 from cnnkit.compress.quantize import quantize as quantize_model
-from cnnkit.compress.quantize import quantized_bytes, save_quantized
+from cnnkit.compress.quantized_file import quantized_bytes, save_quantized
 from cnnkit.data import TensorLoader, load_data, split_indices
 from cnnkit.run import RunPaths, claim_run_folder, load_run, run_test_data, write_json
 from cnnkit.run.checkpoint import save_weights
@@ -61,7 +61,7 @@ def measure_latency(models: dict[str, Callable[[torch.Tensor], Any]], x: torch.T
 
 def file_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as cnnkit stores them: safetensors for a float model;
-    for an int8 one, :func:`~cnnkit.compress.quantize.save_quantized`'s file."""
+    for an int8 one, :func:`~cnnkit.compress.quantized_file.save_quantized`'s file."""
     state = model.state_dict()
     if all(isinstance(v, torch.Tensor) and not v.is_quantized for v in state.values()):
         return len(save({k: v.contiguous() for k, v in state.items()}))

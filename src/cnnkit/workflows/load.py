@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from cnnkit.compress.quantize import load_quantized
+from cnnkit.compress.quantized_file import load_quantized
 from cnnkit.run import Run, RunPaths, resolve_run
 from cnnkit.run import load_run as load_float_run
 

@@ -69,7 +69,7 @@ class BenchConfig:
     seed: int = option(0, cli=False)
 
     def __post_init__(self) -> None:
-        from cnnkit.models import list_models
+        from cnnkit.models import list_models  # lazy: cli start-up
 
         if isinstance(self.models, str):
             self.models = tuple(m.strip() for m in self.models.split(",") if m.strip())
@@ -101,7 +101,7 @@ class BenchConfig:
             raise ValueError(f"latency_batches must be positive batch sizes, got "
                              f"{self.latency_batches}")
 
-        from cnnkit.data import Augment
+        from cnnkit.data import Augment  # lazy: cli start-up
 
         Augment(self.augment)  # an unknown policy raises here, naming the valid ones
 

@@ -21,6 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cnnkit.models import create_model
+from cnnkit.training.device import autocast
+from cnnkit.training.fast import first_step_with_fallback, try_compile
+from cnnkit.workflows.compress import measure_latency
+
 from .config import BenchConfig
 from .peak import synchronize
 
@@ -53,9 +58,6 @@ def _fast_forward(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None,
                   compile: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """The fast path's forward on batches like ``x`` and its compile status (``"off"``,
     ``"compiled"``, ``"fell back: <why>"``); compiles in a first, untimed call."""
-    from cnnkit.training.device import autocast
-    from cnnkit.training.fast import first_step_with_fallback, try_compile
-
     chosen = [model]
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
@@ -82,9 +84,6 @@ def measure_latencies(model_name: str, cfg: BenchConfig, device: torch.device,
                       amp: torch.dtype | None, repeats: int,
                       progress: bool = False) -> list[LatencyResult]:
     """Eager fp32 and fast latency of ``model_name`` at each of ``cfg.latency_batches``."""
-    from cnnkit.models import create_model
-    from cnnkit.workflows.compress import measure_latency
-
     torch.manual_seed(cfg.seed)
     eager = create_model(model_name, num_classes=cfg.num_classes, in_chans=3,
                          img_size=cfg.image_size).to(device).eval()

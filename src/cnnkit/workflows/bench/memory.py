@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cnnkit
+
 __all__ = ["MemoryResult", "measure_memory"]
 
 _TAG = "cnnkit-bench-memory "
@@ -72,10 +74,10 @@ def _rss_bytes() -> int:
 
 
 def _child(conn, model: str, mode: str, steps: int, cfg_dict: dict, device_name: str) -> None:
-    import torch
+    import torch  # lazy: subprocess
 
-    from .config import BenchConfig
-    from .training import build_runners, timed_round
+    from .config import BenchConfig  # lazy: subprocess
+    from .training import build_runners, timed_round  # lazy: subprocess
 
     base = _rss_bytes()
     try:
@@ -105,19 +107,19 @@ def _child(conn, model: str, mode: str, steps: int, cfg_dict: dict, device_name:
 def _worker(request: dict) -> Iterator[dict]:
     """Run each job of ``request`` in its own child process; yield its result."""
     # Everything the children import, loaded once here and inherited by every forked child.
-    import torch
-    import torch._dynamo  # noqa: F401  (the optimisers import it at their first step)
+    import torch  # lazy: subprocess
+    import torch._dynamo  # noqa: F401  # lazy: subprocess (the optimisers import it at their first step)
 
-    import cnnkit.data
-    import cnnkit.models
-    import cnnkit.training
+    import cnnkit.data  # lazy: subprocess
+    import cnnkit.models  # lazy: subprocess
+    import cnnkit.training  # lazy: subprocess
 
-    from . import plain, training  # noqa: F401
+    from . import plain, training  # noqa: F401  # lazy: subprocess
 
     cnnkit.models.list_models()  # registries fill on first use
     cnnkit.data.list_datasets()
     if request["config"]["compile"]:
-        import torch._inductor.compile_fx  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401  # lazy: subprocess
 
     cuda = torch.device(request["device"]).type == "cuda"
     # CUDA cannot be used in a child forked after anything touched it, and a library may
@@ -149,8 +151,6 @@ def measure_memory(jobs: list[tuple[str, str, int]], cfg_dict: dict, device: str
         device: the torch device name.
         progress: a tqdm bar updated once per finished job, or None.
     """
-    import cnnkit
-
     request = json.dumps({"jobs": jobs, "config": cfg_dict, "device": device})
     env = dict(os.environ)
     src = str(Path(cnnkit.__file__).resolve().parents[1])  # this cnnkit, installed or not

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cnnkit.data import Augment
+from cnnkit.models import create_model
 
 if TYPE_CHECKING:
     from cnnkit.training import TrainConfig, Trainer
@@ -91,8 +92,6 @@ class PlainLoop:
         """A loop over ``trainer``'s training split with its hyper-parameters, statistics,
         augmentation policy and optimiser implementation, starting from a copy of its
         current weights; the trainer must train in fp32 and without compilation."""
-        from cnnkit.models import create_model
-
         cfg, data = trainer.config, trainer.data
         if trainer.amp is not None or cfg.compile:
             raise ValueError("the hand-written loop is plain fp32 PyTorch: compare it with a "

@@ -12,6 +12,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from cnnkit.training.device import resolve_amp, resolve_device
+
+from . import latency, memory, peak, training
 from .config import MODES, BenchConfig
 from .report import goals, load_average, machine
 
@@ -63,10 +66,6 @@ def run_bench(cfg: BenchConfig | None = None, progress: bool | None = None) -> d
         >>> r["training"][0]["mfu"] <= 1  # doctest: +SKIP
         True
     """
-    from cnnkit.training.device import resolve_amp, resolve_device
-
-    from . import latency, memory, peak, training
-
     cfg = cfg or BenchConfig()
     device = resolve_device(cfg.device)
     if cfg.compile is None:  # the fast preset's own choice on this device

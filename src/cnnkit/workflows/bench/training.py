@@ -35,10 +35,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from cnnkit.analysis import summary
+from cnnkit.data import channel_stats, load_data, split_indices
+from cnnkit.models import create_model
+from cnnkit.training import TrainConfig, Trainer
+from cnnkit.training.optim import fused_supported
 
 from .config import MODES, BenchConfig
 from .peak import synchronize
+from .plain import PlainLoop
 
 __all__ = ["TrainResult", "measure_training", "train_config", "synthetic_npz", "auto_steps",
            "training_flops", "build_runners", "timed_round"]
@@ -82,8 +90,6 @@ class TrainResult:
 
 def training_flops(model: torch.nn.Module, input_size: tuple[int, int, int]) -> float:
     """Training FLOPs per sample: forward MACs x 2 FLOPs x 3 (forward + twice for backward)."""
-    from cnnkit.analysis import summary
-
     return 6.0 * summary(model, input_size).total_macs
 
 
@@ -108,8 +114,6 @@ def synthetic_npz(path: Path, samples: int, cfg: BenchConfig) -> tuple[Path, tup
 def train_config(mode: str, model: str, cfg: BenchConfig, data: Path, split: tuple,
                  device: torch.device, epochs: int, runs_dir: str):
     """The :class:`TrainConfig` of a Trainer mode (``plain`` copies ``trainer_eager``'s)."""
-    from cnnkit.training import TrainConfig
-
     common = dict(model=model, data=str(data), split=split, batch_size=cfg.batch_size,
                   epochs=epochs, augment=cfg.augment, device=str(device), seed=cfg.seed,
                   deterministic=False, runs_dir=runs_dir)
@@ -121,10 +125,6 @@ def train_config(mode: str, model: str, cfg: BenchConfig, data: Path, split: tup
 def auto_steps(model: str, cfg: BenchConfig, device: torch.device) -> int:
     """Steps for an eager fp32 round of about :data:`ROUND_SECONDS`, from one timed step
     (after one warm-up step), between 2 and 64."""
-    import torch.nn.functional as F
-
-    from cnnkit.models import create_model
-
     net = create_model(model, num_classes=cfg.num_classes, in_chans=3,
                        img_size=cfg.image_size).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -171,12 +171,6 @@ def _plain_runner(model: str, cfg: BenchConfig, data: Path, split: tuple,
     """The hand-written loop, built from what a user has at hand: the data file, the seed,
     the hyper-parameters. Its initial weights are the Trainer's (the same seed before the
     same builder), its images the Trainer's training split."""
-    from cnnkit.data import channel_stats, load_data, split_indices
-    from cnnkit.models import create_model
-    from cnnkit.training.optim import fused_supported
-
-    from .plain import PlainLoop
-
     tcfg = train_config("plain", model, cfg, data, split, device, epochs, "")
     d = load_data(data)
     train = split_indices(d.labels, split, seed=cfg.seed)[0]
@@ -197,8 +191,6 @@ def build_runners(model: str, cfg: BenchConfig, device: torch.device, steps: int
                   runs_dir: str, modes: tuple[str, ...] = MODES) -> dict[str, _Runner]:
     """The runners of ``modes`` for ``model``, on a synthetic set of ``steps`` batches;
     ``runs_dir`` holds the data file and is where the Trainers would write (they do not)."""
-    from cnnkit.training import Trainer
-
     epochs = 1 + cfg.rounds  # the schedule's length: warm-up round + timed rounds
     data, split = synthetic_npz(Path(runs_dir) / "synthetic.npz", steps * cfg.batch_size, cfg)
     runners = {}
@@ -238,8 +230,6 @@ def measure_training(model: str, cfg: BenchConfig, device: torch.device,
         peaks: measured peak FLOP/s per dtype name (``float32``, ``bfloat16`` ...), the
             denominators of MFU.
     """
-    from cnnkit.models import create_model
-
     steps = cfg.steps or auto_steps(model, cfg, device)
     flops = training_flops(create_model(model, num_classes=cfg.num_classes, in_chans=3,
                                         img_size=cfg.image_size),
