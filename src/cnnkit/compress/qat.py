@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .quantize import PercentileObserver, _batches, _resolve_backend, _trace
+from .quantize import PercentileObserver, _batches, _trace, choose_backend
 
 try:  # deprecated in torch like the PTQ API (see cnnkit.compress.quantize)
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats
@@ -97,8 +97,10 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor, *, backend: str 
     Args:
         model: a float model torch.fx can trace.
         example_inputs: one input batch (for tracing).
-        backend: int8 engine, as for :func:`~cnnkit.compress.quantize.quantize`; it is made
-            the current engine.
+        backend: int8 engine, as for :func:`~cnnkit.compress.quantize.quantize` (``"auto"``
+            picks one that runs every operator, by the registry's ``int8`` facts, and an
+            operator the chosen engine cannot run is refused in one line); it is made the
+            current engine.
         observer: activation range, ``"minmax"`` (EMA of min/max) or ``"percentile"``.
         per_channel: one weight scale per output channel (else one per tensor).
 
@@ -109,10 +111,11 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor, *, backend: str 
         >>> fq(torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 3])
     """
-    backend = _resolve_backend(backend)
+    gm = _trace(copy.deepcopy(model).eval())
+    backend = choose_backend(model, example_inputs, backend, traced=gm)
     mapping = _qat_qconfig_mapping(backend, observer, per_channel)
     torch.backends.quantized.engine = backend
-    gm = _trace(copy.deepcopy(model).eval()).train()
+    gm.train()
     with warnings.catch_warnings():  # torch.ao.quantization deprecation notices
         warnings.simplefilter("ignore")
         return prepare_qat_fx(gm, mapping, (example_inputs,))
@@ -230,9 +233,9 @@ def quantize_aware_train(model: nn.Module, train_data: tuple[torch.Tensor, torch
         first = next(_epoch_batches(train_data, shuffle=False), None)
     if first is None:
         raise ValueError("train_data is empty; pass (images, labels) batches")
-    backend = _resolve_backend(backend)
     prepared = prepare_qat(model, first[0][:1] if example_inputs is None else example_inputs,
                            backend=backend, observer=observer, per_channel=per_channel)
+    backend = torch.backends.quantized.engine  # the engine prepare_qat chose for "auto"
     if calibration_data is not None:
         prepared.eval().apply(disable_fake_quant)
         with torch.no_grad():

@@ -12,10 +12,11 @@ Deep Learning Inference: Principles and Empirical Evaluation") or ``"entropy"`` 
 threshold minimising the KL divergence between the clipped and the quantised histogram:
 Migacz 2017, "8-bit Inference with TensorRT", GTC).
 
-Execution: torch.ao.quantization's FX graph mode (``prepare_fx`` / ``convert_fx``) with the
-``x86`` engine (fbgemm + oneDNN kernels). Measured on this 2-core CPU (bench/quantize_latency.py)
-it was the fastest working path; torch marks torch.ao.quantization deprecated in favour of
-torchao's PT2E, which is not installed here, so its DeprecationWarnings are silenced locally.
+Execution: torch.ao.quantization's FX graph mode (``prepare_fx`` / ``convert_fx``), by default
+with the ``x86`` engine (fbgemm + oneDNN kernels). Measured on this 2-core CPU
+(bench/quantize_latency.py) it was the fastest working path; torch marks torch.ao.quantization
+deprecated in favour of torchao's PT2E, which is not installed here, so its DeprecationWarnings
+are silenced locally.
 
 Quantisation-aware fine-tuning, which trains through this int8 scheme before converting, is
 :func:`cnnkit.compress.qat.quantize_aware_train`; an int8 model of either kind is saved and
@@ -23,9 +24,12 @@ loaded, without pickle, by :mod:`cnnkit.compress.quantized_file`.
 
 Whether the engine runs an operator is its ``int8`` fact in the operator registry
 (:mod:`cnnkit.layers.ops`): before converting, one float pass reads the fact of every
-call on the input's data and refuses, in one line, an operator the engine cannot run
-(e.g. the x86 engine's transposed convolutions, 1D/3D linear interpolation), a module
-with parameters or a function the registry does not know.
+call on the input's data and refuses, in one line, an operator the engine cannot run or
+computes wrongly (e.g. transposed convolutions with in != out channels on x86, 2D U-Net
+up-convolutions on fbgemm, 1D/3D linear interpolation), a module with parameters or a
+function the registry does not know. ``backend="auto"`` takes the first engine, in the order
+x86, fbgemm, onednn, qnnpack, that runs every call (x86 for the classifiers and the 3D U-Net,
+qnnpack for the 2D U-Nets).
 
 The engine is process-wide torch state (``torch.backends.quantized.engine``): :func:`quantize`
 sets it, and a quantised model must run under the engine it was built with.
@@ -91,6 +95,10 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 _CONSUMER = "int8 quantisation"
 
 
+class _Refused(ValueError):
+    """An engine's ``int8`` fact says no (another engine may run the call)."""
+
+
 class _Int8Check(TorchFunctionMode):
     """Reads the ``int8`` fact of every call on data that depends on the input."""
 
@@ -108,8 +116,8 @@ class _Int8Check(TorchFunctionMode):
             verdict = facts.int8(args, kwargs, self.backend) if callable(facts.int8) \
                 else facts.int8
             if isinstance(verdict, Unsupported):
-                raise ValueError(f"int8 quantisation cannot run {facts.name} on the "
-                                 f"{self.backend} engine: {verdict.reason}")
+                raise _Refused(f"int8 quantisation cannot run {facts.name} on the "
+                               f"{self.backend} engine: {verdict.reason}")
             for t in outs:
                 self.data[t] = True
         return out
@@ -120,15 +128,48 @@ def check_int8(model: nn.Module, example: torch.Tensor, backend: str,
     """Refuse (one line) a model with an operator the ``backend`` int8 engine cannot run,
     by its operators' ``int8`` facts, or one the registry does not know; its functions are
     read on one pass of ``traced`` (default: ``model``, which must be in eval mode)."""
+    _check_modules(model)
+    _check_calls(example, backend, model if traced is None else traced)
+
+
+def _check_modules(model: nn.Module) -> None:
     for _, module, facts in operator_modules(model, _CONSUMER, functional_leaves=True):
         if isinstance(facts.int8, Unsupported):
             raise ValueError(f"int8 quantisation cannot run {type(module).__name__}: "
                              f"{facts.int8.reason}")
+
+
+def _check_calls(example: torch.Tensor, backend: str, model: nn.Module) -> None:
     check = _Int8Check(backend)
     x = example.detach().clone()
     check.data[x] = True
     with torch.no_grad(), check:
-        (model if traced is None else traced)(x)
+        model(x)
+
+
+def choose_backend(model: nn.Module, example: torch.Tensor, backend: str = "auto",
+                   traced: nn.Module | None = None) -> str:
+    """The int8 engine for ``model``: ``backend`` once :func:`check_int8` passes, or for
+    ``"auto"`` the first engine (x86, fbgemm, onednn, qnnpack) whose ``int8`` facts accept
+    every call; a model no engine runs is refused in one line with each engine's reason."""
+    if backend != "auto":
+        backend = _resolve_backend(backend)
+        try:
+            check_int8(model, example, backend, traced)
+        except _Refused as err:
+            raise ValueError(f"{err}; backend='auto' tries every engine") from err
+        return backend
+    _check_modules(model)  # the same for every engine
+    refusals = []
+    for name in (b for b in _BACKENDS if b in torch.backends.quantized.supported_engines):
+        try:
+            _check_calls(example, name, model if traced is None else traced)
+        except _Refused as err:
+            refusals.append(str(err).removeprefix("int8 quantisation cannot run "))
+            continue
+        return name
+    raise ValueError(f"int8 quantisation: no engine of this torch runs {type(model).__name__} "
+                     f"({'; '.join(refusals)}); keep it in float")
 
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
@@ -200,7 +241,16 @@ def _qconfig_mapping(backend: str, observer: str, per_channel: bool) -> QConfigM
     else:
         weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
     # torch's default mapping keeps its fixed-range settings for sigmoid, softmax, ...
-    return get_default_qconfig_mapping(backend).set_global(QConfig(activation=act, weight=weight))
+    mapping = get_default_qconfig_mapping(backend).set_global(QConfig(activation=act,
+                                                                      weight=weight))
+    # Transposed convolutions: the engines have no per-channel kernel, so one weight scale,
+    # and this call's activation observer (torch's default here is a histogram observer, and
+    # onednn's a per-channel weight observer its own prepare refuses).
+    transposed = QConfig(activation=act, weight=MinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_tensor_symmetric))
+    for conv_t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        mapping.set_object_type(conv_t, transposed)
+    return mapping
 
 
 def _batches(data: torch.Tensor | Iterable, batch_size: int = 64) -> Iterator[torch.Tensor]:
@@ -221,8 +271,10 @@ def quantize(model: nn.Module, calibration_data: torch.Tensor | Iterable, *,
             data-dependent control flow). It is not modified.
         calibration_data: normalised input batches: a tensor ``[N, C, H, W]`` (split in
             batches of 64) or an iterable of tensors or ``(images, labels)`` pairs.
-        backend: int8 engine, ``"auto"`` (x86 when available) or one of
-            ``torch.backends.quantized.supported_engines``; it is made the current engine.
+        backend: int8 engine, ``"auto"`` (the first of x86, fbgemm, onednn, qnnpack that runs
+            every operator of the model, by the registry's ``int8`` facts) or one of
+            ``torch.backends.quantized.supported_engines``; it is made the current engine
+            and recorded in ``quant_config["backend"]``.
         observer: activation range: ``"minmax"``, ``"percentile"`` (99.99th of ``|x|``) or
             ``"entropy"`` (KL divergence, Migacz 2017).
         per_channel: one weight scale per output channel (else one per tensor).
@@ -232,16 +284,19 @@ def quantize(model: nn.Module, calibration_data: torch.Tensor | Iterable, *,
         The int8 ``GraphModule`` (float in, float out), with ``num_classes`` and
         ``default_cfg`` copied from ``model`` when it has them.
     """
-    backend = _resolve_backend(backend)
-    mapping = _qconfig_mapping(backend, observer, per_channel)
+    if backend != "auto":
+        _resolve_backend(backend)
+    if observer not in OBSERVERS:
+        raise ValueError(f"unknown observer {observer!r}; choose one of {OBSERVERS}")
     batches = _batches(calibration_data)
     first = next(batches, None)
     if first is None:
         raise ValueError("calibration_data is empty; pass at least one batch of inputs")
     example = first[:1] if example_inputs is None else example_inputs
-    torch.backends.quantized.engine = backend
     folded = fold_batchnorm(model)
-    check_int8(model, example, backend, traced=folded)
+    backend = choose_backend(model, example, backend, traced=folded)
+    mapping = _qconfig_mapping(backend, observer, per_channel)
+    torch.backends.quantized.engine = backend
     with warnings.catch_warnings():  # torch.ao.quantization deprecation notices (see module doc)
         warnings.simplefilter("ignore")
         prepared = prepare_fx(folded, mapping, (example,))

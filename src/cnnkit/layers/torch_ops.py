@@ -8,10 +8,15 @@ conversions and whether the int8 engine runs it. The quantised module types (wha
 ``compress.quantize`` produces) are registered for the explorer; cnnkit's binary
 convolutions for every consumer.
 
-Measured here (torch 2.13, CPU), and kept as ``int8`` facts: the x86 engine's quantised
-transposed convolutions compute wrong outputs in 1, 2 and 3 dims (relative error ~1;
-fbgemm's are right, qnnpack's in 1D and 2D), and there are no quantised kernels for
-linear interpolation in 1D or 3D nor for nearest interpolation in 1D.
+Measured here (torch 2.13, an AVX-512 CPU, one quantised layer against the float convolution
+of its dequantised input and weights), and kept as ``int8`` facts: quantised transposed
+convolutions compute wrong outputs (relative error ~1) on the x86 and onednn engines whenever
+in_channels != out_channels (1, 2 and 3 dims), on fbgemm in 2D when its direct-convolution path
+takes them (groups 1, in and out channels multiples of 8, kernel height 2 and width <= 6,
+stride 1 or 2, no padding: every up-convolution of a 2D U-Net), and on qnnpack in 3D;
+qnnpack has no quantised 3D max-pooling, and no engine has quantised kernels for linear
+interpolation in 1D or 3D, nearest interpolation in 1D, max-pooling with indices or
+max-unpooling (SegNet).
 """
 
 from __future__ import annotations
@@ -32,11 +37,10 @@ from torch.nn.modules.padding import (
 
 from . import binary, nd
 from . import op_rules as r
-from .ops import GLOBAL, OpFacts, Unsupported, arg, register_op
+from .ops import GLOBAL, OpFacts, Unsupported, arg, ntuple, register_op
 
 __all__: list[str] = []
 
-_TRANSPOSED_INT8 = "quantize with backend='fbgemm'"
 
 
 # -- facts that depend on the call ------------------------------------------------------
@@ -70,12 +74,40 @@ def _spatial_index(args: tuple, kwargs: dict) -> str:
 
 
 def _transposed_int8(args: tuple, kwargs: dict, backend: str) -> bool | Unsupported:
-    dims = arg(args, kwargs, 1, "weight").ndim - 2
-    if backend == "fbgemm" or (backend == "qnnpack" and dims < 3):
+    """Where each engine's quantised transposed convolution is wrong (module docstring)."""
+    weight = arg(args, kwargs, 1, "weight")  # [in, out / groups, *kernel]
+    dims, groups = weight.ndim - 2, arg(args, kwargs, 6, "groups", 1)
+    c_in, c_out, kernel = weight.shape[0], weight.shape[1] * groups, weight.shape[2:]
+    name = f"conv_transpose{dims}d"
+    if backend in ("x86", "onednn") and c_in != c_out:
+        return Unsupported(f"the {backend} int8 engine computes {name} wrongly when in_channels "
+                           f"({c_in}) != out_channels ({c_out}) in this torch (measured)")
+    stride = ntuple(arg(args, kwargs, 3, "stride", 1), dims)
+    padding = ntuple(arg(args, kwargs, 4, "padding", 0), dims)
+    if backend == "fbgemm" and dims == 2 and groups == 1 and c_in % 8 == 0 \
+            and c_out % 8 == 0 and kernel[0] == 2 and kernel[1] <= 6 \
+            and all(s in (1, 2) for s in stride) and not any(padding):
+        return Unsupported(f"the fbgemm int8 engine's direct path computes {name} with kernel "
+                           f"{tuple(kernel)}, stride {stride} and channels multiple of 8 "
+                           f"({c_in} -> {c_out}) wrongly in this torch (measured)")
+    if backend == "qnnpack" and dims == 3:
+        return Unsupported(f"the qnnpack int8 engine computes {name} wrongly in this torch "
+                           "(measured)")
+    return True
+
+
+def _max_pool_int8(dims: int) -> Any:
+    def fact(args: tuple, kwargs: dict, backend: str) -> bool | Unsupported:
+        if arg(args, kwargs, 6, "return_indices", False):
+            return Unsupported(_NO_INT8_INDICES)
+        if backend == "qnnpack" and dims == 3:
+            return Unsupported("the qnnpack int8 engine has no quantised max_pool3d")
         return True
-    return Unsupported(f"the {backend} int8 engine computes transposed convolutions "
-                       f"(conv_transpose{dims}d) wrongly in this torch (measured); "
-                       f"{_TRANSPOSED_INT8}")
+    return fact
+
+
+_NO_INT8_INDICES = ("the int8 engines have no quantised max-pooling with indices nor "
+                    "max-unpooling; keep this model in float")
 
 
 def _interpolate_int8(args: tuple, kwargs: dict, backend: str) -> bool | Unsupported:
@@ -123,7 +155,8 @@ def _register() -> None:
         register_op(OpFacts(
             f"max_pool{d}d", (nd.max_pool(d),),
             (f"max_pool{d}d", f"_max_pool{d}d", f"max_pool{d}d_with_indices"), d,
-            field=r.pool_field(dilated=True), channels="pass", lrp="gradient", view="max_pool"))
+            field=r.pool_field(dilated=True), channels="pass", lrp="gradient", view="max_pool",
+            int8=_max_pool_int8(d)))
         register_op(OpFacts(
             f"avg_pool{d}d", (nd.avg_pool(d),), (f"avg_pool{d}d",), d,
             field=r.pool_field(dilated=False), channels="pass", lrp="pool", view="avg_pool"))
@@ -140,7 +173,8 @@ def _register() -> None:
             channels="pass", lrp="gradient", view="adaptive_max_pool"))
         register_op(OpFacts(
             f"max_unpool{d}d", (nd.max_unpool(d),), (f"max_unpool{d}d",), d,
-            field=r.unpool_field, channels="merge", lrp="gradient"))
+            field=r.unpool_field, channels="merge", lrp="gradient",
+            int8=Unsupported(_NO_INT8_INDICES)))
 
     # weighted layers that are not convolutions
     register_op(OpFacts("linear", (nn.Linear,), ("linear",), macs=r.linear_macs, field=GLOBAL,

@@ -185,7 +185,8 @@ def compress_run(run: Any, out: str | os.PathLike, *, prune: float | None = None
             parameter reduction; None: no factorisation.
         finetune: epochs of fine-tuning after pruning / factorisation (the run's own
             recipe, a tenth of its learning rate).
-        quantize: ``"int8"`` for post-training static quantisation, or None.
+        quantize: ``"int8"`` for post-training static quantisation, or None; the int8 engine
+            is the first that runs the model (``backend`` in ``compress.json``).
         observer: activation calibration for int8: ``minmax``, ``percentile``, ``entropy``.
         qat: epochs of quantisation-aware fine-tuning on the run's training split before
             the int8 conversion (:func:`~cnnkit.compress.qat.quantize_aware_train`); 0:
@@ -272,6 +273,7 @@ def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
               "criterion": criterion,
               "global_ranking": global_ranking, "finetune": finetune, "quantize": quantize,
               "observer": observer if quantize else None, "qat": qat,
+              "backend": models["int8"].quant_config["backend"] if quantize else None,
               "threads": torch.get_num_threads(), "test_samples": len(y_test), "models": rows}
     write_json(out / "compress.json", result)
     if not (out / "summary.json").exists():  # fine-tuning wrote one; else the measured row
