@@ -118,3 +118,27 @@ def test_compress_prune_then_lowrank_reloads(cli, shared_run, tmp_path):
     code, _, err = cli(["compress", str(shared_run.path), "--lowrank", "0.5", "--out",
                         str(tmp_path / "x")])
     assert code == 2 and "--lowrank" in err
+
+
+def test_compress_a_3d_segmentation_run_prunes_and_fine_tunes_int8_on_its_masks(cli, tmp_path):
+    """Any task: a 3D U-Net run is pruned and quantisation-aware fine-tuned on its own masks
+    and loss, and scored by its own metric (mIoU), which `eval` reproduces."""
+    code, _, err = cli(["train", "--task", "segment", "--data", "shapes3d", "--model", "unet3d",
+                        "--epochs", "1", "--data-opt", "n=24", "--data-opt", "size=8",
+                        "--model-opt", "width=4", "--model-opt", "depth=2", "--amp", "off",
+                        "--runs-dir", str(tmp_path), "--name", "seg3d", "--no-progress"])
+    assert code == 0, err
+    out = tmp_path / "seg3d-small"
+    code, stdout, err = cli(["compress", str(tmp_path / "seg3d"), "--prune", "0.5",
+                             "--quantize", "int8", "--qat", "1", "--out", str(out),
+                             "--no-progress", "--json"])
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["metric"] == "miou" and res["task"] == "segment"
+    rows = res["models"]
+    assert set(rows) == {"original", "pruned", "int8"}
+    assert rows["pruned"]["params"] < rows["original"]["params"] / 2
+    assert all(0.0 <= r["miou"] <= 1.0 for r in rows.values())
+    code, stdout, err = cli(["eval", str(out), "--json"])
+    assert code == 0, err
+    assert json.loads(stdout)["test_miou"] == pytest.approx(rows["pruned"]["miou"], abs=1e-9)

@@ -77,3 +77,15 @@ def test_bad_options_are_refused():
         with pytest.raises(ValueError, match=why):
             shapes3d(n=4, **kw)
     assert set(SOLIDS) >= {"sphere", "cube", "torus", "octahedron", "cylinder"}
+
+
+def test_radius_range_sets_the_solids_size():
+    from cnnkit.data.shapes3d import shapes3d
+
+    small = shapes3d(n=16, size=24, radius=(0.2, 0.2), shapes=("sphere", "cube"))
+    big = shapes3d(n=16, size=24, radius=(0.4, 0.4), shapes=("sphere", "cube"))
+    # a sphere of circumradius r has about 4/3 pi r^3 voxels: 8x the volume at 2x the radius
+    ratio = (big.masks == 1).sum() / (small.masks == 1).sum()
+    assert 6.5 < float(ratio) < 9.5
+    with pytest.raises(ValueError, match="radius"):
+        shapes3d(n=4, size=16, radius=(0.3, 0.6))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -177,17 +177,19 @@ def quantize_aware_train(model: nn.Module, train_data: tuple[torch.Tensor, torch
                          example_inputs: torch.Tensor | None = None,
                          freeze_bn_after: int | None = None,
                          freeze_observers_after: int | None = None,
+                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                          progress: bool | None = None) -> fx.GraphModule:
     """Quantisation-aware fine-tuning (Jacob et al. 2018), then conversion to int8.
 
     The model is fine-tuned through fake quantisation (:func:`prepare_qat`) with SGD
-    (momentum 0.9) on the cross-entropy, then converted with ``convert_fx``. BN and observer
+    (momentum 0.9) on ``loss`` (cross-entropy by default; a task's own loss for dense
+    outputs), then converted with ``convert_fx``. BN and observer
     freezing follow Krishnamoorthi (2018), "Quantizing deep convolutional networks for
     efficient inference: A whitepaper".
 
     Args:
-        model: a trained float classifier torch.fx can trace. It is not modified.
-        train_data: ``(images, labels)`` tensors (shuffled and split in batches of 64 each
+        model: a trained float model torch.fx can trace. It is not modified.
+        train_data: ``(images, targets)`` tensors (shuffled and split in batches of 64 each
             epoch) or a re-iterable of ``(images, labels)`` batches, images normalised.
         epochs: passes over ``train_data`` (0: only calibrate and convert).
         lr: SGD learning rate (small: this is fine-tuning a trained model).
@@ -202,6 +204,7 @@ def quantize_aware_train(model: nn.Module, train_data: tuple[torch.Tensor, torch
             updating and uses its running statistics; None: never.
         freeze_observers_after: after this many epochs the weight and activation ranges
             stop moving (0 needs ``calibration_data``); None: never.
+        loss: ``loss(outputs, targets)`` to fine-tune on; None: cross-entropy.
         progress: a progress bar (None: only on a terminal).
 
     Returns:
@@ -256,10 +259,10 @@ def quantize_aware_train(model: nn.Module, train_data: tuple[torch.Tensor, torch
                         and epoch >= freeze_observers_after)
             for x, y in _epoch_batches(train_data):
                 opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(prepared(x), y)
-                loss.backward()
+                value = (loss or nn.functional.cross_entropy)(prepared(x), y)
+                value.backward()
                 opt.step()
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
+                bar.set_postfix(epoch=epoch, loss=f"{value.item():.4f}", refresh=False)
                 bar.update(1)
     qmodel = _convert(prepared)
     for attr in ("num_classes", "default_cfg"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,7 +31,28 @@ import torch
 from ._types import downscale
 from .augment import EXACT_POLICIES, Augment
 
-__all__ = ["TensorLoader"]
+__all__ = ["Batches", "TensorLoader"]
+
+
+@runtime_checkable
+class Batches(Protocol):
+    """What the trainer and the tasks ask of a loader: ``(inputs, targets)`` batches.
+
+    :class:`TensorLoader` is the one implementation for stacked ``[N, C, *spatial]``
+    inputs. A container that is not one stacked tensor (graphs: node features, edge
+    index and a batch vector) plugs in behind the same interface: its ``inputs`` are any
+    object the model's ``forward`` takes, already on the device.
+
+    Example:
+        >>> isinstance(TensorLoader(torch.zeros(4, 1, 8), torch.zeros(4), 2), Batches)
+        True
+    """
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 def _generator(seed: int, epoch: int, stream: int, rank: int = 0) -> torch.Generator:

@@ -130,7 +130,8 @@ def shapes3d(*, image_size: int | tuple[int, int, int] | None = None,
              channels: int | None = None, seed: int = 0, n: int = 600,
              size: int | tuple[int, int, int] = 24,
              shapes: Sequence[str] = ("sphere", "cube", "torus", "octahedron"),
-             count: int = 1, noise: float = 12.0) -> Samples:
+             count: int = 1, noise: float = 12.0,
+             radius: tuple[float, float] = (0.22, 0.4)) -> Samples:
     """Procedural solids in noisy volumes with exact voxel masks; seeded, any size.
 
     Args:
@@ -144,6 +145,8 @@ def shapes3d(*, image_size: int | tuple[int, int, int] | None = None,
             defined); each has its own position, size, orientation and brightness, they
             may overlap, and the mask is their union.
         noise: standard deviation of the Gaussian noise, in grey levels.
+        radius: the range of a solid's circumradius as a share of the volume's shortest
+            side (divided by ``count ** (1/3)`` for several solids), at least 3 voxels.
 
     Example:
         >>> d = shapes3d(n=8, size=16)
@@ -159,6 +162,9 @@ def shapes3d(*, image_size: int | tuple[int, int, int] | None = None,
     if n < 1 or not 1 <= count <= 255 or noise < 0:
         raise ValueError(f"n={n} must be at least 1, count={count} between 1 and 255 and "
                          f"noise={noise} not negative")
+    if not 0 < radius[0] <= radius[1] <= 0.5:
+        raise ValueError(f"radius={tuple(radius)} must be a range 0 < low <= high <= 0.5 "
+                         "(a share of the volume's side)")
     if min(dims) < 8:
         raise ValueError(f"volume size {dims} is too small for shapes3d; give at least 8 voxels")
 
@@ -167,7 +173,7 @@ def shapes3d(*, image_size: int | tuple[int, int, int] | None = None,
     k = len(shapes)
     labels = rng.permutation(np.arange(n) % k)
     side = min(dims)
-    radius = np.maximum(rng.uniform(0.22, 0.4, (n, count)) * side / count ** (1 / 3), 3.0)
+    radius = np.maximum(rng.uniform(*radius, (n, count)) * side / count ** (1 / 3), 3.0)
     room = np.array(dims) - 2 * radius[..., None]
     centers = radius[..., None] + rng.random((n, count, 3)) * room
     rots = [[rotation(rng) for _ in range(count)] for _ in range(n)]

@@ -91,14 +91,18 @@ def _test_tensors(run: Any, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
     return _normalized(run.preprocess, test.images), task.targets(test)
 
 
-def _calibration(run: Any, n: int | None = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``n`` normalised training images of the run's own split (never test images)
-    and their labels: int8 calibration and the data-driven pruning criteria use them."""
+def _calibration(run: Any, task: Task, n: int | None = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``n`` normalised training inputs of the run's own split (never test inputs)
+    and the task's targets for them (labels, masks, values; dense inputs padded to the
+    model's size multiple as training padded them): int8 calibration, quantisation-aware
+    fine-tuning and the data-driven pruning criteria use them."""
     cfg, prep = run.config, run.preprocess
     data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                     strict=cfg.strict, seed=cfg.seed, **cfg.data_options)
+                     strict=cfg.strict, seed=cfg.seed, targets=task.data_targets,
+                     **cfg.data_options)
     train_idx = torch.as_tensor(split_indices(data.labels, cfg.split, seed=cfg.seed)[0][:n])
-    return _normalized(prep, data.images[train_idx]), data.labels[train_idx]
+    shaped = task.prepare(data, getattr(run.model, "size_multiple", 1))
+    return _normalized(prep, shaped.images[train_idx]), task.targets(shaped)[train_idx]
 
 
 # Criteria that score channels from data: they get 128 training images of the run's split.
@@ -236,7 +240,7 @@ def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
     original = run.model.eval()
     models: dict[str, nn.Module] = {"original": original}
     current, state = original, original.state_dict()
-    calib = _calibration(run) if quantize or criterion in DATA_CRITERIA else None
+    calib = _calibration(run, task) if quantize or criterion in DATA_CRITERIA else None
     if prune is not None or lowrank is not None:
         small, names = original, []
         if prune is not None:
@@ -260,7 +264,8 @@ def _compress(run: Any, folder: Any, *, prune: float | None, criterion: str,
         if qat:
             lr = run.config.resolved_lr / 100  # a trained model: small steps
             models["int8"] = quantize_aware_train(
-                current, _calibration(run, n=None), epochs=qat, lr=lr, calibration_data=calib[0],
+                current, _calibration(run, task, n=None), epochs=qat, lr=lr,
+                calibration_data=calib[0], loss=task.criterion(),
                 observer="minmax" if observer == "entropy" else observer,
                 freeze_bn_after=max(0, qat - 1), progress=progress)
         else:

@@ -91,7 +91,7 @@ def sweep_run(run: Any, *, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise ValueError(f"sweep ratios must lie in (0, 1), got {list(ratios)}")
     x_test, y_test = _test_tensors(run, task)
-    calib = _calibration(run) if quantize or criterion in DATA_CRITERIA else None
+    calib = _calibration(run, task) if quantize or criterion in DATA_CRITERIA else None
     original = run.model.eval()
     models: dict[str, nn.Module] = {}
     same_as: dict[str, str] = {}
