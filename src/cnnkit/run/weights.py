@@ -59,7 +59,8 @@ def check_meta(meta: dict[str, Any], path: str | os.PathLike) -> None:
         "model": isinstance(meta.get("model"), str),
         "model_kwargs": isinstance(meta.get("model_kwargs", {}), dict),
         "task": meta.get("task", "classify") in list_tasks(),
-        "input_size": isinstance(size, list) and len(size) in (3, 4) and all(
+        # (C, L), (C, H, W) or (C, D, H, W): 1 to 3 spatial dims
+        "input_size": isinstance(size, list) and len(size) in (2, 3, 4) and all(
             isinstance(v, int) and not isinstance(v, bool) and 1 <= v for v in size),
         "classes": isinstance(meta.get("classes"), list) and all(
             isinstance(c, str) for c in meta["classes"]),
