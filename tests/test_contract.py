@@ -25,6 +25,10 @@ invariants:
    fields with one entry per spatial axis;
 6. structured pruning keeps the output shape, ONNX matches PyTorch, and int8 runs or
    refuses in one line naming an operator the registry says the engine cannot run.
+
+5 and 6 are facts of a network, so they run once per distinct (model, dims) of the matrix
+(:data:`NETWORKS`): regression trains the classifiers and adds no network of its own.
+The whole module takes about 100 s on a 2-core CPU (most of it the ten short runs).
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ NO_MODEL = {
                      "degradation (cnnkit.data.downscale) are defined for images",
 }
 EXPLAINERS = ("saliency", "gradcam", "occlusion")
+
+# SegNet's max-unpooling under the Trainer's deterministic mode (warn_only): not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:max_unpooling.*deterministic:UserWarning")
 
 
 # --- synthetic data: a learnable signal per kind of target ----------------------------------
@@ -457,5 +464,6 @@ def test_int8_runs_or_refuses_by_the_registry(network):
     with torch.no_grad():
         out, ref = qmodel(x), model(x)
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    # int8 is an approximation: within a tenth of the output's range
-    assert (out - ref).abs().max() <= 0.1 * (ref.max() - ref.min()) + 1e-3
+    # int8 approximates the float model: a few percent here (an engine computing a layer
+    # wrongly is off by ~100%)
+    assert (out - ref).norm() <= 0.15 * ref.norm()
