@@ -68,7 +68,7 @@ def test_masks_mark_the_labelled_solid_and_its_voxels_stand_out():
 def test_load_data_reads_shapes3d_for_both_tasks():
     for targets in ("labels", "masks"):
         d = load_data("shapes3d", targets=targets, n=8, size=8, image_size=12)
-        assert d.input_size == (1, 12, 12, 12) and d.augment == "shapes"
+        assert d.input_size == (1, 12, 12, 12) and d.augment == "flips"
 
 
 def test_bad_options_are_refused():

@@ -167,6 +167,11 @@ def test_unet3d_keeps_its_paper_configuration() -> None:
     m = meta_model("unet3d", input_size=(1, 16, 16, 16), width=4)
     assert m.default_cfg["input_size"] == (1, 16, 16, 16)
     assert [b.conv2.out_channels for b in m.encoder] == [8, 16, 32, 64]  # doubled before pools
+    paper = meta_model("unet3d", input_size=(1, 16, 16, 16), width=32)  # Cicek et al.'s Fig. 1
+    assert [(b.conv1.out_channels, b.conv2.out_channels) for b in paper.encoder] == [
+        (32, 64), (64, 128), (128, 256), (256, 512)]
+    default = meta_model("unet3d", input_size=(1, 16, 16, 16))
+    assert [b.conv2.out_channels for b in default.encoder] == [32, 64, 128, 256]  # half
     with pytest.raises(ValueError, match="3D U-Net is built in 3D only, not 2D"):
         meta_model("unet3d", input_size=(1, 16, 16))
 

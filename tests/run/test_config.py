@@ -68,3 +68,26 @@ def test_option_keeps_its_metadata_and_default_factory():
     f = dataclasses.fields(Config)[0]
     assert f.metadata["option"] == Option("tags", flags=("--tag",))
     assert Config().tags == {} and Config().tags is not Config().tags
+
+
+def test_a_data_sets_recipe_fills_what_the_user_left_open():
+    from cnnkit.data import dataset_recipe
+
+    recipe = dataset_recipe("shapes3d", "segment")
+    cfg = TrainConfig(task="segment", data="shapes3d", model="unet3d")
+    assert (cfg.epochs, cfg.optimizer, cfg.lr) == (recipe["epochs"], "adamw", recipe["lr"])
+    assert cfg.batch_size == 16  # not in the recipe: the task's default
+    given = TrainConfig(task="segment", data="shapes3d", model="unet3d", epochs=3, lr=0.01)
+    assert (given.epochs, given.lr, given.optimizer) == (3, 0.01, "adamw")
+    # another optimizer: the recipe's rate does not go with it
+    sgd = TrainConfig(task="segment", data="shapes3d", model="unet3d", optimizer="sgd")
+    assert sgd.lr is None and sgd.resolved_lr == 0.05
+    plain = TrainConfig(task="segment", data="shapes")  # no recipe: the task's defaults
+    assert (plain.epochs, plain.optimizer, plain.lr) == (10, "sgd", None)
+
+
+def test_a_recipe_with_unknown_settings_is_refused():
+    from cnnkit.data import register_dataset
+
+    with pytest.raises(ValueError, match="unknown recipe settings momentumm"):
+        register_dataset(lambda **kw: None, recipes={"classify": {"momentumm": 0.9}})

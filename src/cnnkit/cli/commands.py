@@ -126,7 +126,7 @@ def train(args: argparse.Namespace) -> int:
                           progress=False if args.no_progress else None)
         if main:
             print(f"run {trainer.paths.root}: {trainer.config.model} on {trainer.config.data} "
-                  f"({trainer.train_loader.num_samples} train images, {trainer.device}"
+                  f"({trainer.train_loader.num_samples} train samples, {trainer.device}"
                   + (f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else "")
                   + ")", file=sys.stderr)
         try:
@@ -146,7 +146,7 @@ def train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{_headline(summary)} ({summary['num_samples']['test']} test images); run saved "
+        print(f"{_headline(summary)} ({summary['num_samples']['test']} test samples); run saved "
               f"in {trainer.paths.root} (report.html)")
     return 0
 
@@ -166,7 +166,7 @@ def evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"{_headline(result)}  test_loss {result['test_loss']:.4f}"
-              f"  ({result['num_samples']} images of {result['data']})")
+              f"  ({result['num_samples']} samples of {result['data']})")
     return 0
 
 
@@ -325,7 +325,9 @@ def datasets(args: argparse.Namespace) -> int:
           "  FOLDER/     with --task segment: images/ and masks/ (same file names; masks are\n"
           "              index or palette PNGs, 255 = ignore), optional classes.txt\n"
           "  FOLDER/     with --task superres: any images (low resolution made by bicubic\n"
-          "              downscaling)")
+          "              downscaling)\n"
+          "  FOLDER/     of NIfTI volumes (.nii, .nii.gz; pip install 'cnnkit[volumes]'): one\n"
+          "              subfolder per class, or with --task segment images/ and masks/")
     return 0
 
 

@@ -18,19 +18,24 @@ from . import files, pairs, volumes
 from ._decode import quiet_bomb_warnings
 from ._types import ImageData
 
-__all__ = ["register_dataset", "list_datasets", "dataset_info", "load_data", "TARGETS"]
+__all__ = ["register_dataset", "list_datasets", "dataset_info", "dataset_recipe", "load_data",
+           "TARGETS", "RECIPE_KEYS"]
 
 # Filled by the package's __init__, which imports every built-in module and which Python
 # runs to its end before code outside the package can call this module's functions.
 _DATASETS: dict[str, Callable[..., ImageData]] = {}
 _HOLDS: dict[str, tuple[str, ...]] = {}  # the targets each built-in data set holds
+_RECIPES: dict[str, dict[str, dict]] = {}  # per data set: task -> training settings
+# The training settings a data set's recipe may give (the fields a task's defaults give).
+RECIPE_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay")
 # What a data set may be read for: a class per sample, a mask per sample, the inputs
 # themselves (super-resolution) or real values per sample (regression).
 TARGETS = ("labels", "masks", "images", "values")
 
 
 def register_dataset(fn: Callable[..., ImageData] | None = None, *,
-                     targets: tuple[str, ...] = ("labels",)):
+                     targets: tuple[str, ...] = ("labels",),
+                     recipes: dict[str, dict] | None = None):
     """Register a built-in data set under its function name.
 
     Use it bare (``@register_dataset``) for a data set of labelled inputs, or say what
@@ -38,10 +43,19 @@ def register_dataset(fn: Callable[..., ImageData] | None = None, *,
     function is called as ``fn(image_size=..., channels=..., seed=..., **options)`` and
     returns an :class:`ImageData`; its first docstring line is the description.
 
+    ``recipes`` maps a task name to the training settings that data set needs beyond the
+    task's defaults (:data:`RECIPE_KEYS`: epochs, batch size, optimizer, learning rate,
+    weight decay), as ``shapes3d`` does for volumes; a setting given by the user wins.
+
     Raises:
-        ValueError: a data set of that name is registered already, or unknown targets.
+        ValueError: a data set of that name is registered already, unknown targets or
+            recipe keys.
     """
     unknown = sorted(set(targets) - set(TARGETS))
+    bad = sorted({k for r in (recipes or {}).values() for k in r} - set(RECIPE_KEYS))
+    if bad:
+        raise ValueError(f"unknown recipe settings {', '.join(bad)}; choose from "
+                         f"{', '.join(RECIPE_KEYS)}")
     if unknown:
         raise ValueError(f"unknown targets {', '.join(unknown)}; choose from "
                          f"{', '.join(TARGETS)}")
@@ -53,6 +67,7 @@ def register_dataset(fn: Callable[..., ImageData] | None = None, *,
                              f"{_DATASETS[name].__module__}); rename one of them")
         _DATASETS[name] = fn
         _HOLDS[name] = tuple(targets)
+        _RECIPES[name] = {task: dict(r) for task, r in (recipes or {}).items()}
         return fn
 
     return deco if fn is None else deco(fn)
@@ -63,7 +78,7 @@ def list_datasets() -> list[str]:
 
     Example:
         >>> list_datasets()
-        ['digits', 'shapes']
+        ['digits', 'shapes', 'shapes3d']
     """
     return sorted(_DATASETS)
 
@@ -79,6 +94,19 @@ def dataset_info(name: str) -> str:
         raise ValueError(f"unknown data set {name!r}{_suggest(name)}; "
                          f"built-in data sets: {', '.join(sorted(_DATASETS))}")
     return (inspect.getdoc(_DATASETS[name]) or "").split("\n")[0]
+
+
+def dataset_recipe(name: str, task: str) -> dict:
+    """The training settings built-in data set ``name`` gives for ``task`` (empty for a
+    path, or when the task's defaults serve it).
+
+    Example:
+        >>> dataset_recipe("shapes3d", "segment")["optimizer"]
+        'adamw'
+        >>> dataset_recipe("digits", "classify"), dataset_recipe("my_folder/", "classify")
+        ({}, {})
+    """
+    return dict(_RECIPES.get(name, {}).get(task, {}))
 
 
 def _suggest(name: str) -> str:

@@ -162,9 +162,16 @@ class TrainConfig:
         if not self.data:
             raise ValueError(f"task {self.task} has no built-in data set; give your data with "
                              "--data PATH (see `cnnkit datasets`)")
-        self.optimizer = self.optimizer or defaults.optimizer
-        self.epochs = defaults.epochs if self.epochs is None else self.epochs
-        self.batch_size = defaults.batch_size if self.batch_size is None else self.batch_size
+        recipe = _recipe(self.data, self.task)  # the data set's own, then the task's
+        self.optimizer = self.optimizer or recipe.get("optimizer") or defaults.optimizer
+        if self.optimizer == recipe.get("optimizer", defaults.optimizer):
+            for key in ("lr", "weight_decay"):  # a recipe's rates go with its optimizer
+                if getattr(self, key) is None and key in recipe:
+                    setattr(self, key, recipe[key])
+        if self.epochs is None:
+            self.epochs = recipe.get("epochs", defaults.epochs)
+        if self.batch_size is None:
+            self.batch_size = recipe.get("batch_size", defaults.batch_size)
         if self.fast:  # the preset: resolved here, so config.yaml records what ran
             self.channels_last = True
             if self.compile is None:
@@ -261,6 +268,13 @@ def _check_name(name: str | None) -> None:
                              or any(s in name for s in ("/", "\\"))):
         raise ValueError(f"key 'name' must be a folder name (no / or \\, not . or ..), got "
                          f"{name!r}")
+
+
+def _recipe(data: str, task: str) -> dict[str, Any]:
+    """The training settings a built-in data set gives for ``task`` (none for a path)."""
+    from cnnkit.data import dataset_recipe  # lazy: cli start-up
+
+    return dataset_recipe(data, task)
 
 
 def _task_class(name: str) -> type:
