@@ -106,7 +106,7 @@ def write_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 1
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
     return run_cli
 
