@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from cnnkit.cli.main import main
 
@@ -109,6 +110,24 @@ def write_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 1
 @pytest.fixture(scope="session")
 def cli():
     return run_cli
+
+
+class Scale(nn.Module):
+    """A user's own layer with parameters, unknown to the operator registry: every
+    consumer of the registry must refuse it in one line naming it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.w
+
+
+@pytest.fixture(scope="session")
+def unknown_layer() -> type[nn.Module]:
+    """:class:`Scale`, a layer the operator registry does not know."""
+    return Scale
 
 
 @pytest.fixture

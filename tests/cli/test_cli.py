@@ -160,7 +160,7 @@ def test_train_output_goes_to_the_right_streams(shared_run):
     # stdout: only the result; stderr: the run line and one line per epoch.
     assert shared_run.out.splitlines() == [
         f"test_accuracy {summary['test_accuracy']:.4f} ({summary['num_samples']['test']} test "
-        f"images); run saved in {shared_run.path} (report.html)"]
+        f"samples); run saved in {shared_run.path} (report.html)"]
     assert "epoch   1/2" in shared_run.err and "epoch   2/2" in shared_run.err
     assert "Traceback" not in shared_run.err
 

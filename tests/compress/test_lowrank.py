@@ -377,15 +377,8 @@ def test_grouped_conv_refused_by_the_factorisation_itself():
         tucker2_conv(nn.Conv3d(4, 4, 3, groups=4), rank=2)
 
 
-def test_unknown_operator_refused_by_decompose():
-    class Scale(nn.Module):  # a user's own layer with parameters, unknown to the registry
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(1))
-
-        def forward(self, x):
-            return x * self.w
-
+def test_unknown_operator_refused_by_decompose(unknown_layer):
+    Scale = unknown_layer
     with pytest.raises(UnknownOperator) as err:
         decompose(nn.Sequential(nn.Conv2d(3, 8, 3), Scale(), nn.Conv2d(8, 8, 3)), rank=2)
     assert "Scale" in str(err.value) and "\n" not in str(err.value)

@@ -481,15 +481,8 @@ def test_unet3d_transposed_convolutions_are_pruned():
     assert again.state_dict().keys() == pruned.state_dict().keys()
 
 
-def test_unknown_operator_refused_by_pruning():
-    class Scale(nn.Module):  # a user's own layer with parameters, unknown to the registry
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(1))
-
-        def forward(self, x):
-            return x * self.w
-
+def test_unknown_operator_refused_by_pruning(unknown_layer):
+    Scale = unknown_layer
     model = nn.Sequential(nn.Conv2d(3, 8, 3), Scale(), nn.Conv2d(8, 8, 3))
     with pytest.raises(UnknownOperator) as err:
         dependency_groups(model, torch.randn(1, 3, 8, 8))

@@ -470,15 +470,8 @@ def test_no_engine_runs_the_model_is_one_line():
     assert "\n" not in str(err.value) and "x86" in str(err.value)
 
 
-def test_unknown_operator_refused_by_quantize():
-    class Scale(nn.Module):  # a user's own layer with parameters, unknown to the registry
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(1))
-
-        def forward(self, x):
-            return x * self.w
-
+def test_unknown_operator_refused_by_quantize(unknown_layer):
+    Scale = unknown_layer
     model = nn.Sequential(nn.Conv2d(3, 4, 3), Scale()).eval()
     with pytest.raises(UnknownOperator, match="Scale") as err:
         quantize(model, torch.randn(2, 3, 8, 8))

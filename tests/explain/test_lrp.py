@@ -266,20 +266,9 @@ def test_relevance_is_conserved_in_every_dims(input_size):
     torch.testing.assert_close(maps.sum(spatial), logits, rtol=1e-5, atol=1e-9)
 
 
-class _Scale(nn.Module):
-    """A user's own layer with parameters, unknown to the operator registry."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        return x * self.w
-
-
-def test_unknown_operator_and_ruleless_operator_refused():
-    model = nn.Sequential(nn.Conv1d(2, 4, 3), _Scale(), nn.Flatten(), nn.Linear(24, 3))
-    with pytest.raises(ValueError, match="_Scale") as err:
+def test_unknown_operator_and_ruleless_operator_refused(unknown_layer):
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), unknown_layer(), nn.Flatten(), nn.Linear(24, 3))
+    with pytest.raises(ValueError, match="Scale") as err:
         create("lrp", model)(torch.randn(1, 2, 8))
     assert "\n" not in str(err.value) and "register_op" in str(err.value)
     bilinear = nn.Sequential(nn.Flatten(), nn.Bilinear(16, 16, 3))

@@ -204,14 +204,7 @@ def test_binary_conv3d_equals_a_conv_with_binarised_weights():
     torch.testing.assert_close(layer(x), ref)
 
 
-def test_an_operator_the_registry_does_not_know_is_refused():
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(1))
-
-        def forward(self, x):
-            return x * self.weight
-
-    with pytest.raises(ValueError, match="Odd"):
-        binarize(nn.Sequential(nn.Conv2d(1, 2, 3), Odd(), nn.Conv2d(2, 2, 3)))
+def test_an_operator_the_registry_does_not_know_is_refused(unknown_layer):
+    Scale = unknown_layer
+    with pytest.raises(ValueError, match="Scale"):
+        binarize(nn.Sequential(nn.Conv2d(1, 2, 3), Scale(), nn.Conv2d(2, 2, 3)))

@@ -21,15 +21,6 @@ from cnnkit.layers.ops import (
 )
 
 
-class _Scale(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        return x * self.w
-
-
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_conv_facts_are_the_same_in_every_dims(dims):
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](2, 3, 3)
@@ -59,18 +50,18 @@ def test_subclass_inherits_its_base_facts():
     assert module_facts(MyConv(1, 1, 1)).name == "conv3d"
 
 
-def test_unknown_module_and_function_refuse_in_one_line():
+def test_unknown_module_and_function_refuse_in_one_line(unknown_layer):
     with pytest.raises(UnknownOperator) as err:
-        module_facts(_Scale(), "the test")
+        module_facts(unknown_layer(), "the test")
     msg = str(err.value)
-    assert "_Scale" in msg and "the test" in msg and "\n" not in msg
+    assert "Scale" in msg and "the test" in msg and "\n" not in msg
     assert isinstance(err.value, ValueError)
     with pytest.raises(UnknownOperator, match="'fft_fft'"):
         function_facts("fft_fft")
 
 
-def test_operator_modules_refuses_unknown_leaves_with_parameters():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(_Scale()))
+def test_operator_modules_refuses_unknown_leaves_with_parameters(unknown_layer):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(unknown_layer()))
     with pytest.raises(UnknownOperator, match="'1.0'"):
         operator_modules(model)
 
@@ -82,12 +73,12 @@ def test_operator_modules_refuses_unknown_leaves_with_parameters():
     with pytest.raises(UnknownOperator, match="Add"):
         operator_modules(free)
     assert [n for n, _, _ in operator_modules(free, functional_leaves=True)] == ["0"]
-    with pytest.raises(UnknownOperator, match="_Scale"):
+    with pytest.raises(UnknownOperator, match="Scale"):
         operator_modules(model, functional_leaves=True)
 
 
-def test_registering_twice_raises():
+def test_registering_twice_raises(unknown_layer):
     with pytest.raises(ValueError, match="registered already"):
         register_op(OpFacts("conv2d_again", (nn.Conv2d,)))
     with pytest.raises(ValueError, match="unknown channels"):
-        OpFacts("bad", (_Scale,), channels="sideways")
+        OpFacts("bad", (unknown_layer,), channels="sideways")

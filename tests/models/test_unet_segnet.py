@@ -243,7 +243,7 @@ def test_unet_small_overfits_eight_shapes():
 # --- 3D U-Net -------------------------------------------------------------------------------
 
 def test_unet3d_paper_channels_and_parameter_count():
-    m = meta_model("unet3d")  # 3 input channels, 3 labels, width 32, depth 3 (the paper's)
+    m = meta_model("unet3d", width=32)  # 3 input channels, 3 labels, depth 3: the paper's
     assert [(b.conv1.out_channels, b.conv2.out_channels) for b in m.encoder] == \
         [(32, 64), (64, 128), (128, 256), (256, 512)]
     assert [b.conv1.in_channels for b in m.decoder] == [512 + 256, 256 + 128, 128 + 64]

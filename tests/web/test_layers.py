@@ -83,15 +83,8 @@ def test_kinds_come_from_the_registry_in_every_dims(input_size):
     assert layer_kind(nn.ConvTranspose3d(2, 2, 2)) == "other"  # no view: values only
 
 
-def test_unknown_layer_with_parameters_refused():
-    class Scale(nn.Module):  # a user's own layer with parameters, unknown to the registry
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(1))
-
-        def forward(self, x):
-            return x * self.w
-
+def test_unknown_layer_with_parameters_refused(unknown_layer):
+    Scale = unknown_layer
     model = nn.Sequential(nn.Conv2d(1, 2, 3), Scale(), nn.Flatten(), nn.Linear(72, 3))
     with pytest.raises(ValueError, match="Scale") as err:
         discover(model, (1, 8, 8))

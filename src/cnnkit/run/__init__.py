@@ -13,8 +13,9 @@ run back (:mod:`.load`) and ``report.html`` (:mod:`.report`). It sits above ``mo
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cnnkit._lazy import lazy_attributes
 
 # The names are imported on first use, as the top-level package does: the CLI reads the
 # PyTorch-free TrainConfig (config.py) to build `cnnkit train --help` without PyTorch,
@@ -48,10 +49,4 @@ if TYPE_CHECKING:
     from .load import Preprocess, Run, load_run, read_summary
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")  # lazy: PEP 562
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS, globals())

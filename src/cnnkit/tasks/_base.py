@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["Task", "TaskDefaults", "ReportParts", "autocast"]
+__all__ = ["Task", "TaskDefaults", "ReportParts", "autocast", "eval_outputs"]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -26,6 +27,30 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def eval_outputs(model: nn.Module, loader: Any, device: torch.device,
+                 amp: torch.dtype | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(outputs, targets)`` of ``model`` over ``loader``: eval mode, no gradients, the
+    outputs in float32 (after autocast); the model's train/eval mode is restored after.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Linear(2, 3).train()
+        >>> [o.shape for o, _ in eval_outputs(m, [(torch.ones(4, 2), torch.zeros(4))],
+        ...                                   torch.device("cpu"))], m.training
+        ([torch.Size([4, 3])], True)
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                with autocast(device, amp):
+                    out = model(x)
+                yield out.float(), y
+    finally:
+        model.train(was_training)
 
 
 @dataclass(frozen=True)

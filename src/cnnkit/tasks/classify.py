@@ -14,7 +14,7 @@ from torch import nn
 
 from cnnkit.data.shards import all_reduce_sum, gather_shards, is_sharded
 
-from ._base import ReportParts, Task, TaskDefaults, autocast
+from ._base import ReportParts, Task, TaskDefaults, eval_outputs
 from ._registry import register_task
 from .figures import png, show, table
 from .metrics import confusion_matrix
@@ -27,19 +27,14 @@ def evaluate_classify(model: nn.Module, loader: Any, device: torch.device,
                       amp: torch.dtype | None = None,
                       label_smoothing: float = 0.0) -> dict[str, Any]:
     """Loss, accuracy, predictions, probabilities and targets of ``model`` over ``loader``."""
-    was_training = model.training
-    model.eval()
     crit = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="sum")
     loss, preds, probs, targets = torch.zeros((), device=device), [], [], []
-    for x, y in loader:
-        with autocast(device, amp):
-            out = model(x)
-        loss += crit(out.float(), y)
-        p = out.float().softmax(1)
+    for out, y in eval_outputs(model, loader, device, amp):
+        loss += crit(out, y)
+        p = out.softmax(1)
         probs.append(p.cpu())
         preds.append(p.argmax(1).cpu())
         targets.append(y.cpu())
-    model.train(was_training)
     preds_t, targets_t, probs_t = torch.cat(preds), torch.cat(targets), torch.cat(probs)
     if is_sharded(loader):
         loss = all_reduce_sum(loss)

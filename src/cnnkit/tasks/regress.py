@@ -15,7 +15,7 @@ from torch import nn
 
 from cnnkit.data.shards import all_reduce_sum, gather_shards, is_sharded
 
-from ._base import ReportParts, Task, TaskDefaults, autocast
+from ._base import ReportParts, Task, TaskDefaults, eval_outputs
 from ._registry import register_task
 from .figures import png, table
 
@@ -84,19 +84,13 @@ class Regress(Task):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
                  amp: torch.dtype | None = None) -> dict[str, Any]:
         """MSE, MAE, R^2 and loss over ``loader``; predictions and targets kept."""
-        was_training = model.training
-        model.eval()
         crit = self.criterion()
         loss, n, preds, targets = torch.zeros((), device=device), 0, [], []
-        for x, y in loader:
-            with autocast(device, amp):
-                out = model(x)
-            out = out.float()
+        for out, y in eval_outputs(model, loader, device, amp):
             loss += crit(out, y) * len(y)
             n += len(y)
             preds.append(out.cpu())
             targets.append(y.cpu())
-        model.train(was_training)
         pred_t, target_t = torch.cat(preds), torch.cat(targets)
         if is_sharded(loader):
             loss, n = all_reduce_sum(torch.stack([loss, torch.tensor(float(n), device=device)]))

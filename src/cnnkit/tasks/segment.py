@@ -23,7 +23,7 @@ from cnnkit.data.volumes import file_stem, is_volume_file, save_volume
 from cnnkit.layers import crf_refine
 from cnnkit.models._dense import pad_to_multiple
 
-from ._base import ReportParts, Task, TaskDefaults, autocast
+from ._base import ReportParts, Task, TaskDefaults, eval_outputs
 from ._registry import register_task
 from .figures import png, show, table
 from .losses import SegmentationLoss
@@ -125,16 +125,11 @@ class Segment(Task):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
                  amp: torch.dtype | None = None) -> dict[str, Any]:
         """mIoU, per-class IoU and Dice, pixel accuracy and loss over ``loader``."""
-        was_training = model.training
-        model.eval()
         crit = self.criterion()
         k = getattr(model, "num_classes", None)  # an int8 graph has none: its outputs say
         cm = None if k is None else torch.zeros(k, k, dtype=torch.long, device=device)
         loss, n, kept = torch.zeros((), device=device), 0, []
-        for x, y in loader:
-            with autocast(device, amp):
-                out = model(x)
-            out = out.float()
+        for out, y in eval_outputs(model, loader, device, amp):
             if cm is None:
                 k = out.shape[1]
                 cm = torch.zeros(k, k, dtype=torch.long, device=device)
@@ -144,7 +139,6 @@ class Segment(Task):
             cm += confusion_matrix(pred, y, k)
             if sum(len(p) for p in kept) < _SAMPLES:
                 kept.append(pred[:_SAMPLES].to(torch.uint8).cpu())
-        model.train(was_training)
         preds = torch.cat(kept)[:_SAMPLES] if kept else None
         if is_sharded(loader):  # every rank has kept its first samples: interleave them back
             cm = all_reduce_sum(cm)

@@ -18,7 +18,7 @@ from cnnkit.data import downscale
 from cnnkit.data.shards import all_reduce_sum, gather_shards, is_sharded
 from cnnkit.data.volumes import file_stem
 
-from ._base import ReportParts, Task, TaskDefaults, autocast
+from ._base import ReportParts, Task, TaskDefaults, eval_outputs
 from ._registry import register_task
 from .figures import png, show
 from .metrics import bicubic_upscale, psnr, ssim
@@ -93,15 +93,11 @@ class SuperRes(Task):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
                  amp: torch.dtype | None = None) -> dict[str, Any]:
         """PSNR and SSIM of the model and of bicubic upscaling, borders of ``scale`` px cut."""
-        was_training = model.training
-        model.eval()
         crit, s = self.criterion(), self.scale
         sums = dict.fromkeys(("loss", "psnr", "ssim", "psnr_bicubic", "ssim_bicubic"), 0.0)
         n, kept = 0, []
-        for x, y in loader:
-            with autocast(device, amp):
-                out = model(x)
-            out = out.float().clamp(0, 1)
+        for out, y in eval_outputs(model, loader, device, amp):
+            out = out.clamp(0, 1)
             bic = bicubic_upscale(downscale(y, s), s)
             sums["loss"] += float(crit(out, y)) * len(y)
             for tag, img in (("", out), ("_bicubic", bic)):
@@ -110,7 +106,6 @@ class SuperRes(Task):
             n += len(y)
             if sum(len(k[0]) for k in kept) < _SAMPLES:
                 kept.append((out[:_SAMPLES].cpu(), bic[:_SAMPLES].cpu(), y[:_SAMPLES].cpu()))
-        model.train(was_training)
         samples = tuple(torch.cat(parts)[:_SAMPLES] for parts in zip(*kept, strict=True))
         if is_sharded(loader):
             total = all_reduce_sum(torch.tensor([*sums.values(), n], dtype=torch.float64,

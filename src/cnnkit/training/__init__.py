@@ -6,7 +6,8 @@ function that trains one run and returns its :class:`~cnnkit.run.Run`-ready fold
 
 from cnnkit.run import Preprocess, Run, TrainConfig, load_run
 
-from .trainer import NonFiniteLossError, Trainer, evaluate, train
+from .api import train
+from .trainer import NonFiniteLossError, Trainer, evaluate
 
 __all__ = ["TrainConfig", "Trainer", "train", "evaluate", "load_run", "Run", "Preprocess",
            "NonFiniteLossError"]

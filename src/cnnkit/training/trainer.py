@@ -54,7 +54,7 @@ from .optim import ModelEma, build_optimizer, build_scheduler
 from .resume import capture, deterministic_algorithms, restore, resume_config, seed_everything
 from .sync_bn import convert_sync_batchnorm
 
-__all__ = ["Trainer", "train", "NonFiniteLossError", "evaluate"]
+__all__ = ["Trainer", "NonFiniteLossError", "evaluate"]
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None,
@@ -358,31 +358,3 @@ class Trainer:
         ddp.barrier()  # every rank returns with the run folder complete
         return summary
 
-
-def train(config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
-    """Train a model and return its summary (``summary["test_accuracy"]`` ...).
-
-    Args:
-        config: a full configuration; or leave it None and pass options by name.
-        **options: :class:`TrainConfig` fields, plus ``progress`` and ``resume`` (a run
-            folder to continue; then only :data:`~cnnkit.run.config.RESUME_OPTIONS` may
-            be given, to change them).
-
-    Example:
-        >>> import cnnkit
-        >>> s = cnnkit.train(model="lenet5", data="digits", epochs=2,
-        ...                  runs_dir="/tmp/cnnkit-doc", progress=False)  # doctest: +SKIP
-    """
-    progress = options.pop("progress", None)
-    resume = options.pop("resume", None)
-    if resume is not None:
-        # A resumed run keeps its saved config, but for the options a resume may change.
-        if config is not None:
-            raise ValueError("resume continues a run with its saved config; give the options "
-                             "to change by name (epochs=, lr= ...), not a TrainConfig")
-        return Trainer(resume=resume, progress=progress, overrides=options).fit()
-    if config is None:
-        config = TrainConfig.from_dict(options)
-    elif options:
-        raise ValueError("pass either a TrainConfig or options by name, not both")
-    return Trainer(config, progress=progress).fit()

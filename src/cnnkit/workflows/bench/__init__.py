@@ -22,8 +22,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cnnkit._lazy import lazy_attributes
 
 # Imported on first use: the CLI reads the PyTorch-free BenchConfig (config.py) to build
 # `cnnkit bench --help` without PyTorch, which the other modules import.
@@ -40,10 +41,4 @@ if TYPE_CHECKING:
     from .run import run_bench
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")  # lazy: PEP 562
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS, globals())
