@@ -3,7 +3,8 @@
 A built-in data set is a function ``name(*, image_size, channels, seed, **options)
 -> ImageData`` decorated with :func:`register_dataset`. Anything that is not a
 registered name is read as a path: a folder with one subfolder per class, a
-``.csv`` of ``path,label`` rows or an ``.npz`` of arrays (see :mod:`cnnkit.data.files`).
+``.csv`` of ``path,label`` rows (:mod:`cnnkit.data.files`) or an ``.npz`` of arrays
+(:mod:`cnnkit.data.npz`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import files, pairs, volumes
+from . import files, npz, pairs, volumes
 from ._decode import quiet_bomb_warnings
 from ._types import ImageData
 
@@ -202,7 +203,7 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
     elif path.is_dir() and targets == "labels":
         fn = files.load_folder
     elif path.suffix.lower() in (".csv", ".npz"):
-        fn = files.load_csv if path.suffix.lower() == ".csv" else files.load_npz
+        fn = files.load_csv if path.suffix.lower() == ".csv" else npz.load_npz
         reads["values"] = targets == "values"
     else:
         raise ValueError(f"cannot read data from {spec_str!r}: give a folder (one subfolder per "

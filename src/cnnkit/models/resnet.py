@@ -51,7 +51,6 @@ from ._registry import register_model
 __all__ = ["BasicBlock", "Bottleneck", "ResNet"]
 
 _PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition"
-_WRN_PAPER = "Zagoruyko and Komodakis 2016, Wide Residual Networks"
 
 
 def conv3x3(in_chs: int, out_chs: int, stride: int = 1, groups: int = 1, dilation: int = 1,
@@ -353,30 +352,3 @@ def resnet152(num_classes: int = 1000, in_chans: int | None = None,
                    zero_init_residual=zero_init_residual, drop_rate=drop_rate,
                    output_stride=output_stride, input_size=input_size)
 
-
-@register_model
-def wide_resnet50_2(num_classes: int = 1000, in_chans: int | None = None,
-                    img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
-                    attn: str | None = None, zero_init_residual: bool = False,
-                    drop_rate: float = 0.0, output_stride: int = 32,
-                    input_size: tuple[int, ...] | None = None) -> ResNet:
-    """Wide ResNet-50-2 (Zagoruyko and Komodakis 2016): ResNet-50, bottleneck width x2."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans,
-                   img_size=img_size, stem=stem, attn=attn,
-                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
-                   output_stride=output_stride, input_size=input_size,
-                   width_per_group=128, paper=_WRN_PAPER)
-
-
-@register_model
-def wide_resnet101_2(num_classes: int = 1000, in_chans: int | None = None,
-                     img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
-                     attn: str | None = None, zero_init_residual: bool = False,
-                     drop_rate: float = 0.0, output_stride: int = 32,
-                     input_size: tuple[int, ...] | None = None) -> ResNet:
-    """Wide ResNet-101-2 (Zagoruyko and Komodakis 2016): ResNet-101, bottleneck width x2."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, in_chans=in_chans,
-                   img_size=img_size, stem=stem, attn=attn,
-                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
-                   output_stride=output_stride, input_size=input_size,
-                   width_per_group=128, paper=_WRN_PAPER)

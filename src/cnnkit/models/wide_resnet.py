@@ -20,8 +20,11 @@ from cnnkit.layers.attention import create_attn
 
 from ._base import Classifier
 from ._registry import register_model
+from .resnet import Bottleneck, ResNet, _resnet
 
 __all__ = ["PreActBlock", "WideResNet"]
+
+_PAPER = "Zagoruyko and Komodakis 2016, Wide Residual Networks"
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -130,7 +133,7 @@ class WideResNet(Classifier):
             mean, std = (0.5,) * in_chans, (0.5,) * in_chans
         self.default_cfg = dict(input_size=(in_chans, *spatial), mean=mean,
                                 std=std, num_classes=num_classes,
-                                paper="Zagoruyko and Komodakis 2016, Wide Residual Networks")
+                                paper=_PAPER)
 
     def _init_weights(self, conv: type[nn.Module], norm: type[nn.Module]) -> None:
         # The authors' scheme: He-normal (fan_out) convs, unit BN, zero linear bias.
@@ -167,3 +170,33 @@ def wide_resnet(num_classes: int = 10, in_chans: int | None = None,
     """Wide ResNet WRN-d-k for CIFAR (Zagoruyko and Komodakis 2016); WRN-28-10 by default."""
     return WideResNet(num_classes, in_chans, img_size, depth, widen_factor, dropout, attn,
                       input_size)
+
+
+# torchvision's wide ResNets: ImageNet ResNets with twice the bottleneck width (its keys).
+
+@register_model
+def wide_resnet50_2(num_classes: int = 1000, in_chans: int | None = None,
+                    img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
+                    attn: str | None = None, zero_init_residual: bool = False,
+                    drop_rate: float = 0.0, output_stride: int = 32,
+                    input_size: tuple[int, ...] | None = None) -> ResNet:
+    """Wide ResNet-50-2 (Zagoruyko and Komodakis 2016): ResNet-50, bottleneck width x2."""
+    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_chans=in_chans,
+                   img_size=img_size, stem=stem, attn=attn,
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   output_stride=output_stride, input_size=input_size,
+                   width_per_group=128, paper=_PAPER)
+
+
+@register_model
+def wide_resnet101_2(num_classes: int = 1000, in_chans: int | None = None,
+                     img_size: int | tuple[int, ...] | None = None, stem: str = "auto",
+                     attn: str | None = None, zero_init_residual: bool = False,
+                     drop_rate: float = 0.0, output_stride: int = 32,
+                     input_size: tuple[int, ...] | None = None) -> ResNet:
+    """Wide ResNet-101-2 (Zagoruyko and Komodakis 2016): ResNet-101, bottleneck width x2."""
+    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, in_chans=in_chans,
+                   img_size=img_size, stem=stem, attn=attn,
+                   zero_init_residual=zero_init_residual, drop_rate=drop_rate,
+                   output_stride=output_stride, input_size=input_size,
+                   width_per_group=128, paper=_PAPER)
