@@ -7,6 +7,7 @@ import types
 
 import lrp_nets
 import pytest
+import torch
 from torch import nn
 
 
@@ -63,3 +64,13 @@ def calibrated_resnetlet() -> nn.Module:
 def calibrated_resnet18() -> nn.Module:
     """cnnkit's ResNet-18 (32x32, float64) with calibrated BatchNorm statistics."""
     return lrp_nets.resnet18()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny convolutions only get contention from more on
+    a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -25,13 +25,7 @@ METHODS = list_methods()
 TARGETS = [[0, 2], [3, 1]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions: intra-op threads only add contention on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])

@@ -79,13 +79,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions: intra-op threads only add contention on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPATIAL = {1: (8,), 2: (8, 8), 3: (4, 4, 4)}

@@ -15,13 +15,7 @@ from cnnkit.explain import create, list_methods
 from cnnkit.explain._base import TargetScores
 from cnnkit.tasks import task_class
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])

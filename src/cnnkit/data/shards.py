@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "gather_shards", "is_sharded", "active", "comm_device"]
+__all__ = ["all_reduce", "all_reduce_sum", "gather_shards", "is_sharded", "active", "comm_device"]
 
 
 def is_sharded(loader: object) -> bool:
@@ -32,13 +32,19 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t`` over all ranks, as a new tensor on ``t``'s device (``t`` itself alone)."""
+def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """``t`` reduced by ``op`` over all ranks, as a new tensor on ``t``'s device (``t``
+    itself alone)."""
     if not active():
         return t
     buf = t.detach().to(comm_device(), copy=True)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=op)
     return buf.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over all ranks (``t`` itself alone)."""
+    return all_reduce(t, dist.ReduceOp.SUM)
 
 
 def gather_shards(t: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cnnkit.data.shards import active, all_reduce_sum, comm_device, gather_shards
+from cnnkit.data.shards import active, all_reduce, all_reduce_sum, comm_device, gather_shards
 
 from .device import resolve_device
 
@@ -158,11 +158,7 @@ def barrier() -> None:
 
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
     """The elementwise minimum of ``t`` over all ranks."""
-    if not active():
-        return t
-    buf = t.detach().to(comm_device(), copy=True)
-    dist.all_reduce(buf, op=dist.ReduceOp.MIN)
-    return buf.to(t.device)
+    return all_reduce(t, dist.ReduceOp.MIN)
 
 
 def broadcast_(tensors: Iterable[torch.Tensor]) -> None:
