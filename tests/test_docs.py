@@ -19,6 +19,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert out[0] == "torch.Size([2, 10])"
     assert out[1] == "['mobilenet_v1', 'mobilenet_v2']"
     assert int(out[2]) == 1_816_557_056
+    assert float(out[3]) >= 0.93, "the README's training example must learn (0.966 measured)"
+    assert out[4] == "0 0", "the reloaded run must read the first digit as a 0"
 
 
 def test_readme_lists_every_model():

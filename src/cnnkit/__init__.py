@@ -5,8 +5,21 @@ does not pay for importing PyTorch until a model or a run is touched.
 
 Example:
     >>> import cnnkit
+    >>> cnnkit.list_models("resnet*")
+    ['resnet101', 'resnet152', 'resnet18', 'resnet34', 'resnet50']
     >>> model = cnnkit.create_model("resnet18", num_classes=10, img_size=32)
-    >>> print(cnnkit.summary(model, (3, 32, 32)))  # doctest: +SKIP
+    >>> print(cnnkit.summary(model, (3, 32, 32)))  # a row per layer, then the totals
+    ---...
+    Layer    Type    Output shape    Params    MACs    Activations    RF    Jump
+    ---...
+    fc       Linear  [1, 10]         5.13 K    5.12 K  40 B           133   32
+    ---...
+    Input: [1, 3, 32, 32]   Output: [1, 10]
+    Params: 11.17 M (11,173,962), trainable 11.17 M (11,173,962), 44.70 MB
+    MACs: 556.04 M (556,037,120) (convolutions, linear layers, norms; activations, pools,
+    additions: 0)
+    Activations: 8.39 MB in all layer outputs, peak 1.32 MB live
+    Output receptive field: 133, jump 32
 """
 
 from __future__ import annotations

@@ -209,6 +209,7 @@ class FolderLock:
 
     Example:
         >>> import tempfile
+        >>> from cnnkit._files import FolderLock
         >>> lock = FolderLock(tempfile.mkdtemp())
         >>> lock.acquire(), lock.acquire(), FolderLock(lock.folder).acquire()
         (True, True, False)

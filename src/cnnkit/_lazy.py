@@ -16,6 +16,7 @@ def lazy_attributes(package: str, exports: dict[str, str],
     ``exports[name]`` on first use and cached in ``namespace`` (the package's globals).
 
     Example:
+        >>> from cnnkit._lazy import lazy_attributes
         >>> ns = {}
         >>> get = lazy_attributes("cnnkit", {"parse_bytes": "_limits"}, ns)
         >>> get("parse_bytes")("2KB"), "parse_bytes" in ns

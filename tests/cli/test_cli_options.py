@@ -32,8 +32,9 @@ CHANGES = {
     # `compile: bool | None` has three states, so --compile gains --no-compile (e.g.
     # `--fast --no-compile`: the fast paths without compilation, not expressible before).
     ("train", "--compile"): {"action", "option_strings", "const"},
-    # A tuple field: the comma list is parsed into the tuple by the CLI, not by BenchConfig.
-    ("bench", "--models"): {"type"},
+    # A tuple field: the comma list is parsed into the tuple by the CLI, not by BenchConfig,
+    # and is repeatable (`--models a,b --models c`), as every list option is.
+    ("bench", "--models"): {"type", "action"},
     # An option not given is None everywhere, and the dataclass's own default applies (the
     # hand-written bench parser repeated those defaults: "auto", False, False).
     ("bench", "--device"): {"default"},
@@ -266,3 +267,11 @@ def test_bounds_that_do_not_fit_the_type_are_refused_with_the_valid_ones():
 
     with pytest.raises(ValueError, match="bounds 'positive' do not apply to str; use one of"):
         add_options(argparse.ArgumentParser(), Config)
+
+
+def test_list_options_are_repeatable_and_comma_lists():
+    args = _args("train", "--logger", "csv", "--logger", "tensorboard,mlflow")
+    assert config_from_args(TrainConfig, args).loggers == ("csv", "tensorboard", "mlflow")
+    assert config_from_args(TrainConfig, _args("train")).loggers == ()
+    args = _args("bench", "--models", "tinyvgg,lenet5", "--models", "resnet18")
+    assert config_from_args(BenchConfig, args).models == ("tinyvgg", "lenet5", "resnet18")

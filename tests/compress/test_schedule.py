@@ -165,7 +165,7 @@ def test_trainer_regularizer_shrinks_only_the_selected_channels(kind, tmp_path):
 
     start = sizes()
     cfg = TrainConfig(model=name, model_kwargs=kwargs, data="digits", epochs=1, batch_size=64,
-                      warmup_epochs=0, runs_dir=str(tmp_path))
+                      optimizer="sgd", warmup_epochs=0, runs_dir=str(tmp_path))
     trainer = Trainer(cfg, progress=False, model=model, regularizer=reg)
     trainer.fit()
     end = sizes()

@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 
 from cnnkit.explain.render import (
+    blend,
     montage,
     normalize_map,
     save_grid,
     save_overlay,
+    scale_map,
     slice_indices,
     to_display,
 )
@@ -65,13 +67,52 @@ def test_overlay_and_grid_are_written_for_every_dimension(dims, tmp_path):
 
 
 def test_a_volume_overlay_shows_the_hot_slice(tmp_path):
-    """The map is hot in one depth slice only: the picture's colours differ between the
-    tiles of the hot slice and of the others."""
+    """The map is hot in one depth slice only: that slice's tile is coloured, the other
+    tiles keep the input's grey (zero attribution is transparent)."""
     vol = torch.full((1, 4, 16, 16), 0.5)
     heat = torch.zeros(4, 16, 16)
     heat[2] = 1.0
     save_overlay(tmp_path / "v.png", vol, heat, "hot slice 2", alpha=0.9)
     pic = np.asarray(Image.open(tmp_path / "v.png").convert("RGB")).astype(int)
-    red = pic[..., 0] > pic[..., 2] + 50  # jet's top (1.0) is dark red
-    blue = pic[..., 2] > pic[..., 0] + 50  # jet's bottom (0.0) is dark blue
-    assert blue.sum() > 2.5 * red.sum() > 0  # 3 cold tiles, 1 hot one (and the colour bar)
+    grey = (np.abs(pic - 127).max(-1) <= 3)  # the input's 0.5, untouched
+    hot = pic[..., 0] > pic[..., 2] + 50  # inferno's top (1.0) is pale yellow
+    assert grey.sum() > 2.5 * hot.sum() > 0  # 3 cold tiles, 1 hot one (and the colour bar)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_zero_attribution_keeps_the_input_colour_exactly(signed):
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 5, 3))
+    heat = rng.random((6, 5)) * (2 if signed else 1) - (1 if signed else 0)
+    heat[2, 3] = heat[0, 0] = 0.0
+    out = blend(image, heat, alpha=0.8, signed=signed)
+    assert out.shape == (6, 5, 3)
+    assert np.array_equal(out[2, 3], image[2, 3]) and np.array_equal(out[0, 0], image[0, 0])
+    assert np.array_equal(blend(image[..., 0], np.zeros((6, 5)))[..., 1], image[..., 0])
+    # opacity grows with the attribution: the strongest element moves furthest
+    moved = np.abs(out - image).sum(-1)
+    strongest = np.unravel_index(np.abs(heat).argmax(), heat.shape)
+    assert moved[strongest] > np.median(moved) > 0
+    # no map anywhere (NaN: a gap between volume tiles) leaves the input as it is
+    assert np.array_equal(blend(image, np.full((6, 5), np.nan)), image)
+
+
+def test_maps_are_scaled_by_magnitude_and_sign():
+    a, signed = scale_map(torch.tensor([[0.0, 2.0], [1.0, 4.0]]))
+    assert not signed and a.tolist() == [[0.0, 0.5], [0.25, 1.0]]
+    a, signed = scale_map(torch.tensor([-4.0, 0.0, 2.0]))
+    assert signed and a.tolist() == [-1.0, 0.0, 0.5]
+    for bad in (torch.zeros(3), torch.tensor([1.0, float("nan")])):
+        a, signed = scale_map(bad)
+        assert not signed and (a == 0).all()
+
+
+def test_the_overlay_uses_a_perceptual_map_not_jet(tmp_path):
+    """A uniform input under a map rising left to right: the right end is inferno's top
+    (pale yellow), nothing is jet's saturated blue, and the left end is the input."""
+    img = torch.full((3, 16, 64), 0.5)
+    heat = torch.linspace(0, 1, 64).expand(16, 64)
+    out = blend(to_display(img), scale_map(heat)[0], alpha=1.0)
+    assert np.allclose(out[:, 0], 0.5)
+    assert (out[:, -1, 0] > 0.9).all() and (out[:, -1, 2] < 0.75).all()
+    assert not ((out[..., 2] > 0.5) & (out[..., 0] < 0.2) & (out[..., 1] < 0.2)).any()

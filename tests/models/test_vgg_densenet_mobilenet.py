@@ -92,8 +92,12 @@ def test_allconv_is_pooling_free_and_averages_a_6x6_map():
         class_maps = model.classifier(feats)
     assert feats.shape == (2, 192, 6, 6)  # the paper's global average over 6x6
     assert class_maps.shape == (2, 10, 6, 6)
-    # Eval mode, paper head (ReLU on the class maps): logits = mean of the class maps.
-    torch.testing.assert_close(model.forward_head(feats), class_maps.relu().mean((2, 3)))
+    # Eval mode, default head (no ReLU on the class maps): logits = mean of the class maps;
+    # the paper's head (head_relu=True) averages the rectified maps.
+    torch.testing.assert_close(model.forward_head(feats), class_maps.mean((2, 3)))
+    paper = create_model("allconv", head_relu=True).eval()
+    paper.load_state_dict(model.state_dict())
+    torch.testing.assert_close(paper.forward_head(feats), class_maps.relu().mean((2, 3)))
 
 
 def test_allconv_dropout_follows_the_paper():

@@ -285,3 +285,122 @@ def test_summary_input_too_small_for_the_model(cli, one_line_error):
 def test_models_pattern_without_match(cli, one_line_error):
     line = one_line_error(*cli(["models", "zzz*"])[::2])
     assert "no model matches 'zzz*'" in line and "cnnkit models" in line
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "no-metadata", "bad-metadata"])
+def test_predict_with_a_bad_onnx_file(cli, one_line_error, tmp_path, image_folder, case):
+    pytest.importorskip("onnxruntime")
+    model = tmp_path / "model.onnx"
+    if case == "corrupt":
+        model.write_bytes(b"\x08\x07 not a protobuf of a model")
+    elif case in ("no-metadata", "bad-metadata"):  # an ONNX model that cnnkit did not describe
+        from cnnkit.compress.export import export
+
+        meta = {"cnnkit_version": "0", "task": "classify", "model": "x", "input_size": "[1, 4]",
+                "mean": "[0.5]", "std": "[0.0]", "classes": '["a", "b"]'}
+        export(torch.nn.Linear(4, 2), torch.randn(2, 1, 4), model,
+               metadata=meta if case == "bad-metadata" else None)
+    image = next(image_folder(tmp_path / "imgs", classes=1, per_class=1).rglob("*.png"))
+    line = one_line_error(*cli(["predict", str(model), str(image)])[::2])
+    expected = {"missing": ("model.onnx", "does not exist", "cnnkit export"),
+                "corrupt": ("not a readable ONNX model", "export the run again"),
+                "no-metadata": ("no cnnkit metadata", "task", "cnnkit export RUN --format onnx"),
+                "bad-metadata": ("metadata is inconsistent", "export the run again")}[case]
+    for needle in expected:
+        assert needle in line
+
+
+# -- explain options and predict/explain inputs (folders, globs) ------------------------------
+
+@pytest.mark.parametrize("opt, needles", [
+    ("windw=3", ["unknown option 'windw'", "occlusion: window, stride"]),
+    ("window", ["KEY=VALUE", "'window'"]),
+    ("1x=2", ["KEY=VALUE", "option name"]),
+    ("window=0", ["window must be positive"]),
+    ("masking=paint", ["masking must be 'input' or 'layer'"]),
+], ids=["unknown-key", "no-value", "bad-key", "bad-value", "bad-choice"])
+def test_explain_bad_opt(cli, one_line_error, tmp_path, shared_run, image_folder, opt, needles):
+    image = next(image_folder(tmp_path / "img", classes=1, per_class=1, size=8).rglob("*.png"))
+    out = tmp_path / "ex"
+    line = one_line_error(*cli(["explain", str(shared_run.path), str(image), "--method",
+                                "occlusion", "--opt", opt, "--out", str(out)])[::2])
+    for needle in needles:
+        assert needle in line
+    assert not out.exists()  # nothing written for a call that never started
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+@pytest.mark.parametrize("case", ["empty-folder", "folder-of-text", "only-subfolders",
+                                  "glob-no-match", "glob-only-folders"])
+def test_predict_and_explain_bad_inputs(cli, one_line_error, tmp_path, shared_run, image_folder,
+                                        command, case):
+    target = tmp_path / "in"
+    target.mkdir()
+    if case == "folder-of-text":
+        (target / "notes.txt").write_text("no image")
+    elif case == "only-subfolders":  # in/class0/0.png: folders are not searched recursively
+        image_folder(target, classes=1, per_class=1, size=8)
+    elif case == "glob-only-folders":
+        (target / "x.png").mkdir()
+    given = str(target / "*.png") if case.startswith("glob") else str(target)
+    line = one_line_error(*cli([command, str(shared_run.path), given])[::2])
+    if case.startswith("glob"):
+        assert f"the pattern {given!r} matches no files" in line and "quote it" in line
+    else:
+        assert "is a folder with no image or volume files" in line
+        assert "subfolders are not searched" in line and "/*.png" in line
+
+
+# -- config files and plugins (issue 14): one line naming the file, the key and the fix ---------
+
+BAD_CONFIG_FILES = {
+    "unknown-key": ("epochs: 2\nepoch: 3\n", ["unknown key 'epoch'", "bad.yaml",
+                                              "valid keys: task, model"]),
+    "wrong-type": ("epochs: two\n", ["bad.yaml", "'epochs'", "an integer"]),
+    "python-tag": ("epochs: !!python/object/apply:os.system ['echo owned']\n",
+                   ["bad.yaml", "not valid YAML"]),
+    "a-list": ("- epochs\n- 2\n", ["bad.yaml", "not a mapping"]),
+    "not-yaml": ("epochs: [2\n", ["bad.yaml", "not valid YAML", "--print-config"]),
+    "missing-plugin": ("plugins: [no_such_plugin_mod]\n", ["bad.yaml", "no_such_plugin_mod",
+                                                            "PYTHONPATH"]),
+    "bad-value": ("optimizer: adam\n", ["bad.yaml", "optimizer", "sgd, adamw"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIG_FILES))
+def test_a_bad_config_file_is_one_line(cli, one_line_error, tmp_path, capfd, case):
+    text, needles = BAD_CONFIG_FILES[case]
+    (tmp_path / "bad.yaml").write_text(text)
+    line = one_line_error(*cli(["train", "--config", str(tmp_path / "bad.yaml"),
+                                "--runs-dir", str(tmp_path / "runs")])[::2])
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert not (tmp_path / "runs").exists()
+    assert "owned" not in capfd.readouterr().out  # no YAML tag ran a command
+
+
+def test_a_missing_config_file_and_a_missing_plugin_are_one_line(cli, one_line_error, tmp_path):
+    line = one_line_error(*cli(["train", "--config", str(tmp_path / "none.yaml")])[::2])
+    assert "none.yaml" in line and "does not exist" in line and "--print-config" in line
+    line = one_line_error(*cli(["train", "--plugin", "no_such_plugin_mod", "--epochs", "1"])[::2])
+    assert "no_such_plugin_mod" in line and "--plugin" in line
+
+
+def test_a_logger_without_its_package_is_refused_before_training(cli, one_line_error, tmp_path,
+                                                                  monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    line = one_line_error(*cli(["train", "--logger", "csv,wandb", "--epochs", "1",
+                                "--runs-dir", str(tmp_path / "runs")])[::2])
+    assert "--logger wandb" in line and "pip install wandb" in line
+    assert not any((tmp_path / "runs").glob("*/config.yaml"))  # no run was left behind
+
+
+def test_explain_opt_of_the_wrong_kind(cli, one_line_error, tmp_path, shared_run, image_folder):
+    image = next(image_folder(tmp_path / "img", classes=1, per_class=1, size=8).rglob("*.png"))
+    out = tmp_path / "ex"
+    line = one_line_error(*cli(["explain", str(shared_run.path), str(image), "--method",
+                                "occlusion", "--opt", "window=abc", "--out", str(out)])[::2])
+    assert "occlusion: bad option value in window='abc'" in line and "2,3" in line
+    assert not out.exists()

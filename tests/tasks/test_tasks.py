@@ -14,8 +14,10 @@ from cnnkit.training import TrainConfig
 def test_per_task_defaults_and_overrides():
     c = TrainConfig()
     assert (c.model, c.data, c.epochs, c.batch_size, c.optimizer) == (
-        "tinyvgg_wide", "digits", 30, 64, "sgd")
-    assert c.resolved_lr == pytest.approx(0.1 * 64 / 256)
+        "tinyvgg_wide", "digits", 30, 64, "adamw")
+    assert c.resolved_lr == 2e-3 and c.resolved_weight_decay == 0.05
+    sgd = TrainConfig(optimizer="sgd")  # the generic rule where the task's optimizer is not used
+    assert sgd.resolved_lr == pytest.approx(0.1 * 64 / 256)
     s = TrainConfig(task="segment")
     assert (s.model, s.data, s.loss, s.epochs, s.batch_size) == (
         "unet_small", "shapes", "ce+dice", 10, 16)

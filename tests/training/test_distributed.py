@@ -32,7 +32,8 @@ PLAIN = dict(model="lenet5", data="digits", epochs=2, batch_size=64, optimizer="
              lr=3e-3, augment="none", amp="off")
 # WRN-10-1: BatchNorm in every block, about 0.95 in 2 epochs; SyncBN makes 2 ranks exact.
 WITH_BN = dict(model="wide_resnet", model_kwargs={"depth": 10, "widen_factor": 1},
-               data="digits", epochs=2, batch_size=64, lr=0.05, augment="none", amp="off")
+               data="digits", epochs=2, batch_size=64, optimizer="sgd", lr=0.05, augment="none",
+               amp="off")
 
 
 def _loader(n: int, batch: int, rank: int = 0, world: int = 1, **kw) -> TensorLoader:

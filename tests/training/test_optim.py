@@ -22,11 +22,15 @@ def test_no_weight_decay_on_norms_and_biases():
 
 def test_optimizer_choice_and_lr_scaling():
     m = nn.Linear(2, 2)
-    sgd = build_optimizer(m, TrainConfig(batch_size=128))
+    sgd = build_optimizer(m, TrainConfig(batch_size=128, optimizer="sgd"))
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["lr"] == pytest.approx(0.05)
     assert sgd.param_groups[0]["nesterov"]
     adamw = build_optimizer(m, TrainConfig(optimizer="adamw", lr=1e-3))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == 1e-3
+    # classification's own default: AdamW at 2e-3 with weight decay 0.05
+    default = build_optimizer(m, TrainConfig(batch_size=128))
+    assert isinstance(default, torch.optim.AdamW) and default.param_groups[0]["lr"] == 2e-3
+    assert default.param_groups[0]["weight_decay"] == 0.05
 
 
 def test_schedules_analytic_values():

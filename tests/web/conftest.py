@@ -117,3 +117,18 @@ def cls3d_path(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("web-cls3d"), "m3", model="mobilenet_v1",
                   task="classify", data="shapes3d", data_options={"n": 24, "size": 8},
                   model_kwargs={"width_mult": 0.25})
+
+
+@pytest.fixture(scope="session")
+def seg2d_path(tmp_path_factory):
+    """A 2D U-Net segmenting shapes (32x32, 48 images; a few seconds on 2 cores)."""
+    return _train(tmp_path_factory.mktemp("web-seg2d"), "u2", model="unet_small",
+                  task="segment", data="shapes", data_options={"n": 48, "size": 32},
+                  loss="ce", amp="off")
+
+
+@pytest.fixture(scope="session")
+def resnet18_path(tmp_path_factory):
+    """A ResNet-18 classifying shapes (32x32, 48 images): a wide network of 60 layers."""
+    return _train(tmp_path_factory.mktemp("web-r18"), "r18", model="resnet18",
+                  task="classify", data="shapes", data_options={"n": 48, "size": 32})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 
 import numpy as np
@@ -168,4 +169,85 @@ def test_moving_the_slider_shows_another_slice_of_a_volume(sync_api, seg3d_path)
         shown = page.locator("#neuron-value")
         assert np.float32(shown.get_attribute("data-value")) == np.float32(expected)
         expect(page.locator("#mask-canvas")).to_be_visible()
+        assert page.problems == []
+
+
+# What may not be wider than the window at 1400 px: the page itself (the network scrolls
+# inside its own panel).
+PAGE_WIDTH = "() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+OVERVIEW_WIDTH = "() => document.querySelector('#overview').scrollWidth"
+
+
+def test_a_wide_network_fits_the_window_with_full_names_and_folding_stages(sync_api,
+                                                                           resnet18_path):
+    from playwright.sync_api import expect
+
+    from cnnkit.web import create_app, load_explorer
+
+    explorer = load_explorer(resnet18_path)
+    with _open(sync_api, create_app(explorer, allowed_hosts=["127.0.0.1"])) as page:
+        scroll, client = page.evaluate(PAGE_WIDTH)
+        assert scroll <= client == 1400
+        wide = page.evaluate(OVERVIEW_WIDTH)
+        assert wide > client  # the network is wider than the window: it scrolls in its panel
+
+        names = page.locator(".layer-name")
+        assert names.count() > 40
+        for i in range(names.count()):  # every name in full on hover, the stage's or not
+            full = names.nth(i).get_attribute("data-name")
+            assert names.nth(i).get_attribute("title").split("\n")[0] == full
+            assert full.endswith(names.nth(i).text_content())
+        conv = next(la for la in explorer.layers if la.name == "layer1.0.conv1")
+        expect(page.locator(f"#layer-{conv.index} .layer-name")).to_have_text("0.conv1")
+
+        header = page.locator(".stage-name[data-stage='layer1']")
+        maps = page.locator(f"#layer-{conv.index} canvas.map")
+        expect(header).to_have_attribute("aria-expanded", "true")
+        expect(maps.first).to_be_visible()
+        header.click()
+        expect(header).to_have_attribute("aria-expanded", "false")
+        expect(maps.first).to_be_hidden()
+        expect(page.locator(".stage-name[data-stage='layer2']")).to_have_attribute(
+            "aria-expanded", "true")
+        assert page.evaluate(OVERVIEW_WIDTH) < wide
+        header.click()
+        expect(maps.first).to_be_visible()
+
+        page.click(f"#layer-{conv.index} canvas.map[data-channel='0']")  # details shown
+        page.wait_for_selector(f"#zoom-canvas[data-layer='{conv.index}']")
+        scroll, client = page.evaluate(PAGE_WIDTH)
+        assert scroll <= client
+        assert page.problems == []
+
+
+def test_a_segmentation_page_overlays_its_classes_with_a_legend(sync_api, seg2d_path):
+    from playwright.sync_api import expect
+
+    from cnnkit.web import create_app, load_explorer
+
+    explorer = load_explorer(seg2d_path)
+    classes = explorer.run.preprocess.classes
+    with _open(sync_api, create_app(explorer, allowed_hosts=["127.0.0.1"])) as page:
+        expect(page.locator("#mask-controls")).to_be_visible()
+        expect(page.locator("#mask-legend .legend-item")).to_have_text(classes)
+        swatch = page.locator("#mask-legend .legend-item[data-class='1'] .swatch")
+        r, g, b = explorer.head.info()["palette"][1]
+        expect(swatch).to_have_css("background-color", f"rgb({r}, {g}, {b})")
+        canvas = page.locator("#mask-canvas")
+        expect(canvas).to_be_visible()
+        expect(canvas).to_have_attribute("data-shows", "predicted")
+        page.select_option("#mask-mode", "truth")
+        expect(canvas).to_have_attribute("data-shows", "truth")
+        page.select_option("#mask-mode", "none")
+        expect(canvas).to_be_hidden()
+
+        page.click("#mask-legend .legend-item[data-class='2']")  # explain that class's region
+        expect(page.locator("#explain-note")).to_contain_text(f"for class {classes[2]} (")
+        expect(page.locator("#explain-note")).to_contain_text(re.compile(
+            f"its region: the [0-9.]+% of positions predicted as {classes[2]}|no position is "
+            f"predicted as {classes[2]}"))
+        expect(page.locator("#overlay-canvas")).to_be_visible()
+        assert page.locator("#explain-show").is_checked()
+        scroll, client = page.evaluate(PAGE_WIDTH)
+        assert scroll <= client
         assert page.problems == []

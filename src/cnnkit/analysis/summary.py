@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from cnnkit.layers.ops import tensors
+from cnnkit.models import create_model, model_info
 
 from .receptive_field import ReceptiveField
 from .tracer import ForwardTracer
@@ -52,6 +53,7 @@ def format_count(n: float) -> str:
     """Human count with SI units: ``11689512 -> "11.69 M"``, ``1814073344 -> "1.81 G"``.
 
     Example:
+        >>> from cnnkit.analysis import format_count
         >>> format_count(11_689_512), format_count(512), format_count(999_999)
         ('11.69 M', '512', '1.00 M')
     """
@@ -247,14 +249,16 @@ def _leaf_hooks(leaves: Sequence[tuple[str, nn.Module]], pre_hook: Any,
             handle.remove()
 
 
-def summary(model: nn.Module, input_size: Sequence[int], batch_size: int = 1,
+def summary(model: nn.Module | str, input_size: Sequence[int], batch_size: int = 1,
             device: torch.device | str | None = None) -> ModelSummary:
     """Per-layer analysis of ``model`` from one forward pass on zeros.
 
     Args:
         model: any module taking one ``[B, C, *spatial]`` tensor. It is not modified:
             hooks are removed and training flags restored afterwards; if ``device``
-            differs from the model's, a copy is moved there.
+            differs from the model's, a copy is moved there. Or a registered model's name
+            (``"resnet18"``): the model built for ``input_size``, as ``cnnkit summary``
+            does.
         input_size: per-sample size ``(C, H, W)`` (``(C, L)`` and ``(C, D, H, W)`` work too).
         batch_size: batch of the pass.
         device: where to run; the model's device when None.
@@ -263,16 +267,38 @@ def summary(model: nn.Module, input_size: Sequence[int], batch_size: int = 1,
         A :class:`ModelSummary`; ``print`` it for the table.
 
     Raises:
-        ValueError: malformed ``input_size`` or ``batch_size``.
+        ValueError: malformed ``input_size`` or ``batch_size``, or an unknown model name
+            (the message lists the nearest).
 
     Example:
         >>> from torch import nn
+        >>> from cnnkit.analysis import summary
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         >>> s = summary(net, (3, 32, 32))
         >>> s.total_params, s.total_macs, s.rows[2].receptive_field, s.rows[2].jump
         (224, 221184, 4, 2)
+        >>> print(s)
+        -------------------------------------------------------------------------
+        Layer  Type       Output shape    Params      MACs  Activations  RF  Jump
+        -------------------------------------------------------------------------
+        0      Conv2d     [1, 8, 32, 32]     224  221.18 K     32.77 KB   3     1
+        1      ReLU       [1, 8, 32, 32]       -         -     32.77 KB   3     1
+        2      MaxPool2d  [1, 8, 16, 16]       -         -      8.19 KB   4     2
+        -------------------------------------------------------------------------
+        Input: [1, 3, 32, 32]   Output: [1, 8, 16, 16]
+        Params: 224 (224), trainable 224 (224), 896 B
+        MACs: 221.18 K (221,184) (convolutions, linear layers, norms; activations, pools,
+        additions: 0)
+        Activations: 73.73 KB in all layer outputs, peak 77.82 KB live
+        Output receptive field: 4, jump 2
     """
     size = _check_input_size(input_size)
+    if isinstance(model, str):
+        model_info(model)  # an unknown name: one line with the nearest names
+        model = create_model(model, input_size=size)
+    elif not isinstance(model, nn.Module):
+        raise ValueError(f"summary takes a torch.nn.Module or a model name (see `cnnkit "
+                         f"models`), got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     model_device, dtype = _device_and_dtype(model)

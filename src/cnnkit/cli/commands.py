@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import sys
 import warnings
@@ -170,16 +171,66 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def input_files(items: list[str]) -> list[str]:
+    """The files that ``cnnkit predict`` and ``cnnkit explain`` read, from what the user
+    gave: files as they are; a folder: every image or volume file directly inside it
+    (not in subfolders, hidden files left out), sorted by name; a glob pattern (``*``,
+    ``?``, ``[...]``, quoted so the shell passes it on): its matching files, sorted. Each
+    file once, in the order given.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a folder without image or volume files, or a pattern matching no file.
+    """
+    from cnnkit.data._decode import image_extensions  # lazy: cli start-up
+    from cnnkit.data.volumes import VOLUME_SUFFIXES  # lazy: cli start-up
+
+    def readable(path: Path) -> bool:
+        name = path.name.lower()
+        return (path.is_file() and not name.startswith(".")
+                and (path.suffix.lower() in image_extensions() or name.endswith(VOLUME_SUFFIXES)))
+
+    found: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            inside = sorted(str(p) for p in path.iterdir() if readable(p))
+            if not inside:
+                raise ValueError(f"{item!r} is a folder with no image or volume files in it "
+                                 "(subfolders are not searched); give image files, a folder "
+                                 f"of them, or a pattern such as '{item.rstrip('/')}/*.png'")
+            found += inside
+        elif path.exists():
+            found.append(item)
+        elif glob.has_magic(item):
+            matches = sorted(m for m in glob.glob(item) if Path(m).is_file())
+            if not matches:
+                raise ValueError(f"the pattern {item!r} matches no files; check it (quote it, "
+                                 "as in 'photos/*.jpg', so that cnnkit expands it)")
+            found += matches
+        else:
+            raise FileNotFoundError(f"image file {item!r} does not exist; check the path "
+                                    "(give image files, folders or quoted patterns)")
+    return list(dict.fromkeys(found))
+
+
 def predict(args: argparse.Namespace) -> int:
     from cnnkit.tasks import create_task  # lazy: cli start-up
     from cnnkit.workflows.evaluate import predict_files  # lazy: cli start-up
 
-    for f in args.files:
-        if Path(f).is_dir():
-            raise ValueError(f"{f!r} is a folder; give image files (e.g. {f.rstrip('/')}/*.png)")
-        if not Path(f).exists():
-            raise FileNotFoundError(f"image file {f!r} does not exist; check the path "
-                                    "(give one or more image files)")
+    args.files = input_files(args.files)
+    if Path(args.run).suffix.lower() == ".onnx":  # an exported file: ONNX Runtime runs it
+        from cnnkit.workflows.onnx_predict import load_onnx, predict_onnx  # lazy: cli start-up
+
+        if args.out or args.crf:
+            raise ValueError(f"{'--out' if args.out else '--crf'} is for runs that write their "
+                             "predictions as files; an .onnx file's are printed (use --json)")
+        model = load_onnx(args.run)
+        results = predict_onnx(model, args.files, topk=args.topk)
+        task = create_task(model.preprocess.task)
+        print(json.dumps(results, indent=2) if args.json
+              else "\n".join(task.prediction_line(r) for r in results))
+        return 0
     from cnnkit.workflows.load import load_run  # lazy: cli start-up
 
     run = load_run(args.run)
@@ -326,7 +377,7 @@ def datasets(args: argparse.Namespace) -> int:
           "              index or palette PNGs, 255 = ignore), optional classes.txt\n"
           "  FOLDER/     with --task superres: any images (low resolution made by bicubic\n"
           "              downscaling)\n"
-          "  FOLDER/     of NIfTI volumes (.nii, .nii.gz; pip install 'cnnkit[volumes]'): one\n"
+          '  FOLDER/     of NIfTI volumes (.nii, .nii.gz; pip install -e ".[volumes]"): one\n'
           "              subfolder per class, or with --task segment images/ and masks/")
     return 0
 
@@ -334,26 +385,30 @@ def datasets(args: argparse.Namespace) -> int:
 def explain(args: argparse.Namespace) -> int:
 
     from cnnkit.explain import list_methods  # lazy: cli start-up
-    from cnnkit.workflows.explain import explain_files  # lazy: cli start-up
+    from cnnkit.explain._base import split_options  # lazy: cli start-up
+    from cnnkit.workflows.explain import explain_files, resolve_methods  # lazy: cli start-up
     from cnnkit.workflows.load import load_run  # lazy: cli start-up
 
     methods = args.method or ["gradcam"]
     known = list_methods()
     for m in methods:
-        if m not in known:
+        if m not in known and m != "all":
             from cnnkit.models._registry import suggest  # lazy: cli start-up
 
             raise ValueError(f"unknown explanation method {m!r}{suggest(m, known)} "
-                             f"(choose from {', '.join(known)})")
+                             f"(choose from {', '.join(known)}, or all)")
+    options = dict(args.opt or [])
     if args.benchmark:
         return _explain_benchmark(args)
+    split_options(resolve_methods(methods)[0], options)  # a bad --opt: one line, before work
     if not args.images:
         raise ValueError("give IMAGES to explain, or --benchmark to rank the methods on the "
                          "run's test split")
+    files = input_files(args.images)
     run = load_run(args.run)
     with output_folder(args.out, run.path / "explanations", args.force) as out:
-        written = explain_files(run, args.images, methods, out, target=args.target,
-                                layer=args.layer, overwrite=args.force)
+        written = explain_files(run, files, methods, out, target=args.target,
+                                layer=args.layer, overwrite=args.force, options=options)
     print(f"wrote {len(written)} files to {out} (grid.png compares the methods)")
     return 0
 
@@ -368,7 +423,7 @@ def _explain_benchmark(args: argparse.Namespace) -> int:
     from cnnkit.workflows.load import load_run  # lazy: cli start-up
 
     fixed = [name for name, given in (("IMAGES", args.images), ("--target", args.target),
-                                      ("--out", args.out)) if given]
+                                      ("--out", args.out), ("--opt", args.opt)) if given]
     if fixed:
         raise ValueError(f"--benchmark explains the run's test split (target: the true label) "
                          f"into the run folder, so {', '.join(fixed)} cannot be given with it; "
@@ -379,8 +434,10 @@ def _explain_benchmark(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         raise ValueError(f"{e.filename} exists from an earlier --benchmark; add --force to "
                          "replace it") from None
-    rows = benchmark_methods(run, methods=args.method, n_images=args.n_images, steps=args.steps,
-                             layer=args.layer, sanity=args.sanity)
+    every = not args.method or "all" in args.method
+    rows = benchmark_methods(run, methods=None if every else args.method,
+                             n_images=args.n_images, steps=args.steps, layer=args.layer,
+                             sanity=args.sanity)
     print(format_table(rows))
     written = write_benchmark(run.path, rows, overwrite=args.force)
     print(f"wrote {', '.join(p.name for p in written)} in {run.path}")

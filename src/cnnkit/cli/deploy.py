@@ -51,7 +51,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked "
                         "against PyTorch's output")
     ex.add_argument("run", metavar="RUN")
-    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx",
+                    help="onnx (default): one file carrying the preprocessing and class names, "
+                    "for `cnnkit predict FILE.onnx IMAGES...`; torchscript: a traced .pt")
     ex.add_argument("--out", help="file to write (default RUN/model.onnx or RUN/model.pt); "
                     "an existing file is kept unless --force")
     ex.add_argument("--force", action="store_true", help="replace an existing --out file")
@@ -119,15 +121,35 @@ def compress(args: argparse.Namespace) -> int:
         return 0
     width, metric = max(9, *(len(n) for n in rows)), result["metric"]
     print(f"{'model':<{width}} {metric:>8} {'params':>10} {'MACs':>12} {'MB':>7} "
-          f"{'b1 ms':>7} {'b32 ms':>8} {'speed-up b32':>12}" + ("  Pareto" if args.sweep else ""))
+          f"{'b1 ms':>7} {'b32 ms':>8} {'spread':>6} {'speed-up b32 (95%)':>22}"
+          + ("  Pareto" if args.sweep else ""))
     for name, r in rows.items():
         macs = f"{r['macs']:,}" if r["macs"] is not None else "-"
+        lo, hi = r["speedup_b32_interval"]
+        speed = f"{r['speedup_b32']:.2f}x ({lo:.2f}-{hi:.2f})"
+        flag = ("noisy" if r["noisy_b32"] else "*" if args.sweep and r["pareto"] else
+                "noisy at b1" if r["noisy_b1"] else "")
         print(f"{name:<{width}} {r[metric]:>8.4f} {r['params']:>10,} {macs:>12} "
               f"{r['bytes'] / 1e6:>7.2f} {r['latency_b1'] * 1e3:>7.2f} "
-              f"{r['latency_b32'] * 1e3:>8.2f} {r['speedup_b32']:>11.2f}x"
-              + (("  *" if r["pareto"] else "") if args.sweep else ""))
+              f"{r['latency_b32'] * 1e3:>8.2f} {r['spread_b32']:>6.0%} {speed:>22}"
+              + (f"  {flag}" if flag else ""))
+    print(_latency_note(result, args.sweep))
     print(f"wrote {where}")
     return 0
+
+
+def _latency_note(result: dict, sweep: bool) -> str:
+    """How the latencies were measured, the load they were measured under, what noisy means."""
+    load, cpus = result["load_average"], result["cpus"]
+    busy = (f"load average {load:.2f} on {cpus} CPUs" if load is not None
+            else "load average unknown") + (": busy" if load is not None and cpus
+                                            and load > cpus else "")
+    return ("latency: medians of interleaved rounds; spread: interquartile range / median; "
+            f"noisy: spread over {result['noise_spread']:.0%} or a speed-up interval holding "
+            f"1x, too busy to tell ({busy})"
+            + ("; noisy points stay off the Pareto front" if sweep else "")
+            + ("; no point was measured cleanly: rerun on a quieter machine"
+               if sweep and not result["pareto"] else ""))
 
 
 def export(args: argparse.Namespace) -> int:
@@ -135,6 +157,7 @@ def export(args: argparse.Namespace) -> int:
 
     from cnnkit.compress.export import export as export_model  # lazy: cli start-up
     from cnnkit.workflows.load import load_run  # lazy: cli start-up
+    from cnnkit.workflows.onnx_predict import export_metadata  # lazy: cli start-up
 
     run = load_run(args.run)
     c, *spatial = run.preprocess.input_size
@@ -144,7 +167,8 @@ def export(args: argparse.Namespace) -> int:
                                                       else "model.pt")
     refuse_run_file(out)
     try:
-        result = export_model(run.model, x, out, format=args.format, overwrite=args.force)
+        result = export_model(run.model, x, out, format=args.format, overwrite=args.force,
+                              metadata=export_metadata(run))
     except FileExistsError:
         raise ValueError(f"{out} exists; give another --out, or add --force to replace it"
                          ) from None
@@ -153,7 +177,9 @@ def export(args: argparse.Namespace) -> int:
     else:
         check = (f"outputs match {result['checked_with']} within {result['max_abs_diff']:.2g}"
                  if result["checked_with"] else "not run: install onnxruntime to check it")
-        print(f"wrote {result['path']} ({result['bytes'] / 1e6:.2f} MB); {check}")
+        inside = (", one file: weights, preprocessing and class names inside"
+                  if args.format == "onnx" else "")
+        print(f"wrote {result['path']} ({result['bytes'] / 1e6:.2f} MB{inside}); {check}")
     return 0
 
 
@@ -165,7 +191,7 @@ def serve(args: argparse.Namespace) -> int:
         from cnnkit.web import serve as serve_explorer  # lazy: optional dependency (the web extra)
     except ImportError as e:
         raise ValueError(f"cnnkit serve needs the web extra ({e}); install it with "
-                         "pip install 'cnnkit[web]'") from e
+                         'pip install -e ".[web]"') from e
 
     def announce(url: str) -> None:
         exposed = "" if args.host in ("127.0.0.1", "localhost", "::1") else \

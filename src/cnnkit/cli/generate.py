@@ -9,7 +9,8 @@ shown in the help, and its :class:`~cnnkit.run.fields.Option` metadata the help 
 ===========================  ==============================================================
 ``int``, ``float``, ``str``  one value (bounds: :mod:`.options`' checks, one-line errors)
 ``bool`` (default False)     ``--x``; default True: ``--no-x``; ``bool | None``: both
-``tuple[T, ...]``, ``list``  a comma list, ``1,2,3`` (``tuple[T, T]``: exactly that many)
+``tuple[T, ...]``, ``list``  a comma list, ``1,2,3``, repeatable (``--x 1,2 --x 3``);
+                             ``tuple[T, T]``: exactly that many, once
 ``dict[str, T]``             ``--x KEY=VALUE``, repeatable (values read as YAML)
 ``Literal[...]``             its values are the choices
 ===========================  ==============================================================
@@ -63,6 +64,9 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
             field and the fix).
 
     Example:
+        >>> import argparse
+        >>> import dataclasses
+        >>> from cnnkit.cli.generate import add_options, config_from_args
         >>> from cnnkit.run.config import option
         >>> @dataclasses.dataclass
         ... class Config:
@@ -77,9 +81,11 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
 
 
 def given_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """``{field: value}`` of the options of ``cls`` given on the command line."""
+    """``{field: value}`` of the options of ``cls`` given on the command line, over those
+    of a config file (``args.config_values``, set by ``cnnkit train --config``)."""
     values = ((s, getattr(args, s.dest, None)) for s in _specs(cls))
-    return {s.name: s.convert(v) for s, v in values if v is not None}
+    given = {s.name: s.convert(v) for s, v in values if v is not None}
+    return {**(getattr(args, "config_values", None) or {}), **given}
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -125,6 +131,9 @@ def _spec(cls: type, f: dataclasses.Field, hint: Any, doc: str | None) -> _Spec:
         kwargs["type"] = functools.partial(_comma_list, _value_type(item, opt.bounds), length)
         kwargs["type"].__name__ = "comma_list"  # argparse names the type in its errors
         convert = tuple if origin is tuple else list
+        if length is None:  # any length: repeatable too, `--x a,b --x c` is (a, b, c)
+            kwargs["action"] = "append"
+            convert = functools.partial(_joined, convert)
     elif origin is typing.Literal:
         kwargs.update(type=_value_type(type(args[0]), opt.bounds), choices=args)
     elif kind in (int, float, str):
@@ -179,7 +188,7 @@ def _help(text: str | None, default: Any) -> str | None:
     ``%`` escaped for argparse."""
     if text is None:
         return None
-    if default is not None and not isinstance(default, bool):
+    if default is not None and not isinstance(default, bool) and default != ():
         shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
         text = f"{text} (default {shown})"
     return text.replace("%", "%%")
@@ -203,6 +212,11 @@ def _refuse(cls: type, name: str, hint: Any) -> TypeError:
     return TypeError(f"{cls.__name__}.{name}: the command line cannot take a {hint}; give the "
                      "field option(cli=False) or a type of int, float, str, bool, Literal, "
                      "tuple[T, ...], list[T] or dict[str, T]")
+
+
+def _joined(kind: type, lists: list[list]) -> Any:
+    """The values of every use of a repeatable list option, in order."""
+    return kind(v for values in lists for v in values)
 
 
 def _same(value: Any) -> Any:

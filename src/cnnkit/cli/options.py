@@ -8,7 +8,7 @@ import argparse
 import math
 
 __all__ = ["kv", "size", "number", "positive_int", "positive_float", "nonnegative_float",
-           "fraction", "lowrank", "ratio_list"]
+           "fraction", "lowrank", "ratio_list", "method_option"]
 
 
 def kv(text: str) -> tuple[str, object]:
@@ -81,3 +81,34 @@ def lowrank(text: str) -> str | float:
 def ratio_list(text: str) -> tuple[float, ...]:
     """Comma-separated fractions in (0, 1), such as ``0.25,0.5``."""
     return tuple(number(part.strip(), float, 0, False, 1) for part in text.split(","))
+
+
+def method_option(text: str) -> tuple[str, object]:
+    """``--opt KEY=VALUE`` of ``cnnkit explain``: :func:`kv`'s YAML values (int, float,
+    bool, str, ``[2, 3]``), with lists and comma-separated numbers (``2,3``, ``(2, 3)``) as
+    tuples, for sizes per axis.
+
+    Example:
+        >>> from cnnkit.cli.options import method_option
+        >>> method_option("window=3"), method_option("window=2,3"), method_option("abs=false")
+        (('window', 3), ('window', (2, 3)), ('abs', False))
+    """
+    key, value = kv(text)
+    if not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY an option name such as "
+                                         f"window, got {text!r}")
+    if isinstance(value, str) and "," in value:
+        parts = value.strip().strip("()[]").split(",")
+        try:
+            value = tuple(float(v) if any(c in v for c in ".eE") else int(v)
+                          for v in (part.strip() for part in parts))
+        except ValueError:
+            pass
+    if isinstance(value, str) and any(c.isdigit() for c in value):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string
+        except ValueError:
+            pass
+    if isinstance(value, list):
+        value = tuple(value)
+    return key, value

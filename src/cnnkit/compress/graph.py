@@ -339,6 +339,8 @@ def dependency_groups(model: nn.Module,
         UnknownOperator: a module or a function the operator registry does not know.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.compress import dependency_groups
         >>> from cnnkit.models import create_model
         >>> m = create_model("tinyvgg", img_size=32)
         >>> [g.channels for g in dependency_groups(m, torch.randn(1, 3, 32, 32))]

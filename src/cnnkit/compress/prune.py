@@ -77,10 +77,20 @@ def prune(model: nn.Module, ratio: float, criterion: str = "l1",
         any history ``model`` already carried.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.compress import prune
         >>> from cnnkit.models import create_model
-        >>> small = prune(create_model("tinyvgg", img_size=32), 0.5)
-        >>> small.features.conv_1_1.out_channels
-        5
+        >>> model = create_model("tinyvgg", img_size=32)
+        >>> small = prune(model, 0.5)  # half the channels of each group: those of least L1 norm
+        >>> model.features.conv_1_1.out_channels, small.features.conv_1_1.out_channels
+        (10, 5)
+        >>> sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
+        (9420, 4040)
+        >>> small(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+        >>> h = small.pruning_history[0]  # replayable: see apply_history
+        >>> h["channels"], len(h["kept"]), h["members"]
+        (10, 5, [['features.conv_1_1', 'out', 0, 1], ['features.conv_1_2', 'in', 0, 1]])
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")

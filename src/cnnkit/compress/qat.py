@@ -105,6 +105,8 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor, *, backend: str 
         per_channel: one weight scale per output channel (else one per tensor).
 
     Example:
+        >>> import torch
+        >>> from cnnkit.compress.qat import prepare_qat
         >>> from cnnkit.models import create_model
         >>> m = create_model("tinyvgg", num_classes=3, in_chans=1, img_size=8, width=4)
         >>> fq = prepare_qat(m, torch.randn(1, 1, 8, 8))
@@ -213,6 +215,8 @@ def quantize_aware_train(model: nn.Module, train_data: tuple[torch.Tensor, torch
         :func:`~cnnkit.compress.quantize.quantize`.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.compress import quantize_aware_train
         >>> from cnnkit.models import create_model
         >>> m = create_model("tinyvgg", num_classes=3, in_chans=1, img_size=8, width=4)
         >>> x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))

@@ -283,6 +283,20 @@ def quantize(model: nn.Module, calibration_data: torch.Tensor | Iterable, *,
     Returns:
         The int8 ``GraphModule`` (float in, float out), with ``num_classes`` and
         ``default_cfg`` copied from ``model`` when it has them.
+
+    Example:
+        >>> import torch
+        >>> from cnnkit.compress import quantize
+        >>> from cnnkit.models import create_model
+        >>> model = create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8).eval()
+        >>> x = torch.randn(32, 1, 8, 8)  # calibration inputs, normalised as in training
+        >>> q = quantize(model, x)
+        >>> q.features.conv_1_1.weight().dtype, q.quant_config["observer"]
+        (torch.qint8, 'minmax')
+        >>> with torch.no_grad():
+        ...     y, y_int8 = model(x), q(x)
+        >>> y_int8.shape, bool((y_int8 - y).abs().max() < 0.05 * y.abs().max())
+        (torch.Size([32, 10]), True)
     """
     if backend != "auto":
         _resolve_backend(backend)

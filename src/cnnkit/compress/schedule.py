@@ -68,6 +68,7 @@ def iterative_prune(model: nn.Module, target_ratio: float, steps: int,
         architecture rebuilds its shapes (load its ``state_dict`` for its weights).
 
     Example:
+        >>> from cnnkit.compress import iterative_prune
         >>> from cnnkit.models import create_model
         >>> small = iterative_prune(create_model("tinyvgg", img_size=32), 0.5, 2,
         ...                         lambda m: m)
@@ -131,6 +132,7 @@ class MaskSparsity:
         round_to: kept channel counts are rounded up to a multiple of this.
 
     Example:
+        >>> from cnnkit.compress import MaskSparsity
         >>> from cnnkit.models import create_model
         >>> model = create_model("tinyvgg", img_size=32)
         >>> reg = MaskSparsity(model, 0.5, strength=1e-4)

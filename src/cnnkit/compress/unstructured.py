@@ -102,6 +102,7 @@ def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global",
         ValueError: a sparsity outside [0, 1] or below the current one, or an unknown scope.
 
     Example:
+        >>> from cnnkit.compress import magnitude_prune, sparsity_report
         >>> from cnnkit.models import create_model
         >>> net = magnitude_prune(create_model("lenet5"), 0.9)
         >>> round(sparsity_report(net)["total"]["sparsity"], 3)

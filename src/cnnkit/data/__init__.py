@@ -13,7 +13,14 @@ Example:
 """
 
 from ._decode import load_image
-from ._registry import dataset_info, dataset_recipe, list_datasets, load_data, register_dataset
+from ._registry import (
+                        dataset_info,
+                        dataset_recipe,
+                        dataset_targets,
+                        list_datasets,
+                        load_data,
+                        register_dataset,
+)
 from ._types import ImageData, Samples, convert_channels, downscale, resize_images, resize_masks
 from .augment import Augment, list_augment, register_augment
 from .inputs import load_input
@@ -24,7 +31,7 @@ from .split import channel_stats, split_indices
 from . import digits, shapes, shapes3d  # noqa: E402,F401  isort: skip
 
 __all__ = ["Samples", "ImageData", "register_dataset", "list_datasets", "dataset_info",
-           "dataset_recipe", "load_data",
+           "dataset_recipe", "dataset_targets", "load_data",
            "split_indices", "channel_stats", "Augment", "list_augment", "register_augment",
            "Batches", "TensorLoader", "convert_channels", "resize_images", "resize_masks",
            "downscale", "load_image", "load_input"]

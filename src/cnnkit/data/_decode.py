@@ -180,12 +180,12 @@ def read_images(paths: Sequence[Path], size: tuple[int, int], *, name: str, stri
                    disable=None if progress is None else not progress, leave=False)
         for i, res in enumerate(bar):
             if isinstance(res, ImageTooLarge) and strict:
-                raise ValueError(f"{res}; or load with strict=False to skip it") from res
+                raise ValueError(f"{res}; or drop --strict (strict=False) to skip it") from res
             if isinstance(res, Exception):
                 if strict:
                     raise ValueError(f"cannot read image '{paths[i]}' ({res}); fix or delete the "
-                                     "file, or load with strict=False to skip unreadable images"
-                                     ) from res
+                                     "file, or drop --strict (strict=False) to skip unreadable "
+                                     "images") from res
                 bad.append((str(paths[i]), res))
             else:
                 arrays.append(res)

@@ -18,8 +18,10 @@ from pathlib import Path
 from . import files, npz, pairs, volumes
 from ._decode import quiet_bomb_warnings
 from ._types import ImageData
+from .arrays import IN_MEMORY, in_memory_error
 
-__all__ = ["register_dataset", "list_datasets", "dataset_info", "dataset_recipe", "load_data",
+__all__ = ["register_dataset", "list_datasets", "dataset_info", "dataset_recipe",
+           "dataset_targets", "load_data",
            "TARGETS", "RECIPE_KEYS"]
 
 # Filled by the package's __init__, which imports every built-in module and which Python
@@ -78,6 +80,7 @@ def list_datasets() -> list[str]:
     """Names of the built-in data sets, sorted.
 
     Example:
+        >>> from cnnkit.data import list_datasets
         >>> list_datasets()
         ['digits', 'shapes', 'shapes3d']
     """
@@ -88,8 +91,9 @@ def dataset_info(name: str) -> str:
     """One-line description of a built-in data set.
 
     Example:
-        >>> dataset_info("digits").startswith("Handwritten digits")
-        True
+        >>> from cnnkit.data import dataset_info
+        >>> dataset_info("digits")
+        'Handwritten digits 0-9: 1797 real 8x8 grayscale images (Alpaydin & Kaynak 1998).'
     """
     if name not in _DATASETS:
         raise ValueError(f"unknown data set {name!r}{_suggest(name)}; "
@@ -97,11 +101,25 @@ def dataset_info(name: str) -> str:
     return (inspect.getdoc(_DATASETS[name]) or "").split("\n")[0]
 
 
+def dataset_targets(name: str) -> tuple[str, ...]:
+    """What built-in data set ``name`` holds targets for (:data:`TARGETS`); the inputs
+    themselves (``"images"``) always.
+
+    Example:
+        >>> from cnnkit.data import dataset_targets
+        >>> dataset_targets("shapes")
+        ('labels', 'masks', 'images')
+    """
+    dataset_info(name)  # an unknown name raises, naming the nearest
+    return (*_HOLDS[name], "images")
+
+
 def dataset_recipe(name: str, task: str) -> dict:
     """The training settings built-in data set ``name`` gives for ``task`` (empty for a
     path, or when the task's defaults serve it).
 
     Example:
+        >>> from cnnkit.data import dataset_recipe
         >>> dataset_recipe("shapes3d", "segment")["optimizer"]
         'adamw'
         >>> dataset_recipe("digits", "classify"), dataset_recipe("my_folder/", "classify")
@@ -149,15 +167,29 @@ def load_data(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | No
         ValueError: an unknown name, unknown option or malformed data, with the fix.
 
     Example:
+        >>> from cnnkit.data import load_data
         >>> d = load_data("digits")
         >>> d.input_size, d.classes[:3], d.augment
         ((1, 8, 8), ['0', '1', '2'], 'digits')
+        >>> d.images.shape, d.images.dtype, d.labels[:5].tolist()
+        (torch.Size([1797, 1, 8, 8]), torch.uint8, [0, 1, 2, 3, 4])
+        >>> from pathlib import Path
+        >>> from PIL import Image
+        >>> for label, colour in [("cat", "red"), ("dog", "blue")]:  # one folder per class
+        ...     Path("pets", label).mkdir(parents=True)
+        ...     for i in range(3):
+        ...         Image.new("RGB", (20, 16), colour).save(f"pets/{label}/{i}.png")
+        >>> pets = load_data("pets", image_size=12)  # any size: resized
+        >>> pets.images.shape, pets.classes, pets.labels.tolist(), pets.sources[0]
+        (torch.Size([6, 3, 12, 12]), ['cat', 'dog'], [0, 0, 0, 1, 1, 1], 'pets/cat/0.png')
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels={channels} is not supported; give 1 (grayscale) or 3 (RGB)")
     if targets not in TARGETS:
         raise ValueError(f"unknown targets {targets!r}; choose from {', '.join(TARGETS)}")
     spec_str = os.fspath(spec)
+    if spec_str == IN_MEMORY:  # a run trained on arrays: they were not saved
+        raise in_memory_error()
     if spec_str in _DATASETS:
         fn = _DATASETS[spec_str]
         _check_options(spec_str, fn, options)

@@ -58,6 +58,7 @@ class Samples:
 
     Example:
         >>> import torch
+        >>> from cnnkit.data import Samples
         >>> d = Samples(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
         ...             ["a", "b"], "toy")
         >>> d.input_size, d.spatial_dims, d.num_classes, len(d)
@@ -174,6 +175,7 @@ def spatial_size(size: int | Sequence[int], dims: int) -> tuple[int, ...]:
     """A size for ``dims`` spatial axes: an int is the same size on every axis.
 
     Example:
+        >>> from cnnkit.data._types import spatial_size
         >>> spatial_size(16, 3), spatial_size((8, 12), 2)
         ((16, 16, 16), (8, 12))
     """

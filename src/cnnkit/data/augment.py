@@ -204,6 +204,7 @@ def list_augment() -> list[str]:
     """Names of the augmentation policies, sorted.
 
     Example:
+        >>> from cnnkit.data import list_augment
         >>> list_augment()
         ['affine', 'digits', 'flip_crop', 'flips', 'none', 'shapes', 'zoom']
     """
@@ -262,6 +263,8 @@ class Augment:
             RNG when None.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.data import Augment
         >>> g = torch.Generator().manual_seed(0)
         >>> Augment("flip_crop", g)(torch.rand(8, 3, 32, 32)).shape
         torch.Size([8, 3, 32, 32])

@@ -44,8 +44,11 @@ class Batches(Protocol):
     object the model's ``forward`` takes, already on the device.
 
     Example:
-        >>> isinstance(TensorLoader(torch.zeros(4, 1, 8), torch.zeros(4), 2), Batches)
-        True
+        >>> import torch
+        >>> from cnnkit.data import Batches, TensorLoader
+        >>> loader = TensorLoader(torch.arange(10.0).view(10, 1, 1), torch.arange(10), 4)
+        >>> isinstance(loader, Batches), len(loader), [y.tolist() for _, y in loader]
+        (True, 3, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]])
     """
 
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]: ...
@@ -115,6 +118,8 @@ class TensorLoader:
             from a per-rank stream of ``(seed, epoch, rank)``.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.data import TensorLoader
         >>> loader = TensorLoader(torch.zeros(10, 1, 8, 8, dtype=torch.uint8), torch.arange(10), 4)
         >>> len(loader), [tuple(x.shape) for x, _ in loader]
         (3, [(4, 1, 8, 8), (4, 1, 8, 8), (2, 1, 8, 8)])
@@ -189,10 +194,32 @@ class TensorLoader:
             images.ndim) if channels_last else None
         self.num_samples = len(labels)
         self.epoch = 0
+        self._start: tuple[int, torch.Tensor | None] = (0, None)
+        self._augment: Augment | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the shuffle order and augmentation of ``epoch`` for the next pass."""
+    def set_epoch(self, epoch: int, start: int = 0,
+                  augment_state: torch.Tensor | None = None) -> None:
+        """Use the shuffle order and augmentation of ``epoch`` for the next pass.
+
+        Args:
+            epoch: the epoch whose order and augmentation the next pass has.
+            start: begin that pass at batch ``start`` (a run resumed within an epoch),
+                with the augmentation's random stream where the uninterrupted pass has it:
+                set to ``augment_state`` (:meth:`augment_state` read after batch
+                ``start - 1``), or else by making the skipped batches' draws again.
+        """
+        if not 0 <= start < max(1, len(self)):
+            raise ValueError(f"start batch {start} is outside the {len(self)} batches of an "
+                             "epoch")
         self.epoch = int(epoch)
+        self._start = (int(start), augment_state)
+
+    def augment_state(self) -> torch.Tensor:
+        """The state of the current pass's augmentation stream after the batches handed out
+        so far: with ``set_epoch(epoch, start, state)`` a later pass continues exactly."""
+        if self._augment is None:
+            raise ValueError("the loader has not started a pass; iterate it first")
+        return self._augment.generator.get_state()
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -201,6 +228,7 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
+        (start, state), self._start = self._start, (0, None)
         world = self.world_size
         if self.shuffle:
             order = torch.randperm(self.num_samples, generator=_generator(self.seed, epoch, 0))
@@ -210,8 +238,12 @@ class TensorLoader:
             order = order.to(self.device)
         else:
             order = torch.arange(self.num_samples, device=self.device)
-        aug = Augment(self.augment, _generator(self.seed, epoch, 1, self.rank))
+        aug = self._augment = Augment(self.augment, _generator(self.seed, epoch, 1, self.rank))
+        if state is not None:
+            aug.generator.set_state(state)
         for i in range(len(self)):
+            if i < start and (state is not None or aug.policy == "none"):
+                continue  # skipped, its draws already made (or none to make)
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             if world > 1:
                 idx = idx[self.rank::world]
@@ -227,6 +259,8 @@ class TensorLoader:
                 y = y.long()
             else:
                 x = aug(x)
+            if i < start:  # skipped: only its augmentation draws were needed
+                continue
             if self.scale is not None:
                 x, y = downscale(x, self.scale), x
             if self.mean is not None:

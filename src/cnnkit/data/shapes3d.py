@@ -98,6 +98,7 @@ def rasterise_solid(kind: str, size: Sequence[int], center: Sequence[float], rad
         rot: ``3 x 3`` rotation of the solid (identity when None).
 
     Example:
+        >>> from cnnkit.data.shapes3d import rasterise_solid
         >>> int(rasterise_solid("cube", (16, 16, 16), (8, 8, 8), 6 * 3 ** 0.5).sum())
         1728
     """
@@ -157,6 +158,7 @@ def shapes3d(*, image_size: int | tuple[int, int, int] | None = None,
             side (divided by ``count ** (1/3)`` for several solids), at least 3 voxels.
 
     Example:
+        >>> from cnnkit.data.shapes3d import shapes3d
         >>> d = shapes3d(n=8, size=16)
         >>> d.input_size, d.masks.shape, d.mask_classes[:2]
         ((1, 16, 16, 16), torch.Size([8, 16, 16, 16]), ['background', 'sphere'])

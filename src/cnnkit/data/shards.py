@@ -52,6 +52,8 @@ def gather_shards(t: torch.Tensor) -> torch.Tensor:
     of ``t``, as many as it has); every rank gets the whole sequence, in order.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.data.shards import gather_shards
         >>> gather_shards(torch.arange(3))  # one process: unchanged
         tensor([0, 1, 2])
     """

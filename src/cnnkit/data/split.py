@@ -45,6 +45,8 @@ def split_indices(labels: torch.Tensor, fractions: Sequence[float] = (0.8, 0.1, 
         seed: seed of the per-class shuffles.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.data import split_indices
         >>> tr, va, te = split_indices(torch.arange(10).repeat(10), (0.8, 0.1, 0.1))
         >>> len(tr), len(va), len(te)
         (80, 10, 10)
@@ -78,6 +80,8 @@ def channel_stats(images: torch.Tensor, chunk: int = 256) -> tuple[list[float], 
     input normalisation.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.data import channel_stats
         >>> mean, std = channel_stats(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8))
         >>> mean, std
         ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])

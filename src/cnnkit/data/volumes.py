@@ -94,7 +94,8 @@ def _nibabel() -> Any:
         import nibabel  # lazy: optional dependency
     except ImportError as e:
         raise ValueError("reading NIfTI volumes needs nibabel; install it with "
-                         "pip install 'cnnkit[volumes]'") from e
+                         "pip install -e \".[volumes]\" in your cnnkit clone (or pip install "
+                         "nibabel)") from e
     return nibabel
 
 

@@ -26,6 +26,8 @@ Each method is a small subclass that overrides one method, :meth:`Explainer.attr
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,7 +40,8 @@ from cnnkit.models._registry import suggest
 from cnnkit.tasks import Task, task_class
 
 __all__ = ["Explainer", "TargetScores", "register_method", "create", "list_methods",
-           "resolve_layer", "resolve_targets", "check_input"]
+           "method_options", "split_options", "degenerate", "resolve_layer", "resolve_targets",
+           "check_input"]
 
 # Filled by the package's __init__, which imports every built-in module and which Python
 # runs to its end before code outside the package can call this module's functions.
@@ -46,7 +49,26 @@ _METHODS: dict[str, type[Explainer]] = {}
 
 
 def register_method(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
-    """Class decorator registering an :class:`Explainer` subclass under ``name``."""
+    """Class decorator registering an :class:`Explainer` subclass under ``name``.
+
+    Raises:
+        ValueError: if a method of that name is already registered.
+
+    Example:
+        >>> import torch
+        >>> from cnnkit.explain import Explainer, create, register_method
+        >>> from cnnkit.models import create_model
+        >>> @register_method("input_energy")
+        ... class InputEnergy(Explainer):
+        ...     "The input's squared magnitude, the same for every target: a baseline."
+        ...     def attribute(self, x, targets):  # maps [B, K, *spatial] for targets [B, K]
+        ...         return (x ** 2).sum(1, keepdim=True).expand(-1, targets.shape[1], -1, -1)
+        >>> model = create_model("tinyvgg", num_classes=3, img_size=8)
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> maps = create("input_energy", model)(x)
+        >>> maps.shape, torch.allclose(maps, (x ** 2).sum(1))
+        (torch.Size([2, 8, 8]), True)
+    """
 
     def deco(cls: type[Explainer]) -> type[Explainer]:
         if name in _METHODS:
@@ -59,8 +81,76 @@ def register_method(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
 
 
 def list_methods() -> list[str]:
-    """Names of the registered explanation methods, sorted."""
+    """Names of the registered explanation methods, sorted.
+
+    Example:
+        >>> from cnnkit.explain import list_methods
+        >>> list_methods()
+        ['cam', 'deconvnet', 'fullgrad', 'gradcam', 'gradcam++', 'gradient_x_input',
+         'guided_backprop', 'integrated_gradients', 'layercam', 'lrp', 'occlusion',
+         'saliency', 'scorecam', 'smoothgrad', 'smoothgradcam++']
+    """
     return sorted(_METHODS)
+
+
+def method_options(name: str) -> list[str]:
+    """The options of method ``name``: its constructor's keyword arguments but ``model``
+    and ``layer`` (``--opt KEY=VALUE`` of ``cnnkit explain``).
+
+    Example:
+        >>> from cnnkit.explain._base import method_options
+        >>> method_options("occlusion")
+        ['window', 'stride', 'baseline', 'internal_batch_size', 'masking']
+    """
+    if name not in _METHODS:
+        raise ValueError(f"unknown explanation method {name!r}{suggest(name, list(_METHODS))} "
+                         f"(choose from {', '.join(sorted(_METHODS))})")
+    params = inspect.signature(_METHODS[name].__init__).parameters
+    return [p for p in params if p not in ("self", "model", "layer")
+            and params[p].kind in (params[p].POSITIONAL_OR_KEYWORD, params[p].KEYWORD_ONLY)]
+
+
+def split_options(methods: Sequence[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``options`` handed to each of ``methods`` that takes them (``--opt window=3`` goes to
+    occlusion, not to saliency).
+
+    Raises:
+        ValueError: an option no method takes, with each method's valid options.
+
+    Example:
+        >>> from cnnkit.explain._base import split_options
+        >>> split_options(["saliency", "occlusion"], {"window": 3})
+        {'saliency': {}, 'occlusion': {'window': 3}}
+    """
+    valid = {m: method_options(m) for m in methods}
+    unknown = [k for k in options if not any(k in v for v in valid.values())]
+    if unknown:
+        choices = "; ".join(f"{m}: {', '.join(v) or 'none'}" for m, v in valid.items())
+        raise ValueError(f"unknown option {unknown[0]!r} for {', '.join(methods)}; valid "
+                         f"options are {choices}")
+    return {m: {k: v for k, v in options.items() if k in valid[m]} for m in methods}
+
+
+def degenerate(maps: torch.Tensor) -> str | None:
+    """What is wrong with maps ``[N, *spatial]`` that show nothing: ``"NaN or inf"``,
+    ``"all zero"`` or ``"constant"`` (the first that any map is), else None.
+
+    Example:
+        >>> import torch
+        >>> from cnnkit.explain._base import degenerate
+        >>> degenerate(torch.ones(2, 4, 4)), degenerate(torch.rand(2, 4, 4))
+        ('constant', None)
+    """
+    flat = maps.detach().flatten(1)
+    if not flat.numel():
+        return None
+    if not torch.isfinite(flat).all():
+        return "NaN or inf"
+    if (flat == 0).all(1).any():
+        return "all zero"
+    if (flat.amax(1) == flat.amin(1)).any():
+        return "constant"
+    return None
 
 
 def create(name: str, model: nn.Module, layer: str | nn.Module | None = None, *,
@@ -80,9 +170,19 @@ def create(name: str, model: nn.Module, layer: str | nn.Module | None = None, *,
         ValueError: unknown method (the nearest names are suggested).
 
     Example:
-        >>> import torch, cnnkit
-        >>> model = cnnkit.create_model("resnet18", num_classes=2, input_size=(1, 32))
-        >>> cnnkit.explain.create("gradcam", model)(torch.rand(4, 1, 32)).shape
+        >>> import torch
+        >>> import cnnkit
+        >>> _ = torch.manual_seed(0)  # the same untrained weights every time
+        >>> model = cnnkit.create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8)
+        >>> x = torch.rand(2, 1, 8, 8)
+        >>> gradcam = cnnkit.explain.create("gradcam", model)  # reads model.cam_layer
+        >>> maps = gradcam(x, target=[3, 7])  # one map per input, for class 3 and class 7
+        >>> maps.shape, bool(maps.min() >= 0), (maps.flatten(1).amax(1) > 0).tolist()
+        (torch.Size([2, 8, 8]), True, [True, True])
+        >>> cnnkit.explain.create("saliency", model)(x).shape  # target None: the top class
+        torch.Size([2, 8, 8])
+        >>> signals = cnnkit.create_model("resnet18", num_classes=2, input_size=(1, 32))
+        >>> cnnkit.explain.create("saliency", signals)(torch.rand(4, 1, 32)).shape  # 1D
         torch.Size([4, 32])
     """
     if name not in _METHODS:
@@ -169,6 +269,8 @@ class TargetScores(nn.Module):
 
     Example:
         >>> import torch
+        >>> from torch import nn
+        >>> from cnnkit.explain._base import TargetScores
         >>> scores = TargetScores(nn.Linear(3, 2), lambda y: y[:, 1] - y[:, 0])
         >>> scores(torch.rand(5, 3)).shape
         torch.Size([5, 1])
@@ -251,7 +353,28 @@ class Explainer:
                     num_classes=getattr(self.model, "num_classes", None))
             maps = self.attribute(x.detach(), targets)
         maps = self.upsample(maps.detach(), x.shape[2:])
+        self.warn_degenerate(maps, x)
         return maps if multi else maps[:, 0]
+
+    def warn_degenerate(self, maps: torch.Tensor, x: torch.Tensor) -> None:
+        """One warning line when a map of ``maps`` ``[B, K, *spatial]`` is constant, all
+        zero or not finite: it shows nothing, and :meth:`hint` says what to change."""
+        kind = degenerate(maps.flatten(0, 1))
+        if kind is None:
+            return
+        n = int(sum(degenerate(m[None]) is not None for m in maps.flatten(0, 1)))
+        warnings.warn(f"{self.name}: {n} of {maps.shape[0] * maps.shape[1]} maps are {kind}, "
+                      f"so they show nothing; {self.hint(x, kind)}", UserWarning, stacklevel=3)
+
+    def hint(self, x: torch.Tensor, kind: str) -> str:
+        """The likely fix of a degenerate map of input ``x`` (a method knowing its cause
+        overrides this)."""
+        if kind == "NaN or inf":
+            return ("the model's output or gradients overflow on this input; check the input's "
+                    "scale, or try another method")
+        where = " or another --layer" if self.uses_layer else ""
+        return (f"the target score does not vary with the input here (saturated or dead units); "
+                f"try another method, --target{where}")
 
     def __enter__(self) -> Explainer:
         return self

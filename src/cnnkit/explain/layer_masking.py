@@ -186,6 +186,7 @@ def layer_masked_forward(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) 
     """``model(x)`` with ``mask`` applied by layer masking (see :func:`layer_masking`).
 
     Example:
+        >>> from cnnkit.explain.layer_masking import layer_masked_forward
         >>> import torch, cnnkit
         >>> model = cnnkit.create_model("tinyvgg", num_classes=3, img_size=16).eval()
         >>> mask = torch.ones(16, 16); mask[4:12, 4:12] = 0

@@ -16,7 +16,7 @@ from torch import nn
 from ._base import Explainer, register_method
 from .layer_masking import layer_masked_forward
 
-__all__ = ["Occlusion", "window_starts", "per_axis"]
+__all__ = ["Occlusion", "window_starts", "per_axis", "default_window"]
 
 
 def _positive(value: int | Sequence[int], what: str) -> int | tuple[int, ...]:
@@ -36,6 +36,7 @@ def per_axis(value: int | Sequence[int], dims: int, what: str) -> tuple[int, ...
         ValueError: a tuple whose length is not ``dims``.
 
     Example:
+        >>> from cnnkit.explain.perturbation import per_axis
         >>> per_axis(4, 3, "window"), per_axis((2, 8), 2, "stride")
         ((4, 4, 4), (2, 8))
     """
@@ -59,6 +60,24 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def default_window(spatial: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The occlusion window and stride for an input of ``spatial`` sizes, when none is given.
+
+    The rule, per axis of size ``n``: ``window = max(1, round(n / 5))`` (a fifth of the side,
+    so about 5 windows fit side by side and each hides a part, never the whole input) and
+    ``stride = max(1, window // 2)`` (neighbouring windows overlap by half, so every element
+    is averaged over about ``2**dims`` windows and the map has no block edges at the window
+    size). An 8x8 digit gets 2x2 windows every pixel, a 224x224 photo 45x45 every 22.
+
+    Example:
+        >>> from cnnkit.explain.perturbation import default_window
+        >>> default_window((8, 8)), default_window((64,)), default_window((3, 224, 100))
+        (((2, 2), (1, 1)), ((13,), (6,)), ((1, 45, 20), (1, 22, 10)))
+    """
+    window = tuple(max(1, round(int(n) / 5)) for n in spatial)
+    return window, tuple(max(1, w // 2) for w in window)
+
+
 @register_method("occlusion")
 class Occlusion(Explainer):
     """Occlusion sensitivity: the drop of the target score when a window is hidden.
@@ -75,8 +94,10 @@ class Occlusion(Explainer):
         model: the classifier.
         layer: ignored.
         window: window size: an int (every axis) or one size per spatial axis, e.g.
-            ``(h, w)`` or ``(d, h, w)``; cut to the input size.
-        stride: step between windows, likewise.
+            ``(h, w)`` or ``(d, h, w)``; cut to the input size. None: adapted to each
+            input's size by :func:`default_window` (a fifth of each side, at least 1), so a
+            small input is never hidden whole by one window.
+        stride: step between windows, likewise; None: half the window (at least 1).
         baseline: the value hidden elements get (0 is the mean for normalised input).
         internal_batch_size: occluded inputs per forward.
         masking: ``"input"`` paints the window ``baseline``; ``"layer"`` hides it inside the
@@ -97,11 +118,13 @@ class Occlusion(Explainer):
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
-                 window: int | Sequence[int] = 8, stride: int | Sequence[int] = 4,
+                 window: int | Sequence[int] | None = None,
+                 stride: int | Sequence[int] | None = None,
                  baseline: float = 0.0, internal_batch_size: int = 64,
                  masking: str = "input") -> None:
         super().__init__(model, layer)
-        self.window, self.stride = _positive(window, "window"), _positive(stride, "stride")
+        self.window = None if window is None else _positive(window, "window")
+        self.stride = None if stride is None else _positive(stride, "stride")
         if internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be positive, got {internal_batch_size}")
         self.baseline, self.internal_batch_size = float(baseline), int(internal_batch_size)
@@ -109,14 +132,37 @@ class Occlusion(Explainer):
             raise ValueError(f"masking must be 'input' or 'layer', got {masking!r}")
         self.masking = masking
 
+    def sizes(self, spatial: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The window (cut to the input) and stride per axis for an input of ``spatial``
+        sizes: as given, or by :func:`default_window`."""
+        dims = len(spatial)
+        auto_window, auto_stride = default_window(spatial)
+        window = auto_window if self.window is None else per_axis(self.window, dims, "window")
+        window = tuple(min(w, n) for w, n in zip(window, spatial, strict=True))
+        if self.stride is not None:
+            stride = per_axis(self.stride, dims, "stride")
+        else:
+            stride = auto_stride if self.window is None else tuple(max(1, w // 2) for w in window)
+        return window, stride
+
+    def hint(self, x: torch.Tensor, kind: str) -> str:
+        spatial = tuple(int(v) for v in x.shape[2:])
+        window, _ = self.sizes(spatial)
+        if kind != "NaN or inf" and window == spatial:
+            auto = default_window(spatial)[0]
+            opt = str(auto[0]) if len(set(auto)) == 1 else ",".join(map(str, auto))
+            return (f"occlusion window {'x'.join(map(str, window))} covers the whole "
+                    f"{'x'.join(map(str, spatial))} input, so every element gets the same "
+                    f"value: use --opt window={opt} (window={opt} in Python), or leave window "
+                    "out to adapt it to the input")
+        return super().hint(x, kind)
+
     @torch.no_grad()
     def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         b, spatial = x.shape[0], tuple(x.shape[2:])
         dims = len(spatial)
-        window = tuple(min(w, n) for w, n in
-                       zip(per_axis(self.window, dims, "window"), spatial, strict=True))
-        starts = [window_starts(n, w, s) for n, w, s in
-                  zip(spatial, window, per_axis(self.stride, dims, "stride"), strict=True)]
+        window, stride = self.sizes(spatial)
+        starts = [window_starts(n, w, s) for n, w, s in zip(spatial, window, stride, strict=True)]
         # one window: a slice per spatial axis, in row-major order of its corner
         boxes = [tuple(slice(i, i + w) for i, w in zip(corner, window, strict=True))
                  for corner in itertools.product(*starts)]
@@ -125,7 +171,7 @@ class Occlusion(Explainer):
         for box in boxes:
             count[box] += 1
         if not count.all():  # a stride longer than the window skips elements
-            raise ValueError(f"stride {per_axis(self.stride, dims, 'stride')} is longer than "
+            raise ValueError(f"stride {stride} is longer than "
                              f"the window {window} along some axis, so elements between the "
                              "windows get no value; give a stride no longer than the window")
         base_scores = self.select(self.model(x), targets)  # [B, K]

@@ -58,6 +58,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor,
 
     Example:
         >>> import torch
+        >>> from cnnkit.explain.scores import deletion_insertion
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
         >>> x = torch.rand(3, 1, 16)  # signals
         >>> deletion_insertion(model, x, x[:, 0], steps=4)["curve"].shape

@@ -65,6 +65,8 @@ class SqueezeExcite(nn.Module):
         gate_layer: gate nonlinearity (sigmoid in the paper).
 
     Example:
+        >>> import torch
+        >>> from cnnkit.layers import SqueezeExcite
         >>> se = SqueezeExcite(64)
         >>> se.fc1.out_channels, se(torch.randn(2, 64, 8, 8)).shape
         (8, torch.Size([2, 64, 8, 8]))
@@ -112,6 +114,7 @@ class ChannelSE(SqueezeExcite):
         gate_layer: gate nonlinearity.
 
     Example:
+        >>> from cnnkit.layers import ChannelSE
         >>> ChannelSE(32).fc1.out_channels
         16
     """
@@ -137,6 +140,8 @@ class SpatialSE(nn.Module):
         channels: input (and output) channels C.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.layers import SpatialSE
         >>> SpatialSE(16)(torch.randn(2, 16, 5, 7)).shape
         torch.Size([2, 16, 5, 7])
     """
@@ -169,6 +174,8 @@ class SCSE(nn.Module):
         combine: ``"add"`` or ``"max"``.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.layers import SCSE
         >>> SCSE(16, combine="max")(torch.randn(2, 16, 4, 4)).shape
         torch.Size([2, 16, 4, 4])
     """
@@ -206,6 +213,7 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
         b: the paper's b (1).
 
     Example:
+        >>> from cnnkit.layers import eca_kernel_size
         >>> [eca_kernel_size(c) for c in (64, 256, 2048)]
         [3, 5, 7]
     """
@@ -233,6 +241,7 @@ class ECA(nn.Module):
         b: the paper's b for the adaptive kernel size.
 
     Example:
+        >>> from cnnkit.layers import ECA
         >>> eca = ECA(256)
         >>> eca.conv.kernel_size, sum(p.numel() for p in eca.parameters())
         ((5,), 5)
@@ -278,6 +287,8 @@ class ELA(nn.Module):
         num_groups: GroupNorm groups before clipping.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.layers import ELA
         >>> ela = ELA(24)
         >>> ela.gn.num_groups, ela(torch.randn(2, 24, 6, 9)).shape
         (12, torch.Size([2, 24, 6, 9]))
@@ -337,6 +348,7 @@ def list_attn() -> list[str]:
     """Registered recalibration block names, sorted (``None``/``"none"`` also accepted).
 
     Example:
+        >>> from cnnkit.layers import list_attn
         >>> list_attn()
         ['cse', 'eca', 'ela', 'scse', 'se', 'sse']
     """
@@ -355,6 +367,7 @@ def create_attn(name: str | None, channels: int, **kwargs) -> nn.Module:
         ValueError: unknown name (with the nearest names) or an option the block lacks.
 
     Example:
+        >>> from cnnkit.layers import create_attn
         >>> create_attn("eca", 64)
         ECA(
           (conv): Conv1d(1, 1, kernel_size=(3,), stride=(1,), padding=(1,), bias=False)

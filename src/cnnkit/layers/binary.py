@@ -211,6 +211,7 @@ def binarize(model: nn.Module, mode: str = "bwn", skip_first_last: bool = True,
         ValueError: an unknown mode or input scale, or an operator without a binary form.
 
     Example:
+        >>> from cnnkit.layers.binary import binarize
         >>> from cnnkit.models import create_model
         >>> net = binarize(create_model("tinyvgg", in_chans=1, img_size=8), mode="xnor")
         >>> type(net.features.conv_1_2).__name__, type(net.features.conv_1_1).__name__

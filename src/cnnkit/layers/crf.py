@@ -72,6 +72,8 @@ class DenseCRF(nn.Module):
             ``(k - 1) * dilation + 1`` pixels with the cost of k x k taps.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.layers import DenseCRF
         >>> crf = DenseCRF(kernel_size=5, iterations=3)
         >>> logits, image = torch.randn(2, 4, 16, 16), torch.rand(2, 3, 16, 16) * 255
         >>> q = crf(logits, image)
@@ -214,6 +216,8 @@ def crf_refine(logits: torch.Tensor, image: torch.Tensor, chunk_size: int = 8,
         **options: keyword arguments of :class:`DenseCRF`.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.layers import crf_refine
         >>> labels = crf_refine(torch.randn(3, 2, 8, 8), torch.rand(3, 1, 8, 8) * 255,
         ...                     kernel_size=5)
         >>> tuple(labels.shape), labels.dtype

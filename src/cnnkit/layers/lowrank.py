@@ -162,12 +162,15 @@ def apply_lowrank_history(model: nn.Module, history: list[dict]) -> nn.Module:
 
     Example:
         >>> from cnnkit.compress import decompose
+        >>> from cnnkit.layers.lowrank import apply_lowrank_history
         >>> from cnnkit.models import create_model
         >>> small, _ = decompose(create_model("tinyvgg", img_size=32), rank=2)
+        >>> small.lowrank_history[0]  # JSON-safe: saved with the run
+        {'layer': 'features.conv_1_2', 'method': 'tucker', 'rank': [2, 2]}
         >>> again = apply_lowrank_history(create_model("tinyvgg", img_size=32),
         ...                               small.lowrank_history)
-        >>> again.state_dict().keys() == small.state_dict().keys()
-        True
+        >>> again.state_dict().keys() == small.state_dict().keys(), again.features.conv_1_2[1]
+        (True, Conv2d(2, 2, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False))
     """
     new = copy.deepcopy(model)
     named = dict(new.named_modules())

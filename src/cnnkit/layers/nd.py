@@ -17,6 +17,8 @@ Scratch with Deep Neural Networks: A Strong Baseline", IJCNN).
 ``len(spatial)``.
 
 Example:
+    >>> from cnnkit.layers import interp_mode, resolve_input_size
+    >>> from cnnkit.layers.nd import batch_norm, conv
     >>> conv(3), batch_norm(1).__name__, interp_mode(3)
     (<class 'torch.nn.modules.conv.Conv3d'>, 'BatchNorm1d', 'trilinear')
     >>> resolve_input_size((1, 16, 64, 64))
@@ -60,6 +62,7 @@ def check_dims(dims: int) -> int:
     """Return ``dims`` if it is 1, 2 or 3 spatial dimensions; raise a ValueError otherwise.
 
     Example:
+        >>> from cnnkit.layers.nd import check_dims
         >>> check_dims(2)
         2
     """
@@ -132,6 +135,8 @@ def spatial_axes(x: torch.Tensor) -> tuple[int, ...]:
     """The spatial axes ``2 .. x.ndim - 1`` of ``[N, C, *spatial]``, for reductions.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.layers.nd import spatial_axes
         >>> spatial_axes(torch.zeros(2, 3, 4, 5, 6))
         (2, 3, 4)
     """
@@ -181,6 +186,7 @@ def spatial_dims(input_size: Sequence[int]) -> int:
             not a positive int.
 
     Example:
+        >>> from cnnkit.layers import spatial_dims
         >>> spatial_dims((3, 224, 224)), spatial_dims((12, 1000))
         (2, 1)
     """
@@ -215,6 +221,7 @@ def resolve_input_size(input_size: Sequence[int] | None = None, in_chans: int | 
             arguments, or a number of dims outside ``dims``; one line naming the fix.
 
     Example:
+        >>> from cnnkit.layers import resolve_input_size
         >>> resolve_input_size(img_size=(64,), in_chans=12)
         (12, (64,))
         >>> resolve_input_size((1, 8, 8, 8), in_chans=1, img_size=8)

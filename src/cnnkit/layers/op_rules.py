@@ -13,6 +13,7 @@ Receptive Fields of Convolutional Neural Networks", Distill; Dumoulin and Visin 
 
 Example:
     >>> import torch
+    >>> from cnnkit.layers.op_rules import conv_field
     >>> w = torch.zeros(8, 2, 3, 5, 7)
     >>> conv_field((torch.zeros(1, 2, 9, 9, 9), w), {"padding": 1}, (9, 9, 9), (9, 7, 5))
     Window(kernel=(3, 5, 7), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1))

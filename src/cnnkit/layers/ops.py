@@ -29,6 +29,7 @@ the per-call rules their facts point to (MACs, spatial maps) are
 
 Example:
     >>> from torch import nn
+    >>> from cnnkit.layers.ops import function_facts, module_facts
     >>> facts = module_facts(nn.Conv3d(1, 1, 3))
     >>> facts.name, facts.dims, facts.channels, facts.lrp, facts.view
     ('conv3d', 3, 'conv', 'conv', 'conv')

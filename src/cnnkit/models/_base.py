@@ -99,7 +99,8 @@ def check_img_size(family: str, img_size: int | Sequence[int], stem: str,
     """Raise a ValueError with the fix if a side of ``img_size`` is below the total stride."""
     if _smallest_side(img_size) >= reduction:
         return
-    fix = f"use img_size >= {reduction}" + (" or stem='small'" if stem != "small" else "")
+    fix = (f"use --image-size {reduction} or more (img_size={reduction})"
+           + (" or --model-opt stem=small (stem='small')" if stem != "small" else ""))
     raise ValueError(f"img_size {img_size} is too small for {family} with the {stem!r} stem "
                      f"(total stride {reduction}); {fix}")
 

@@ -49,6 +49,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect", dims:
     images and their masks, 1 for series, 3 for volumes.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.models._dense import pad_to_multiple
         >>> y, size = pad_to_multiple(torch.zeros(1, 1, 5, 6, 7), 4, dims=3)
         >>> tuple(y.shape), size
         ((1, 1, 8, 8, 8), (5, 6, 7))
@@ -127,6 +129,8 @@ class Encoder(nn.Module):
         reductions: stride of each returned stage relative to the input.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.models._dense import Encoder
         >>> enc = Encoder("resnet18", in_chans=3, img_size=64)
         >>> [tuple(f.shape[1:]) for f in enc(torch.randn(1, 3, 64, 64))]
         [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]

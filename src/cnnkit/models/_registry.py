@@ -58,6 +58,20 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, task: str = "c
 
     Raises:
         ValueError: if a model of that name is already registered.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from cnnkit.models import create_model, list_models, register_model
+        >>> @register_model
+        ... def two_layer_mlp(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
+        ...     "A two-layer perceptron for 8x8 inputs."
+        ...     return nn.Sequential(nn.Flatten(), nn.Linear(in_chans * 64, 32), nn.ReLU(),
+        ...                          nn.Linear(32, num_classes))
+        >>> list_models("two_layer_*")
+        ['two_layer_mlp']
+        >>> create_model("two_layer_mlp", num_classes=3)(torch.rand(2, 1, 8, 8)).shape
+        torch.Size([2, 3])
     """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -90,8 +104,11 @@ def list_models(pattern: str | None = None, task: str | None = None) -> list[str
     """Names of registered models, sorted, optionally filtered by a shell-style pattern and task.
 
     Example:
-        >>> "resnet18" in list_models("resnet*")
-        True
+        >>> from cnnkit.models import list_models
+        >>> list_models("resnet*")
+        ['resnet101', 'resnet152', 'resnet18', 'resnet34', 'resnet50']
+        >>> list_models("fcn*", task="segment")
+        ['fcn16s', 'fcn32s', 'fcn8s']
     """
     names = sorted(_MODELS)
     if pattern:
@@ -127,6 +144,7 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
 
     Example:
         >>> import torch
+        >>> from cnnkit.models import create_model
         >>> m = create_model("resnet18", num_classes=10, in_chans=1, img_size=32)
         >>> m(torch.randn(2, 1, 32, 32)).shape
         torch.Size([2, 10])

@@ -52,11 +52,13 @@ def apply_history(base_model: nn.Module, history: list[dict]) -> nn.Module:
     """Replay a ``pruning_history`` on a fresh copy of the unpruned architecture.
 
     Example:
-        >>> from cnnkit.compress import prune
+        >>> from cnnkit.compress import apply_history, prune
         >>> from cnnkit.models import create_model
         >>> small = prune(create_model("tinyvgg", img_size=32), 0.5)
         >>> again = apply_history(create_model("tinyvgg", img_size=32), small.pruning_history)
-        >>> again.fc.in_features == small.fc.in_features
+        >>> again.features.conv_1_1.out_channels, again.fc.in_features, small.fc.in_features
+        (5, 320, 320)
+        >>> again.state_dict().keys() == small.state_dict().keys()  # load the weights into it
         True
     """
     model = copy.deepcopy(base_model)

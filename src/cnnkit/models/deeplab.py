@@ -24,6 +24,7 @@ upsampling).
 
 Example:
     >>> import torch
+    >>> from cnnkit.models.deeplab import deeplabv3plus
     >>> m = deeplabv3plus(num_classes=5, backbone="resnet18", img_size=32, stem="small")
     >>> m(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 5, 32, 32])
@@ -138,6 +139,8 @@ class DeepLabV3(DenseModel):
             backbone are built in that many dimensions.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.models.deeplab import DeepLabV3
         >>> m = DeepLabV3(num_classes=5, backbone="resnet18", img_size=32, stem="small")
         >>> m(torch.randn(1, 3, 32, 32)).shape
         torch.Size([1, 5, 32, 32])

@@ -22,6 +22,7 @@ Spatiotemporal 3D CNNs Retrace the History of 2D CNNs and ImageNet?", CVPR.
 
 Example:
     >>> import torch
+    >>> from cnnkit.models.densenet import densenet121
     >>> m = densenet121(num_classes=10, img_size=32)
     >>> m(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])

@@ -104,6 +104,8 @@ def espcn(scale: int = 3, in_chans: int | None = None, num_classes: int | None =
     2D only (the sub-pixel shuffle is); the default LR input is 1x17x17.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.models.espcn import espcn
         >>> m = espcn(scale=2, in_chans=3)
         >>> tuple(m(torch.rand(1, 3, 10, 12)).shape)
         (1, 3, 20, 24)

@@ -23,6 +23,7 @@ and fc6 (7, 7x7x7) follow the number of dimensions.
 
 Example:
     >>> import torch
+    >>> from cnnkit.models.fcn import fcn8s
     >>> m = fcn8s(num_classes=5, backbone="resnet18", img_size=64)
     >>> m(torch.randn(2, 3, 64, 64)).shape
     torch.Size([2, 5, 64, 64])
@@ -146,6 +147,8 @@ class FCN(DenseModel):
             are built in that many dimensions.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.models.fcn import FCN
         >>> m = FCN(2, num_classes=5, backbone="vgg16", img_size=64, head_width=64)
         >>> m(torch.randn(1, 3, 64, 64)).shape
         torch.Size([1, 5, 64, 64])

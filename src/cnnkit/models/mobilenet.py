@@ -28,6 +28,7 @@ Networks", ICCVW.
 
 Example:
     >>> import torch
+    >>> from cnnkit.models.mobilenet import mobilenet_v2
     >>> m = mobilenet_v2(num_classes=10, img_size=32, width_mult=0.5)
     >>> m(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])

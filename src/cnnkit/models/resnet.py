@@ -31,6 +31,7 @@ with Deep Neural Networks: A Strong Baseline", IJCNN.
 
 Example:
     >>> import torch
+    >>> from cnnkit.models.resnet import resnet18
     >>> m = resnet18(num_classes=4, input_size=(1, 16, 32, 32))
     >>> m(torch.randn(2, 1, 16, 32, 32)).shape, m.conv1.weight.shape
     (torch.Size([2, 4]), torch.Size([64, 1, 3, 3, 3]))
@@ -181,6 +182,8 @@ class ResNet(Classifier):
             that many dimensions (:func:`cnnkit.layers.nd.resolve_input_size`).
 
     Example:
+        >>> import torch
+        >>> from cnnkit.models.resnet import BasicBlock, ResNet
         >>> m = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10, img_size=32)
         >>> m(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])

@@ -19,6 +19,7 @@ pooling indices invert in any number of dimensions (``nn.MaxUnpool1d/3d``).
 
 Example:
     >>> import torch
+    >>> from cnnkit.models.segnet import segnet
     >>> m = segnet(num_classes=5, width=8, depth=3)
     >>> m(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 5, 32, 32])

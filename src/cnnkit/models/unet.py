@@ -30,6 +30,7 @@ Options beyond the paper:
 
 Example:
     >>> import torch
+    >>> from cnnkit.models.unet import unet_small
     >>> m = unet_small(num_classes=5)
     >>> m(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 5, 32, 32])

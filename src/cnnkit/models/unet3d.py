@@ -18,6 +18,7 @@ Ronneberger layout (channels doubled after pooling, halving up-convolutions) in 
 
 Example:
     >>> import torch
+    >>> from cnnkit.models.unet3d import unet3d
     >>> m = unet3d(num_classes=4, in_chans=1, width=4)
     >>> m(torch.randn(1, 1, 16, 16, 16)).shape
     torch.Size([1, 4, 16, 16, 16])

@@ -25,6 +25,7 @@ axis, so its first dense layer reads ``512 * 7**dims`` features (25,088 in 2D,
 
 Example:
     >>> import torch
+    >>> from cnnkit.models.vgg import vgg11
     >>> m = vgg11(num_classes=10, img_size=32)
     >>> m(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])

@@ -81,6 +81,8 @@ class WideResNet(Classifier):
             that many dimensions.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.models.wide_resnet import WideResNet
         >>> m = WideResNet(depth=10, widen_factor=1)
         >>> m(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])

@@ -15,15 +15,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from cnnkit.plugins import load_plugins, split_names
+
 from .fields import check_choices, check_types, option
 
-__all__ = ["TrainConfig", "RESUME_OPTIONS"]
+__all__ = ["TrainConfig", "RESUME_OPTIONS", "read_options_file", "to_yaml"]
 
 # What a resumed run may change: how long and how fast it learns, and where it runs; never
 # what it learns from or what it is (data, split, model, optimizer, seed), which the saved
 # state depends on. A NaN loss names two of these as the fix (--lr, --grad-clip).
 RESUME_OPTIONS = ("epochs", "lr", "grad_clip", "early_stopping", "amp", "device", "compile",
-                  "channels_last", "fast")
+                  "channels_last", "fast", "checkpoint_minutes")
 
 
 
@@ -50,7 +52,7 @@ class TrainConfig:
             several processes (torchrun) this is the global batch: each of W processes
             takes ``batch_size / W`` of it (``cnnkit.training.distributed``).
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``; per task default
-            (AdamW for super-resolution, else SGD) when None.
+            (SGD for segmentation, else AdamW) when None.
         lr: peak learning rate; ``None`` picks 0.1 x batch/256 for SGD (0.05 for
             segmentation) and 2e-3 for AdamW.
         momentum: SGD momentum.
@@ -88,9 +90,20 @@ class TrainConfig:
         seed: seeds data split, initialisation, shuffling and augmentation.
         deterministic: deterministic algorithms, so that a resumed run equals an
             uninterrupted one.
+        checkpoint_minutes: save the training state also within an epoch whenever this
+            many minutes passed since the last save, so an interrupted run (Ctrl-C, a killed
+            job) loses at most that and ``--resume`` continues from the saved step to the
+            uninterrupted run's result; 0: only at the end of each epoch.
         name: run name; ``<model>-<data>`` (made unique) when None.
         runs_dir: where runs are written.
         strict: fail on unreadable images instead of skipping them.
+        loggers: where each epoch's metrics go besides ``metrics.jsonl`` (the logger registry
+            of :mod:`cnnkit.training.loggers`: ``"csv"``, ``"tensorboard"``, ``"mlflow"``,
+            ``"wandb"``).
+        plugins: modules imported before anything is looked up in a registry
+            (:mod:`cnnkit.plugins`): the ``--plugin`` modules, and the modules outside cnnkit
+            that registered the run's model or task, added when the config is built; every
+            reader of ``config.yaml`` imports them first.
     """
 
     task: str = option("classify", "what the model predicts (see `cnnkit tasks`): classify, "
@@ -113,7 +126,7 @@ class TrainConfig:
                                 bounds="positive")
     batch_size: int | None = option(None, "samples per step, the global batch under --nproc "
                                     "(default: the task's)", bounds="positive")
-    optimizer: str | None = option(None, "default: the task's (sgd; adamw for superres)",
+    optimizer: str | None = option(None, "default: the task's (adamw; sgd for segment)",
                                    choices=("sgd", "adamw"))
     lr: float | None = option(None, "peak learning rate (default: scaled to the batch)",
                               bounds="positive")
@@ -148,13 +161,22 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     seed: int = option(0, "seeds the split, initialisation, shuffling and augmentation")
     deterministic: bool = option(True, cli=False)
+    checkpoint_minutes: float = option(
+        10.0, "save the training state within an epoch too, every this many minutes, so an "
+        "interrupted run loses at most that and --resume continues from there; 0: only at "
+        "epoch ends", bounds="non-negative", metavar="MINUTES")
     name: str | None = option(None, "run name (default <model>-<data>)")
     runs_dir: str = option("runs", "where runs are written")
     strict: bool = option(False, "fail on unreadable images instead of skipping them")
+    loggers: tuple[str, ...] = option(
+        (), "log each epoch's metrics also to csv (metrics.csv in the run folder), tensorboard, "
+        "mlflow or wandb; repeatable or a comma list", flags=("--logger",), metavar="NAME")
+    plugins: tuple[str, ...] = option((), cli=False)
 
     def __post_init__(self) -> None:
         check_types(self)
         _check_name(self.name)
+        self.plugins = load_plugins(self.plugins, "plugins of the training config")
         task = _task_class(self.task)
         defaults = task.defaults
         self.model = self.model or defaults.model
@@ -202,11 +224,17 @@ class TrainConfig:
                              f"off, got {self.early_stopping}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.checkpoint_minutes < 0:
+            raise ValueError("checkpoint_minutes must be a number of minutes >= 0 (0: save "
+                             f"only at epoch ends), got {self.checkpoint_minutes}")
         split = tuple(float(f) for f in self.split)
         if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1) > 1e-6:
             raise ValueError("split must be three positive fractions summing to 1, "
                              f"got {self.split}")
         self.split = split  # type: ignore[assignment]
+        self.loggers = split_names(self.loggers)
+        self.plugins = (*self.plugins, *_defining_modules(self.model, task,
+                                                          self.plugins))
 
     @property
     def resolved_lr(self) -> float:
@@ -298,3 +326,65 @@ def _on_cuda(device: str) -> bool:
     if device == "auto":
         return torch.cuda.is_available()
     return device.startswith("cuda")
+
+
+def _defining_modules(model: str, task: type, known: tuple[str, ...]) -> tuple[str, ...]:
+    """The importable modules outside cnnkit that registered ``model`` and ``task`` and are
+    not in ``known``: the plugins a reader of this config must import first (a model
+    defined in a script, ``__main__``, cannot be imported again and is left out)."""
+    from cnnkit.models import list_models, model_info  # lazy: cli start-up
+
+    modules = [task.__module__]
+    if model in list_models():
+        modules.append(model_info(model).builder.__module__)
+    return tuple(dict.fromkeys(m for m in modules if m.split(".")[0] not in ("cnnkit",
+                                                                               "__main__")
+                               and m not in known))
+
+
+def read_options_file(path: str) -> dict[str, Any]:
+    """The training options of a YAML file (``cnnkit train --config FILE``: any
+    :class:`TrainConfig` field; a run's ``config.yaml`` is one), read with
+    ``yaml.safe_load`` (no tag constructs anything). Values are checked when the config is
+    built from them.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not YAML, not a mapping, or an unknown key: one line naming the key, the
+            file and the valid keys.
+    """
+    import yaml  # lazy: cli start-up
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path!r} does not exist; give a YAML file of "
+                                "training options (`cnnkit train --print-config` writes "
+                                "one)") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {path!r} is a folder; give a YAML file (a run's "
+                         "config.yaml works)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path!r} is not valid YAML ({' '.join(str(e).split())});"
+                         " fix it, or write one with `cnnkit train --print-config`") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} holds a {type(data).__name__}, not a mapping "
+                         "of training options (key: value lines); write one with `cnnkit "
+                         "train --print-config`")
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        raise ValueError(f"unknown key {', '.join(map(repr, unknown))} in config file {path!r}; "
+                         f"valid keys: {', '.join(names)}")
+    return data
+
+
+def to_yaml(config: TrainConfig) -> str:
+    """The config as the YAML text ``config.yaml`` holds (``--print-config``); reading it
+    back with :func:`read_options_file` gives the same config."""
+    import yaml  # lazy: cli start-up
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -51,6 +51,9 @@ def option(default: Any = dataclasses.MISSING, help: str | None = None, *,
     """A dataclass field with its command-line :class:`Option`.
 
     Example:
+        >>> import dataclasses
+        >>> from dataclasses import dataclass
+        >>> from cnnkit.run.fields import option
         >>> @dataclass
         ... class Config:
         ...     depth: int = option(4, "slices per volume", bounds="positive")

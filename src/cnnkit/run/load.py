@@ -89,8 +89,14 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
         device: where to put the model.
 
     Example:
-        >>> run = load_run("runs/tinyvgg_wide-digits")  # doctest: +SKIP
-        >>> run.model(run.preprocess("digit.png")[None]).argmax()  # doctest: +SKIP
+        >>> import cnnkit
+        >>> from cnnkit.run import load_run
+        >>> trained = cnnkit.train(data="digits", model="lenet5", epochs=1, progress=False)
+        >>> run = load_run(trained.path, weights="last")
+        >>> type(run.model).__name__, run.config.epochs, run.summary["epochs_run"]
+        ('LeNet5', 1, 1)
+        >>> run.preprocess.input_size, len(run.preprocess.mean), run.classes[-1]
+        ((1, 8, 8), 1, '9')
     """
     root = resolve_run(path)
     paths = RunPaths(root)

@@ -35,7 +35,9 @@ def eval_outputs(model: nn.Module, loader: Any, device: torch.device,
     outputs in float32 (after autocast); the model's train/eval mode is restored after.
 
     Example:
+        >>> import torch
         >>> from torch import nn
+        >>> from cnnkit.tasks._base import eval_outputs
         >>> m = nn.Linear(2, 3).train()
         >>> [o.shape for o, _ in eval_outputs(m, [(torch.ones(4, 2), torch.zeros(4))],
         ...                                   torch.device("cpu"))], m.training
@@ -194,6 +196,11 @@ class Task:
     def headline(self, result: dict[str, Any]) -> str:
         """The task's test metrics on one line (``cnnkit train``/``eval``)."""
         raise NotImplementedError
+
+    def chance(self, targets: torch.Tensor, num_classes: int) -> float | None:
+        """The headline metric of the best constant prediction of ``targets`` (the floor
+        "it learns" is measured from), or None where the task has no such floor."""
+        return None
 
     def report(self, summary: dict[str, Any], test: dict[str, Any], data: Any,
                test_idx: torch.Tensor) -> ReportParts:

@@ -39,6 +39,7 @@ def list_tasks() -> list[str]:
     """Names of the registered tasks, sorted.
 
     Example:
+        >>> from cnnkit.tasks import list_tasks
         >>> list_tasks()
         ['classify', 'regress', 'segment', 'superres']
     """

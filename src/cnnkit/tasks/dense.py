@@ -27,6 +27,7 @@ def window_starts(length: int, tile: int, stride: int) -> list[int]:
     """Start offsets of windows of ``tile`` covering ``[0, length)``; the last ends at ``length``.
 
     Example:
+        >>> from cnnkit.tasks.dense import window_starts
         >>> window_starts(10, 4, 3)
         [0, 3, 6]
         >>> window_starts(11, 4, 3)

@@ -53,6 +53,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 25
         A scalar; 0 (with a graph) when every pixel is ignored.
 
     Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from cnnkit.tasks.losses import dice_loss
         >>> t = torch.tensor([[[0, 1]]])
         >>> logits = 20.0 * F.one_hot(t, 2).permute(0, 3, 1, 2).float()
         >>> round(float(dice_loss(logits, t)), 6)
@@ -82,6 +85,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     (label > 0) and ``1 - alpha`` for the background class 0.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.tasks.losses import focal_loss
         >>> logits, t = torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long)
         >>> round(float(focal_loss(logits, t, gamma=2.0)), 6)  # 0.25 * ln 2
         0.173287
@@ -126,6 +131,8 @@ class SegmentationLoss(nn.Module):
         smooth: Dice smoothing.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.tasks.losses import SegmentationLoss
         >>> crit = SegmentationLoss("ce+dice")
         >>> crit(torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))).ndim
         0

@@ -47,6 +47,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
             than ``ignore_index`` in the target).
 
     Example:
+        >>> import torch
+        >>> from cnnkit.tasks.metrics import confusion_matrix
         >>> confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2).tolist()
         [[1, 1], [0, 1]]
     """
@@ -89,6 +91,8 @@ def segmentation_scores(cm: torch.Tensor) -> dict:
         in the target).
 
     Example:
+        >>> import torch
+        >>> from cnnkit.tasks.metrics import segmentation_scores
         >>> s = segmentation_scores(torch.tensor([[2, 1], [0, 1]]))
         >>> s["iou"], s["miou"], s["pixel_accuracy"]
         ([0.6666666666666666, 0.5], 0.5833333333333333, 0.75)
@@ -162,6 +166,8 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, bord
         ``Tensor[B]``; ``inf`` for identical images.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.tasks.metrics import psnr
         >>> x = torch.zeros(1, 1, 4, 4)
         >>> round(float(psnr(x + 0.1, x)), 6)
         20.0
@@ -200,6 +206,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, bord
         ``Tensor[B]``; 1 for identical images.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.tasks.metrics import ssim
         >>> x = torch.rand(2, 3, 16, 16)
         >>> ssim(x, x).tolist()
         [1.0, 1.0]

@@ -30,6 +30,8 @@ def regression_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, Any
     averaging); an output with no variance gets R^2 = 0 unless it is predicted exactly (1).
 
     Example:
+        >>> import torch
+        >>> from cnnkit.tasks.regress import regression_scores
         >>> t = torch.tensor([[1.0], [2.0], [3.0]])
         >>> regression_scores(t + 1, t)["mse"], regression_scores(t, t)["r2"]
         (1.0, 1.0)

@@ -156,6 +156,13 @@ class Segment(Task):
         return (f"test_miou {result['test_miou']:.4f}  test_pixel_accuracy "
                 f"{result['test_pixel_accuracy']:.4f}")
 
+    def chance(self, targets: torch.Tensor, num_classes: int) -> float:
+        """The mIoU of the majority class everywhere: its IoU is its share of the labelled
+        pixels, every other class's is 0."""
+        valid = targets[targets != IGNORE_INDEX].flatten().long()
+        counts = torch.bincount(valid, minlength=num_classes)
+        return float(counts.max()) / max(1, valid.numel()) / num_classes
+
     def report(self, summary: dict[str, Any], test: dict[str, Any], data: Any,
                test_idx: torch.Tensor) -> ReportParts:
         classes, figures = summary["classes"], []
@@ -168,7 +175,7 @@ class Segment(Task):
                 mid = images.shape[2] // 2
                 images, masks, preds = images[:, :, mid], masks[:, mid], preds[:, mid]
                 title = "Sample predictions (middle slice of each volume)"
-            figures.append((title, _samples(images, masks, preds, classes)))
+            figures.append((title, png(mask_figure(images, masks, preds, classes))))
         rows = [[c, iou, dice] for c, iou, dice in zip(classes, test["iou"], test["dice"],
                                                         strict=True)]
         return ReportParts(
@@ -263,22 +270,40 @@ def palette(k: int) -> list[int]:
     return [v for c in cols for v in c] + [0] * (3 * (256 - len(cols)))
 
 
-def _samples(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor,
-             classes: list[str]) -> str:
+def mask_figure(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor,
+                classes: list[str]) -> Any:
+    """Test images beside their true and predicted masks, in the colours of
+    :func:`palette` (those of ``cnnkit predict``'s overlays and ``cnnkit serve``), with a
+    legend naming the class of each colour (and ignored pixels, white, where there are any)."""
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     n, k = len(preds), len(classes)
+    colours = np.array(palette(k)[:3 * k], dtype=np.float64).reshape(k, 3) / 255
+    cmap = ListedColormap(colours).with_extremes(bad="white")
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
     h, w = images.shape[-2:]
+    ignored = False
     for i in range(n):
         show(axes[i, 0], images[i], "image" if i == 0 else "")
         for j, (m, title) in enumerate(((masks[i], "ground truth"), (preds[i], "prediction"))):
             m = m[:h, :w].float()
-            m[m == IGNORE_INDEX] = float("nan")  # ignored pixels
-            axes[i, j + 1].imshow(m.numpy(), cmap="tab20", vmin=0, vmax=max(19, k - 1),
+            off = m == IGNORE_INDEX
+            ignored |= bool(off.any())
+            m[off] = float("nan")
+            axes[i, j + 1].imshow(m.numpy(), cmap=cmap, vmin=-0.5, vmax=k - 0.5,
                                   interpolation="nearest")
             axes[i, j + 1].set_title(title if i == 0 else "", fontsize=8)
             axes[i, j + 1].axis("off")
-    fig.suptitle("Test images: ground truth and predicted masks (same colour = same class)",
-                 fontsize=9)
-    return png(fig)
+    handles = [Patch(facecolor=c, edgecolor="#888", label=name)
+               for c, name in zip(colours, classes, strict=True)]
+    if ignored:
+        handles.append(Patch(facecolor="white", edgecolor="#888", label="ignored"))
+    fig.suptitle("Test images: ground truth and predicted masks", fontsize=9)
+    fig.tight_layout()
+    # Below the panels; the PNG's tight bounding box takes it in.
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(handles), 5), fontsize=8, frameon=False, title="class colours",
+               title_fontsize=8)
+    return fig

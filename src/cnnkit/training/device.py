@@ -43,6 +43,8 @@ def resolve_amp(amp: str, device: torch.device, spatial_dims: int = 2) -> torch.
     (the same tensors replayed give finite gradients). ``--amp bf16`` still asks for it.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.training.device import resolve_amp
         >>> resolve_amp("auto", torch.device("cpu"), spatial_dims=3) is None
         True
     """

@@ -5,6 +5,11 @@ Nothing is on the hot path that a hand-written loop would not have: one scalar i
 per step on the CPU and one per 32 steps on GPUs (the non-finite check), and the bar
 redraws at most twice a second. Under several processes the sums are all-reduced at the
 end of the epoch, and a non-finite loss on any rank stops all of them together.
+
+Every ``checkpoint_minutes`` the training state is saved within the epoch too
+(:func:`cnnkit.training.resume.save_within_epoch`), so an interrupted run loses at most
+that; the clock is read once per step, and under several processes rank 0's clock decides
+every 64 steps (one small all-reduce), so every rank saves at the same step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed as ddp
 from .device import autocast
 from .fast import first_step_with_fallback
+from .resume import rank_share, save_due, save_within_epoch
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -54,15 +60,28 @@ def train_epoch(trainer: Trainer, bar: tqdm) -> dict[str, float]:
     """
     cfg, model, device, dist = trainer.config, trainer.model, trainer.device, trainer.dist
     model.train()
-    trainer.train_loader.set_epoch(trainer.epoch)
-    if dist.enabled:  # dropout & co.: a per-rank stream, a pure function of the epoch
+    partial, trainer.partial = trainer.partial, None  # a run resumed within this epoch
+    mine = rank_share(partial, dist.rank, dist.world_size) if partial else {}
+    start = partial["step"] if partial else 0
+    trainer.train_loader.set_epoch(trainer.epoch, start, mine.get("augment"))
+    if "rng" in mine:  # where this rank's dropout & co. were when the state was saved
+        torch.set_rng_state(mine["rng"])
+        if "cuda_rng" in mine and device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], device)
+    elif dist.enabled:  # dropout & co.: a per-rank stream, a pure function of the epoch
         torch.manual_seed(ddp.rank_seed(cfg.seed, trainer.epoch, dist.rank))
     check_every = 1 if device.type == "cpu" else 32
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen, counted, t0, last_draw, bad_step = 0, 0, time.perf_counter(), 0.0, math.inf
+    if partial:  # the epoch's sums so far, exactly as they were
+        loss_sum = mine["loss_sum"].to(device=device, dtype=loss_sum.dtype, copy=True)
+        correct = mine["correct"].to(device=device, dtype=correct.dtype, copy=True)
+        seen, counted, t0 = int(mine["seen"]), int(mine["counted"]), t0 - mine["elapsed"]
+    save_every, saved_at = cfg.checkpoint_minutes * 60, time.perf_counter()
+    sync_every, steps = 64 if dist.enabled else 1, len(trainer.train_loader)
     tag = trainer.task.progress_tag
-    for step, (x, y) in enumerate(trainer.train_loader):
+    for step, (x, y) in enumerate(trainer.train_loader, start):
         if trainer._compile_pending:
             out, loss = first_step_with_fallback(
                 functools.partial(forward_backward, trainer, x, y), model,
@@ -90,6 +109,15 @@ def train_epoch(trainer: Trainer, bar: tqdm) -> dict[str, float]:
             bad_step = step  # raised below on every rank at once, or a rank would hang
         bar.update(1)
         now = time.perf_counter()
+        if trainer.estimate is not None:
+            trainer.estimate.step(now, x)
+        if save_every and (step + 1) % sync_every == 0 and step + 1 < steps and save_due(
+                now - saved_at >= save_every, lambda b=bad_step, s=loss_sum: b < math.inf or
+                not math.isfinite(float(s)), trainer):  # (a GPU checks only every 32 steps)
+            save_within_epoch(trainer, step + 1, {"loss_sum": loss_sum, "correct": correct,
+                                                  "seen": seen, "counted": counted,
+                                                  "elapsed": now - t0})
+            saved_at = time.perf_counter()
         if now - last_draw > 0.5:
             last_draw = now
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",

@@ -42,8 +42,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig,
             kernel); None: fused where supported, else foreach.
 
     Example:
+        >>> from torch import nn
         >>> from cnnkit.training import TrainConfig
-        >>> opt = build_optimizer(nn.Linear(2, 2), TrainConfig())
+        >>> from cnnkit.training.optim import build_optimizer
+        >>> opt = build_optimizer(nn.Linear(2, 2), TrainConfig(optimizer="sgd", batch_size=256))
+        >>> type(opt).__name__, opt.defaults["lr"], opt.defaults["nesterov"]  # lr 0.1 x B/256
+        ('SGD', 0.1, True)
+        >>> [group["weight_decay"] for group in opt.param_groups]  # none on the bias
+        [0.0005, 0.0]
         >>> opt.defaults["fused"] or opt.defaults["foreach"]
         True
     """

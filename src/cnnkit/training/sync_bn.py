@@ -34,6 +34,8 @@ class SyncBatchNorm(_BatchNorm):
     have BatchNorm's names, so state dicts are interchangeable.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.training.sync_bn import SyncBatchNorm
         >>> bn = SyncBatchNorm(4)
         >>> bn(torch.randn(2, 4, 3, 3)).shape  # one process: plain BatchNorm
         torch.Size([2, 4, 3, 3])

@@ -27,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cnnkit._files import atomic_write
-from cnnkit.data import TensorLoader, channel_stats, load_data, split_indices
+from cnnkit.data import Samples, TensorLoader, channel_stats, load_data, split_indices
+from cnnkit.data.arrays import IN_MEMORY
 from cnnkit.models import create_model, model_info
 from cnnkit.run import (
     Preprocess,
@@ -39,7 +40,7 @@ from cnnkit.run import (
     write_json,
     write_yaml,
 )
-from cnnkit.run.checkpoint import load_weights, read_header, save_state, save_weights
+from cnnkit.run.checkpoint import load_weights, save_state, save_weights
 from cnnkit.run.report import write_report
 from cnnkit.run.weights import build_model, check_belongs, check_meta, check_rebuildable, run_meta
 from cnnkit.tasks import create_task
@@ -49,9 +50,18 @@ from . import distributed as ddp
 from .budget import check_run_memory
 from .device import resolve_amp
 from .epoch import NonFiniteLossError, train_epoch
+from .estimate import RunEstimate
 from .fast import try_compile
+from .loggers import check_loggers, open_loggers
 from .optim import ModelEma, build_optimizer, build_scheduler
-from .resume import capture, deterministic_algorithms, restore, resume_config, seed_everything
+from .resume import (
+    capture,
+    deterministic_algorithms,
+    restore,
+    resume_config,
+    saved_header,
+    seed_everything,
+)
 from .sync_bn import convert_sync_batchnorm
 
 __all__ = ["Trainer", "NonFiniteLossError", "evaluate"]
@@ -85,6 +95,9 @@ class Trainer:
         run_folder: a folder the caller created and locked for this run (``cnnkit
             compress --out``); by default the Trainer claims ``runs_dir/name`` (or the
             next free name) itself.
+        data: train on these samples (``cnnkit.train(data=(x, y))``, made by
+            :func:`cnnkit.data.arrays.samples_from`) instead of loading ``config.data``,
+            which is then ``"<in-memory>"``.
 
     Attributes:
         model: the model itself: evaluated, averaged (EMA) and saved.
@@ -109,7 +122,7 @@ class Trainer:
                  model: nn.Module | None = None,
                  regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
                  overrides: dict[str, Any] | None = None,
-                 run_folder: RunFolder | None = None) -> None:
+                 run_folder: RunFolder | None = None, data: Samples | None = None) -> None:
         self.folder: RunFolder | None = None  # the locked run folder (rank 0 only)
         self.changes: dict[str, list] = {}
         if resume is not None:
@@ -125,7 +138,8 @@ class Trainer:
             config = config or TrainConfig()
             self.dist, self.device = ddp.setup(config.device)
             if self.dist.is_main:  # rank 0 claims the folder; the others learn its name
-                name = config.name or f"{config.model}-{Path(config.data).stem or 'data'}"
+                stem = "memory" if config.data == IN_MEMORY else Path(config.data).stem
+                name = config.name or f"{config.model}-{stem or 'data'}"
                 self.folder = run_folder or claim_run_folder(config.runs_dir, name)
             root = str(self.folder.path) if self.folder is not None else ""
             self.paths = RunPaths(Path(ddp.broadcast_text(root)))
@@ -135,6 +149,7 @@ class Trainer:
         self.progress = progress
         self.callbacks = list(callbacks or [])
         self._init_model = model
+        self._init_data = data
         self.regularizer = regularizer
         try:
             self._setup()
@@ -153,6 +168,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.config
+        check_loggers(cfg.loggers)  # a missing package is news before the data loads
         task = self.task = create_task(cfg.task, cfg)
         info = model_info(cfg.model)
         if info.task != task.models:
@@ -165,9 +181,9 @@ class Trainer:
             check_run_memory(cfg, task, SimpleNamespace(input_size=(cfg.channels or 1, s, s),
                                                         classes=["a", "b"],
                                                         mask_classes=["a", "b"]))
-        data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                         strict=cfg.strict, seed=cfg.seed, targets=task.data_targets,
-                         **cfg.data_options)
+        data = self._init_data if self._init_data is not None else load_data(
+            cfg.data, image_size=cfg.image_size, channels=cfg.channels, strict=cfg.strict,
+            seed=cfg.seed, targets=task.data_targets, **cfg.data_options)
         self.data = data
         self.amp = resolve_amp(cfg.amp, self.device, len(data.input_size) - 1)
         self.split = split_indices(data.labels, cfg.split, seed=cfg.seed)
@@ -187,7 +203,7 @@ class Trainer:
                                      task.name)
         augment = task.augment(data) if cfg.augment == "auto" else cfg.augment
         if self._init_model is None and self.resuming:  # a compressed run resumes compressed
-            shapes, meta = read_header(self.paths.last)
+            shapes, meta = saved_header(self.paths)
             check_meta(meta, self.paths.last)
             check_belongs(meta, cfg, self.paths.last, self.paths.config)
             if meta.get("pruning_history") or meta.get("lowrank_history"):
@@ -224,6 +240,8 @@ class Trainer:
         self.criterion = task.criterion()
         self.epoch, self.history, self.resumes = 0, [], []
         self.best_score, self.best_epoch, self.bad_epochs = None, 0, 0
+        self.partial: dict[str, Any] | None = None  # a state saved within an epoch, restored
+        self.estimate: RunEstimate | None = None  # the run's length, timed by fit()
         if self.resuming:
             restore(self)
         # DDP broadcasts rank 0's weights at wrapping; compile wraps the DDP module, so
@@ -286,11 +304,17 @@ class Trainer:
         if main:  # rank 0 alone writes the run folder (claimed in __init__) and logs
             write_yaml(paths.config, cfg.to_dict())
         steps = len(self.train_loader)
-        bar = tqdm(total=cfg.epochs * steps, initial=self.epoch * steps, unit="step",
+        done = self.epoch * steps + (self.partial["step"] if self.partial else 0)
+        bar = tqdm(total=cfg.epochs * steps, initial=done, unit="step",
                    disable=True if not main else None if self.progress is None
                    else not self.progress, dynamic_ncols=True, leave=False)
         log = bar.write if main else lambda *args, **kwargs: None
-        with deterministic_algorithms(cfg.deterministic), contextlib.closing(bar):
+        if main:  # a long run says so after its first steps (estimate.py)
+            self.estimate = RunEstimate(self, lambda line: log(line, file=sys.stderr))
+        loggers = open_loggers(cfg.loggers, paths.root, self.history) if main else \
+            contextlib.nullcontext()
+        with deterministic_algorithms(cfg.deterministic), contextlib.closing(bar), \
+                loggers as log_metrics:
             while self.epoch < cfg.epochs:
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}")
                 metrics = self._train_epoch(bar)
@@ -312,6 +336,7 @@ class Trainer:
                     save_state(paths.state, capture(self))
                     atomic_write(paths.metrics,
                                  "".join(json.dumps(m) + "\n" for m in self.history))
+                    log_metrics(metrics)
                 ddp.barrier()  # the epoch is on disk before any rank goes on (or stops)
                 train_key = next(k for k in metrics if k.startswith("train_") and
                                  k != "train_loss")

@@ -169,11 +169,16 @@ def create_app(explorer: Explorer, allowed_hosts: list[str] | None = None, *,
         upload_wait: seconds an upload may wait for its turn before a 503.
 
     Example:
-        >>> from starlette.testclient import TestClient  # doctest: +SKIP
-        >>> client = TestClient(create_app(load_explorer("runs/tinyvgg-digits")))  # doctest: +SKIP
-        >>> answer = client.get("/api/neuron?input=test:0&layer=0&c=0&y=0&x=0")  # doctest: +SKIP
-        >>> answer.json()["matches"]  # doctest: +SKIP
-        True
+        >>> import json
+        >>> import urllib.request
+        >>> import cnnkit
+        >>> from cnnkit.web import create_app, load_explorer, running
+        >>> trained = cnnkit.train(data="digits", model="tinyvgg", epochs=1, progress=False)
+        >>> app = create_app(load_explorer(trained.path), allowed_hosts=["127.0.0.1"])
+        >>> with running(app) as url:
+        ...     answer = urllib.request.urlopen(url + "api/neuron?input=test:0&layer=0&c=0&y=0&x=0")
+        ...     answer.status, json.load(answer)["matches"]
+        (200, True)
     """
     current = _Current(explorer)
     slots = _UploadSlots(concurrent_uploads, upload_wait)
@@ -340,9 +345,13 @@ def running(app: Starlette, host: str = "127.0.0.1", timeout: float = 30,
     For notebooks, tests and benchmarks; the server stops when the block ends.
 
     Example:
-        >>> with running(create_app(explorer)) as url:  # doctest: +SKIP
-        ...     urllib.request.urlopen(url + "api/model").status
-        200
+        >>> import urllib.request
+        >>> import cnnkit
+        >>> from cnnkit.web import create_app, load_explorer, running
+        >>> trained = cnnkit.train(data="digits", model="tinyvgg", epochs=1, progress=False)
+        >>> with running(create_app(load_explorer(trained.path))) as url:
+        ...     print(url.rsplit(":", 1)[0], urllib.request.urlopen(url + "api/model").status)
+        http://127.0.0.1 200
     """
     sock = _listen(host, 0)
     server = uvicorn.Server((limits or ServerLimits()).uvicorn_config(app))

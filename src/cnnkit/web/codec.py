@@ -18,6 +18,8 @@ def pack(t: torch.Tensor) -> dict[str, Any]:
     """``{"shape": [...], "data": base64}`` of ``t`` as float32 little-endian.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.web.codec import pack
         >>> pack(torch.tensor([1.0, -2.0]))
         {'shape': [2], 'data': 'AACAPwAAAMA='}
     """
@@ -29,6 +31,8 @@ def unpack(d: dict[str, Any]) -> np.ndarray:
     """The inverse of :func:`pack` (for tests and clients in Python).
 
     Example:
+        >>> import torch
+        >>> from cnnkit.web.codec import pack, unpack
         >>> unpack(pack(torch.tensor([[1.5, 2.0]]))).tolist()
         [[1.5, 2.0]]
     """

@@ -69,9 +69,14 @@ class Explorer:
             stamped now).
 
     Example:
-        >>> from cnnkit.training import load_run
-        >>> explorer = Explorer(load_run("runs/tinyvgg-digits"))  # doctest: +SKIP
-        >>> explorer.neuron("test:0", 0, (3, 4, 4))["matches"]  # doctest: +SKIP
+        >>> import cnnkit
+        >>> from cnnkit.web import Explorer
+        >>> trained = cnnkit.train(data="digits", model="tinyvgg", epochs=1, progress=False)
+        >>> explorer = Explorer(cnnkit.load_run(trained.path))
+        >>> n = explorer.neuron("test:0", 0, (3, 4, 4))  # layer 0, channel 3, at (4, 4)
+        >>> n["name"], n["kind"], n["stride"], n["padding"]
+        ('features.conv_1_1', 'conv', [1, 1], [1, 1, 1, 1])
+        >>> n["matches"]  # the arithmetic shown gives the activation the model computed
         True
     """
 
@@ -223,7 +228,8 @@ class Explorer:
         plane, index = sent_values(heat[None], LayerPlan(1, 1, False), k, self.input_depth)
         return {"input": key, "method": method, "target": target, "class": classes[target],
                 "map": pack(plane[0]), "min": heat.min().item(), "max": heat.max().item(),
-                "slice": index, "float_model": self.float_model is not self.model}
+                "slice": index, "float_model": self.float_model is not self.model,
+                **self.head.explained(t.logits, target)}
 
     # -- answers built from traces ---------------------------------------------------
 

@@ -38,6 +38,7 @@ def layer_facts(model: nn.Module, input_size: Sequence[int], layers: Sequence[La
 
     Example:
         >>> from cnnkit.models import create_model
+        >>> from cnnkit.web.facts import layer_facts
         >>> from cnnkit.web.layers import discover
         >>> model = create_model("tinyvgg", in_chans=1, img_size=8)
         >>> facts = layer_facts(model, (1, 8, 8), discover(model, (1, 8, 8)))

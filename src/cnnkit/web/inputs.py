@@ -73,6 +73,7 @@ class DecodeBudget:
     (Pillow's storage of any mode), so this bounds the memory of decodes in flight.
 
     Example:
+        >>> from cnnkit.web.inputs import DecodeBudget
         >>> budget = DecodeBudget(16_000_000)
         >>> with budget.held(1_000_000):
         ...     budget.used
@@ -176,6 +177,9 @@ def decode_upload(data: bytes, size: tuple[int, int], channels: int,
         ValueError: empty, or not an image Pillow can read.
 
     Example:
+        >>> import io
+        >>> from PIL import Image
+        >>> from cnnkit.web.inputs import decode_upload
         >>> buf = io.BytesIO(); Image.new("RGB", (20, 10), "red").save(buf, "PNG")
         >>> tuple(decode_upload(buf.getvalue(), (8, 8), 1).shape)
         (1, 8, 8)
@@ -229,7 +233,7 @@ def _nifti_header(data: bytes) -> Any:
         import nibabel as nib  # lazy: optional dependency (the volumes extra)
     except ImportError as e:
         raise ValueError("reading NIfTI uploads needs nibabel; install it with pip install "
-                         "'cnnkit[volumes]'") from e
+                         '-e ".[volumes]"') from e
     for size, name in _NIFTI_HEADERS:
         head = _inflate(data, size)
         if len(head) < size:

@@ -168,6 +168,7 @@ def discover(model: nn.Module, input_size: Sequence[int]) -> list[Layer]:
 
     Example:
         >>> from cnnkit.models import create_model
+        >>> from cnnkit.web.layers import discover
         >>> layers = discover(create_model("tinyvgg", in_chans=1, img_size=8), (1, 8, 8))
         >>> [(la.name, la.kind, la.source) for la in layers][:2]
         [('features.conv_1_1', 'conv', -1), ('features.relu_1_1', 'activation', 0)]
@@ -208,7 +209,9 @@ def trace(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor) -> Trace:
     """Every layer's input and output for one image ``x`` ``[1, C, H, W]`` (normalised).
 
     Example:
+        >>> import torch
         >>> from cnnkit.models import create_model
+        >>> from cnnkit.web.layers import discover, trace
         >>> model = create_model("tinyvgg", in_chans=1, img_size=8)
         >>> t = trace(model, discover(model, (1, 8, 8)), torch.rand(1, 1, 8, 8))
         >>> len(t.outputs), tuple(t.logits.shape)

@@ -266,8 +266,10 @@ def neuron(layer: Layer, module: nn.Module, x: torch.Tensor, out: torch.Tensor,
         index: the neuron.
 
     Example:
-        >>> from cnnkit.web.layers import discover, trace
+        >>> import torch
         >>> from cnnkit.models import create_model
+        >>> from cnnkit.web.layers import discover, trace
+        >>> from cnnkit.web.neuron import neuron
         >>> model = create_model("tinyvgg", in_chans=1, img_size=8)
         >>> layers = discover(model, (1, 8, 8))
         >>> t = trace(model, layers, torch.rand(1, 1, 8, 8))
@@ -299,6 +301,8 @@ def softmax_neuron(logits: torch.Tensor, k: int) -> dict[str, Any]:
     ratio is the same either way.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.web.neuron import softmax_neuron
         >>> v = softmax_neuron(torch.tensor([1.0, 2.0, 3.0]), 2)
         >>> round(v["result"], 4), v["matches"]
         (0.6652, True)
@@ -319,6 +323,8 @@ def argmax_neuron(logits: torch.Tensor, position: tuple[int, ...]) -> dict[str, 
     """The class of one position of a segmentation: the argmax of the class scores there.
 
     Example:
+        >>> import torch
+        >>> from cnnkit.web.neuron import argmax_neuron
         >>> v = argmax_neuron(torch.tensor([[[0.5, 2.0]], [[1.0, -1.0]]]), (0, 0))
         >>> v["result"], v["scores"], v["matches"]
         (1, [0.5, 1.0], True)

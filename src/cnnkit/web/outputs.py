@@ -93,6 +93,11 @@ class Head:
         """The class the output names, if it names one (an explanation's default target)."""
         return None
 
+    def explained(self, logits: torch.Tensor, target: int) -> dict[str, Any]:
+        """What an explanation of output ``target`` explains, beyond its class: nothing
+        by default."""
+        return {}
+
     def answer(self, logits: torch.Tensor, k: int, input_depth: int) -> dict[str, Any]:
         """Its part of an activations answer: ``scores`` per class for the prediction
         panel (None: no panel), ``predicted`` (None: no single class), ``head`` (the
@@ -168,6 +173,13 @@ class Mask(Head):
         """The class colours: those of ``cnnkit predict``'s overlays."""
         flat = palette(len(self.classes))
         return {"palette": [flat[3 * i:3 * i + 3] for i in range(len(self.classes))]}
+
+    def explained(self, logits: torch.Tensor, target: int) -> dict[str, Any]:
+        """The region explained: the share of positions predicted as ``target`` (the
+        explainers score a class over its region, :class:`cnnkit.tasks.segment.RegionScores`;
+        an empty region means the whole input)."""
+        mask = logits.argmax(0)
+        return {"region": float((mask == target).double().mean())}
 
     def answer(self, logits: torch.Tensor, k: int, input_depth: int) -> dict[str, Any]:
         mask = logits.argmax(0)

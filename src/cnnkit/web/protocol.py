@@ -57,7 +57,14 @@ class ServerLimits:
         drain_bytes: most bytes read and discarded so.
 
     Example:
-        >>> ServerLimits(header_timeout=2).uvicorn_config(app)  # doctest: +SKIP
+        >>> from starlette.applications import Starlette
+        >>> from cnnkit.web import ServerLimits
+        >>> config = ServerLimits(header_timeout=2).uvicorn_config(Starlette())
+        >>> config.timeout_keep_alive, config.h11_max_incomplete_event_size
+        (5.0, 16384)
+        >>> ServerLimits(linger=0)
+        Traceback (most recent call last):
+        ValueError: ServerLimits.linger must be a positive number, got 0
     """
 
     header_timeout: float = 5.0

@@ -67,6 +67,8 @@ def cross_site(headers: Headers, scheme: str) -> str | None:
     """Why a request with these headers comes from another site or origin, or None.
 
     Example:
+        >>> from starlette.datastructures import Headers
+        >>> from cnnkit.web.security import cross_site
         >>> cross_site(Headers({"host": "127.0.0.1:8000", "origin": "http://127.0.0.1:8000"}),
         ...            "http") is None
         True

@@ -45,6 +45,7 @@ def plane_shape(shape: Sequence[int]) -> tuple[int, int] | None:
     """The plane ``(h, w)`` a map of per-sample ``shape`` is drawn as; None for a vector.
 
     Example:
+        >>> from cnnkit.web.views import plane_shape
         >>> [plane_shape(s) for s in [(4, 16), (4, 8, 8), (4, 6, 8, 8), (10,)]]
         [(1, 16), (8, 8), (8, 8), None]
     """
@@ -67,6 +68,7 @@ def plan_layers(shapes: list[tuple[int, ...]], hidden: list[bool], max_channels:
     """Channel caps and subsampling strides so that all sent values fit ``max_values``.
 
     Example:
+        >>> from cnnkit.web.views import plan_layers
         >>> [p.stride for p in plan_layers([(64, 224, 224), (10,)], [False, False], 8, 64,
         ...                                 100_000)]
         [4, 1]
@@ -95,6 +97,7 @@ def slice_index(k: int, input_depth: int, depth: int) -> int:
     input ``input_depth`` deep: the same relative depth.
 
     Example:
+        >>> from cnnkit.web.views import slice_index
         >>> [slice_index(k, 8, 4) for k in range(8)]
         [0, 0, 1, 1, 2, 2, 3, 3]
     """

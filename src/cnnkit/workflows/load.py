@@ -32,8 +32,17 @@ def load_run(path: str | os.PathLike, weights: str = "best", device: str = "cpu"
         device: where to put the model.
 
     Example:
-        >>> run = load_run("runs/tinyvgg_wide-digits")  # doctest: +SKIP
-        >>> run.model(run.preprocess("digit.png")[None]).argmax()  # doctest: +SKIP
+        >>> import torch
+        >>> import cnnkit
+        >>> trained = cnnkit.train(data="digits", epochs=2, lr=0.01, progress=False)
+        >>> run = cnnkit.load_run(trained.path)  # or "runs/tinyvgg_wide-digits"
+        >>> run.preprocess.input_size, run.classes[:3], run.model.training
+        ((1, 8, 8), ['0', '1', '2'], False)
+        >>> digits = cnnkit.load_data("digits")
+        >>> images = digits.images[:5]  # uint8 [5, 1, 8, 8]; preprocess also takes files
+        >>> batch = torch.stack([run.preprocess(image) for image in images])
+        >>> run.model(batch).argmax(1).tolist(), digits.labels[:5].tolist()
+        ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
     """
     if weights != "int8":
         return load_float_run(path, weights=weights, device=device)

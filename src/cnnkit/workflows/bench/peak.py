@@ -61,6 +61,7 @@ def matmul_flops(n: int) -> int:
     """FLOPs of an ``[n, n] @ [n, n]`` matmul: ``n^2`` dot products of ``n`` multiply-adds.
 
     Example:
+        >>> from cnnkit.workflows.bench.peak import matmul_flops
         >>> matmul_flops(1024)
         2147483648
     """
@@ -82,6 +83,7 @@ def conv2d_flops(shape: ConvShape) -> int:
     element sums ``C_in x k x k`` products.
 
     Example:
+        >>> from cnnkit.workflows.bench.peak import ConvShape, conv2d_flops
         >>> conv2d_flops(ConvShape(batch=1, channels=8, size=4, kernel=3))
         18432
     """

@@ -46,9 +46,13 @@ class PlainLoop:
         fused: use PyTorch's fused SGD step, else the foreach one.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
         >>> from cnnkit.training import TrainConfig
-        >>> loop = PlainLoop(TrainConfig(batch_size=4), nn.Sequential(nn.Flatten(),
-        ...                  nn.Linear(4, 2)), torch.zeros(8, 1, 2, 2, dtype=torch.uint8),
+        >>> from cnnkit.workflows.bench.plain import PlainLoop
+        >>> cfg = TrainConfig(batch_size=4, optimizer="sgd")
+        >>> loop = PlainLoop(cfg, nn.Sequential(nn.Flatten(), nn.Linear(4, 2)),
+        ...                  torch.zeros(8, 1, 2, 2, dtype=torch.uint8),
         ...                  torch.tensor([0, 1] * 4), [0.5], [0.25], "none", epochs=1)
         >>> loop.steps, loop.epoch(0) > 0
         (2, True)

@@ -195,6 +195,8 @@ def write_section(path: str | os.PathLike, key: str, text: str,
 
     Example:
         >>> import tempfile
+        >>> from pathlib import Path
+        >>> from cnnkit.workflows.bench import write_section
         >>> p = Path(tempfile.mkdtemp()) / "b.md"
         >>> write_section(p, "demo", "## Demo\\n\\nold")
         >>> write_section(p, "demo", "## Demo\\n\\nnew")

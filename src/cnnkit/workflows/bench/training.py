@@ -116,7 +116,7 @@ def train_config(mode: str, model: str, cfg: BenchConfig, data: Path, split: tup
     """The :class:`TrainConfig` of a Trainer mode (``plain`` copies ``trainer_eager``'s)."""
     common = dict(model=model, data=str(data), split=split, batch_size=cfg.batch_size,
                   epochs=epochs, augment=cfg.augment, device=str(device), seed=cfg.seed,
-                  deterministic=False, runs_dir=runs_dir)
+                  deterministic=False, runs_dir=runs_dir, optimizer="sgd")  # the plain loop's
     if mode == "trainer_fast":  # the fast preset, compiled or not as the bench was told
         return TrainConfig(**common, fast=True, compile=bool(cfg.compile), amp="auto")
     return TrainConfig(**common, amp="off")

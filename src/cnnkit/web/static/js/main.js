@@ -187,6 +187,13 @@ async function explain() {
   status("");
 }
 
+// A class of the mask's legend clicked: explain that class's region on the input.
+async function explainClass(k) {
+  $("#explain-class").value = String(k);
+  $("#explain-show").checked = true;
+  await explain();
+}
+
 async function moreThumbs() {
   const listing = await getJSON("/api/inputs", { offset: state.galleryOffset, limit: 60 });
   state.galleryOffset += listing.items.length;
@@ -208,6 +215,7 @@ async function start() {
   panels.showRunInfo(info);
   panels.showFacts(info);
   panels.setupExplain(info, () => guarded(explain));
+  panels.setupMask(state, (k) => guarded(() => explainClass(k)));
   buildOverview(info, {
     channel: (layer, channel) => guarded(() => pickChannel(layer, channel)),
     neuron: (layer, position) => guarded(() => pickNeuron(layer, position)),

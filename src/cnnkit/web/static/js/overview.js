@@ -71,11 +71,18 @@ function mapCanvas(shape, layerIndex, channel, onPick) {
   });
 }
 
-function column(layer, info, handlers) {
+// A layer's name inside its stage ("layer1.0.conv1" in stage "layer1" reads "0.conv1"); the
+// full name is the tooltip, and a name still too long for its column ends in an ellipsis.
+function shortName(name, stage) {
+  return stage && name.startsWith(`${stage}.`) ? name.slice(stage.length + 1) : name;
+}
+
+function column(layer, info, handlers, stage = null) {
   const shape = sentShape(layer);
+  const what = layer.kind === "conv" || layer.kind === "linear" ? "click for its filters" : layer.type;
   const name = el("button", {
-    class: "layer-name", type: "button", text: layer.name,
-    title: layer.kind === "conv" || layer.kind === "linear" ? "show this layer's filters" : layer.type,
+    class: "layer-name", type: "button", text: shortName(layer.name, stage),
+    title: `${layer.name}\n${what}`, data: { name: layer.name },
     on: { click: () => handlers.layer(layer.index) },
   });
   const meta = el("div", { class: "layer-meta", text: `${layer.type} · ${layer.shape.join("×")}` });
@@ -87,6 +94,7 @@ function column(layer, info, handlers) {
     for (let j = 0; j < shape[0]; j++) {
       body.append(el("button", {
         class: "unit", type: "button", data: { layer: layer.index, unit: j },
+        title: labels ? labels[j] : null,
         on: { click: () => handlers.neuron(layer.index, [j]) },
       }, [el("span", { class: "swatch" }), el("span", { class: "unit-label", text: labels ? labels[j] : j }),
         el("span", { class: "unit-value" })]));
@@ -111,6 +119,43 @@ function column(layer, info, handlers) {
   ]);
 }
 
+// Consecutive layers grouped into stages by the leading parts of their names: the first part
+// ("layer1"), one part more inside a group that holds over half the network (DenseNet's
+// "features" -> "features.denseblock1", ...) or whose name comes back after other layers
+// (U-Net's "encoder" around its pools -> "encoder.0", "encoder.1", ...).
+export function stages(layers) {
+  const split = (items, depth) => {
+    const out = [];
+    for (const layer of items) {
+      const key = layer.name.split(".").slice(0, depth + 1).join(".");
+      const last = out[out.length - 1];
+      if (last && last.key === key) last.layers.push(layer);
+      else out.push({ key, layers: [layer] });
+    }
+    const runs = {};
+    for (const g of out) runs[g.key] = (runs[g.key] || 0) + 1;
+    return out.flatMap((g) => ((g.layers.length > layers.length / 2 || runs[g.key] > 1)
+      && g.layers.some((l) => l.name.split(".").length > depth + 1) ? split(g.layers, depth + 1) : [g]));
+  };
+  return split(layers, 0);
+}
+
+// A stage of several layers: a header that folds its layers' maps away (and back) on a click.
+function stageBox(stage, info, handlers) {
+  const body = el("div", { class: "stage-body" }, stage.layers.map((l) => column(l, info, handlers, stage.key)));
+  const count = el("span", { class: "stage-count", text: `${stage.layers.length} layers` });
+  const header = el("button", {
+    class: "stage-name", type: "button", title: `${stage.key}: ${stage.layers.length} layers (click to fold or unfold)`,
+    "aria-expanded": "true", data: { stage: stage.key },
+  }, [el("span", { class: "stage-key", text: stage.key }), count]);
+  const box = el("div", { class: "stage", data: { stage: stage.key } }, [header, body]);
+  header.addEventListener("click", () => {
+    const folded = box.classList.toggle("folded");
+    header.setAttribute("aria-expanded", String(!folded));
+  });
+  return box;
+}
+
 export function buildOverview(info, handlers) {
   const root = clear($("#overview"));
   const inputLayer = {
@@ -121,7 +166,9 @@ export function buildOverview(info, handlers) {
   input.id = "layer-input";
   input.querySelector(".layer-kind").textContent = "(x − mean) / std";
   root.append(input);
-  for (const layer of info.layers) if (!layer.hidden) root.append(column(layer, info, handlers));
+  for (const stage of stages(info.layers.filter((layer) => !layer.hidden))) {
+    root.append(stage.layers.length > 1 ? stageBox(stage, info, handlers) : column(stage.layers[0], info, handlers));
+  }
 }
 
 function drawVector(column, entry, layer, state) {

@@ -1,6 +1,7 @@
 // The side panels: run info, the input gallery, the prediction, the explanation overlay
 // and the model facts.
 
+import { unpack } from "./api.js";
 import { classColour, css, diverging, drawLegend, drawMap, fmt, sequential } from "./colors.js";
 import { clear, el, $ } from "./dom.js";
 
@@ -68,14 +69,37 @@ export function showInput(state) {
   showMask(state);
 }
 
-// A segmentation's predicted classes over the input (background left clear).
+// A segmentation's classes over the input, predicted or true (background left clear).
 function showMask(state) {
   const canvas = $("#mask-canvas");
   const head = state.acts.head;
-  canvas.hidden = !(head && state.info.output_kind === "mask");
+  const isMask = Boolean(head && state.info.output_kind === "mask");
+  const truth = state.acts.truth && state.acts.truth.mask ? state.acts.truth.mask : null;
+  $("#mask-mode").querySelector("option[value=truth]").disabled = !truth;
+  const mode = $("#mask-mode").value === "truth" && !truth ? "predicted" : $("#mask-mode").value;
+  canvas.hidden = !isMask || mode === "none";
+  canvas.dataset.shows = canvas.hidden ? "" : mode;
   if (canvas.hidden) return;
-  const [, h, w] = head.data.shape;
-  drawMap(canvas, head.data.data, 0, h, w, (v) => (v === 0 ? [0, 0, 0, 0] : [...classColour(state.info, v), 130]));
+  const data = mode === "truth" ? (truth.decoded ||= unpack(truth)) : head.data;
+  const [, h, w] = data.shape;
+  const k = state.info.classes.length;
+  drawMap(canvas, data.data, 0, h, w,
+    (v) => (v === 0 || v >= k ? [0, 0, 0, 0] : [...classColour(state.info, v), 130]));
+}
+
+// The colour of each class (a click explains that class's region), for segmentation runs.
+export function setupMask(state, onClass) {
+  const info = state.info;
+  $("#mask-controls").hidden = info.output_kind !== "mask";
+  if (info.output_kind !== "mask") return;
+  const legend = clear($("#mask-legend"));
+  info.classes.forEach((name, k) => legend.append(el("button", {
+    class: "legend-item", type: "button", role: "listitem", data: { class: k },
+    title: `${name}${k === 0 ? " (not drawn over the input)" : ""}: click to explain its region`,
+    on: { click: () => onClass(k) },
+  }, [el("span", { class: "swatch", style: { background: css(classColour(info, k)) } }),
+    el("span", { class: "legend-name", text: name })])));
+  $("#mask-mode").addEventListener("change", () => state.acts && showMask(state));
 }
 
 // The volume's slice shown, and the slider's place.
@@ -121,7 +145,7 @@ export function showPrediction(state, onClass) {
       class: `class-row${k === acts.predicted ? " top" : ""}`, type: "button",
       data: { class: k }, on: { click: () => acts.score_kind === "probability" && onClass(k) },
     }, [
-      el("span", { class: "class-name", text: name }),
+      el("span", { class: "class-name", text: name, title: name }),
       bar || el("span"),
       el("span", { class: "class-p", text: acts.score_kind === "value" ? fmt(p) : `${(100 * p).toFixed(1)}%` }),
       el("span", { class: "class-logit", text: extra }),
@@ -158,7 +182,11 @@ export function showExplanation(heat, map) {
   drawMap(canvas, map.data, 0, h, w, signed ? (v) => diverging(v, m) : (v) => sequential((v - heat.min) / span));
   canvas.hidden = false;
   drawLegend($("#explain-legend"), signed);
-  $("#explain-note").textContent = `${heat.method} for class ${heat.class}: `
+  // A segmentation's class is explained over its region (Seg-Grad-CAM's score).
+  const region = heat.region === undefined ? ""
+    : heat.region > 0 ? ` (its region: the ${(100 * heat.region).toFixed(1)}% of positions predicted as ${heat.class})`
+      : ` (no position is predicted as ${heat.class}: its score over the whole input)`;
+  $("#explain-note").textContent = `${heat.method} for class ${heat.class}${region}: `
     + (signed ? `blue raises the score, red lowers it (±${fmt(m)})` : `bright is high (${fmt(heat.min)} … ${fmt(heat.max)})`)
     + (heat.float_model ? "; computed on the float model this int8 model was quantised from" : "");
 }
