@@ -24,7 +24,7 @@ from torch import nn
 from cnnkit.analysis.summary import summary
 from cnnkit.compress.prune import prune
 from cnnkit.models import create_model
-from cnnkit.workflows.compress import measure_latency
+from cnnkit.workflows.latency import measure_latency
 
 KWARGS = dict(num_classes=10, img_size=32, stem="small")
 SHAPE = (3, 32, 32)

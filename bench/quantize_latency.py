@@ -30,7 +30,7 @@ from cnnkit.compress.quantize import freeze_quantized, quantize, search_calibrat
 from cnnkit.compress.quantized_file import save_quantized
 from cnnkit.data import load_data, split_indices
 from cnnkit.models import create_model
-from cnnkit.workflows.compress import measure_latency
+from cnnkit.workflows.latency import measure_latency
 
 LATENCY_MODELS = {
     "resnet18 32x32": ("resnet18", dict(num_classes=10, img_size=32, stem="small"), (3, 32, 32)),

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from cnnkit.explain import create, list_methods
-from cnnkit.explain._base import degenerate, method_options, split_options
+from cnnkit.explain.checks import degenerate
+from cnnkit.explain.options import method_options, split_options
 from cnnkit.explain.perturbation import default_window
 from cnnkit.models import create_model
 

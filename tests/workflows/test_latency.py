@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnkit.workflows.compress import (
+from cnnkit.workflows.latency import (
     NOISE_SPREAD,
     latency_samples,
     latency_stats,

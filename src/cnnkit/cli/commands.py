@@ -385,7 +385,7 @@ def datasets(args: argparse.Namespace) -> int:
 def explain(args: argparse.Namespace) -> int:
 
     from cnnkit.explain import list_methods  # lazy: cli start-up
-    from cnnkit.explain._base import split_options  # lazy: cli start-up
+    from cnnkit.explain.options import split_options  # lazy: cli start-up
     from cnnkit.workflows.explain import explain_files, resolve_methods  # lazy: cli start-up
     from cnnkit.workflows.load import load_run  # lazy: cli start-up
 

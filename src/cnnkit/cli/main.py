@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 from cnnkit import __version__
 from cnnkit.plugins import entry_point_plugins, env_plugins, load_plugins, split_names
-from cnnkit.run.config import RESUME_OPTIONS, TrainConfig, read_options_file, to_yaml
+from cnnkit.run.config import RESUME_OPTIONS, TrainConfig
+from cnnkit.run.config_file import read_options_file, to_yaml
 from cnnkit.workflows.bench.config import BenchConfig
 
 from . import commands, deploy

@@ -26,7 +26,6 @@ Each method is a small subclass that overrides one method, :meth:`Explainer.attr
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -35,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.layers.nd import DIMS, interp_mode
+from cnnkit.layers.nd import interp_mode
 from cnnkit.models._registry import suggest
 from cnnkit.tasks import Task, task_class
 
+from .checks import check_input, degenerate
+
 __all__ = ["Explainer", "TargetScores", "register_method", "create", "list_methods",
-           "method_options", "split_options", "degenerate", "resolve_layer", "resolve_targets",
-           "check_input"]
+           "method_class", "resolve_layer", "resolve_targets"]
 
 # Filled by the package's __init__, which imports every built-in module and which Python
 # runs to its end before code outside the package can call this module's functions.
@@ -93,64 +93,16 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def method_options(name: str) -> list[str]:
-    """The options of method ``name``: its constructor's keyword arguments but ``model``
-    and ``layer`` (``--opt KEY=VALUE`` of ``cnnkit explain``).
+def method_class(name: str) -> type[Explainer]:
+    """The registered :class:`Explainer` subclass of method ``name``.
 
-    Example:
-        >>> from cnnkit.explain._base import method_options
-        >>> method_options("occlusion")
-        ['window', 'stride', 'baseline', 'internal_batch_size', 'masking']
+    Raises:
+        ValueError: unknown method (the nearest names are suggested).
     """
     if name not in _METHODS:
         raise ValueError(f"unknown explanation method {name!r}{suggest(name, list(_METHODS))} "
                          f"(choose from {', '.join(sorted(_METHODS))})")
-    params = inspect.signature(_METHODS[name].__init__).parameters
-    return [p for p in params if p not in ("self", "model", "layer")
-            and params[p].kind in (params[p].POSITIONAL_OR_KEYWORD, params[p].KEYWORD_ONLY)]
-
-
-def split_options(methods: Sequence[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``options`` handed to each of ``methods`` that takes them (``--opt window=3`` goes to
-    occlusion, not to saliency).
-
-    Raises:
-        ValueError: an option no method takes, with each method's valid options.
-
-    Example:
-        >>> from cnnkit.explain._base import split_options
-        >>> split_options(["saliency", "occlusion"], {"window": 3})
-        {'saliency': {}, 'occlusion': {'window': 3}}
-    """
-    valid = {m: method_options(m) for m in methods}
-    unknown = [k for k in options if not any(k in v for v in valid.values())]
-    if unknown:
-        choices = "; ".join(f"{m}: {', '.join(v) or 'none'}" for m, v in valid.items())
-        raise ValueError(f"unknown option {unknown[0]!r} for {', '.join(methods)}; valid "
-                         f"options are {choices}")
-    return {m: {k: v for k, v in options.items() if k in valid[m]} for m in methods}
-
-
-def degenerate(maps: torch.Tensor) -> str | None:
-    """What is wrong with maps ``[N, *spatial]`` that show nothing: ``"NaN or inf"``,
-    ``"all zero"`` or ``"constant"`` (the first that any map is), else None.
-
-    Example:
-        >>> import torch
-        >>> from cnnkit.explain._base import degenerate
-        >>> degenerate(torch.ones(2, 4, 4)), degenerate(torch.rand(2, 4, 4))
-        ('constant', None)
-    """
-    flat = maps.detach().flatten(1)
-    if not flat.numel():
-        return None
-    if not torch.isfinite(flat).all():
-        return "NaN or inf"
-    if (flat == 0).all(1).any():
-        return "all zero"
-    if (flat.amax(1) == flat.amin(1)).any():
-        return "constant"
-    return None
+    return _METHODS[name]
 
 
 def create(name: str, model: nn.Module, layer: str | nn.Module | None = None, *,
@@ -185,10 +137,7 @@ def create(name: str, model: nn.Module, layer: str | nn.Module | None = None, *,
         >>> cnnkit.explain.create("saliency", signals)(torch.rand(4, 1, 32)).shape  # 1D
         torch.Size([4, 32])
     """
-    if name not in _METHODS:
-        raise ValueError(f"unknown explanation method {name!r}{suggest(name, list(_METHODS))} "
-                         f"(choose from {', '.join(sorted(_METHODS))})")
-    explainer = _METHODS[name](model, layer=layer, **options)
+    explainer = method_class(name)(model, layer=layer, **options)
     if task is not None:
         explainer.set_task(task)
     return explainer
@@ -241,19 +190,6 @@ def resolve_targets(target: Any, logits: torch.Tensor | None = None, *, batch: i
     if num_classes is not None and t.numel() and (t.min() < 0 or t.max() >= num_classes):
         raise ValueError(f"target classes must be in 0..{num_classes - 1}, got {t.tolist()}")
     return t, multi
-
-
-def check_input(x: torch.Tensor) -> int:
-    """The number of spatial dimensions of inputs ``[B, C, *spatial]`` (1, 2 or 3).
-
-    Raises:
-        ValueError: another shape, with the three accepted ones.
-    """
-    dims = x.ndim - 2
-    if dims not in DIMS:
-        raise ValueError(f"expected inputs [B, C, L] (signals), [B, C, H, W] (images) or "
-                         f"[B, C, D, H, W] (volumes), got shape {tuple(x.shape)}")
-    return dims
 
 
 class TargetScores(nn.Module):

@@ -2,11 +2,10 @@
 
 The CLI is generated from it: each field's :class:`~cnnkit.run.fields.Option` (help,
 flag, choices, bounds) is read by :mod:`cnnkit.cli.generate`, so an option is defined once,
-here. The resolved
-config is written as ``config.yaml`` beside every run and read back by ``--resume`` and
-:func:`cnnkit.load_run` (with ``yaml.safe_load``: no code is executed). This module
-imports no PyTorch (the task registry is looked up when a config is built), so
-``cnnkit train --help`` stays fast.
+here. The resolved config is written as ``config.yaml`` beside every run and read back by
+``--resume`` and :func:`cnnkit.load_run` (with ``yaml.safe_load``: no code is executed;
+``--config`` files: :mod:`.config_file`). This module imports no PyTorch (the task
+registry is looked up when a config is built), so ``cnnkit train --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -19,14 +18,13 @@ from cnnkit.plugins import load_plugins, split_names
 
 from .fields import check_choices, check_types, option
 
-__all__ = ["TrainConfig", "RESUME_OPTIONS", "read_options_file", "to_yaml"]
+__all__ = ["TrainConfig", "RESUME_OPTIONS"]
 
 # What a resumed run may change: how long and how fast it learns, and where it runs; never
 # what it learns from or what it is (data, split, model, optimizer, seed), which the saved
 # state depends on. A NaN loss names two of these as the fix (--lr, --grad-clip).
 RESUME_OPTIONS = ("epochs", "lr", "grad_clip", "early_stopping", "amp", "device", "compile",
                   "channels_last", "fast", "checkpoint_minutes")
-
 
 
 @dataclass
@@ -340,51 +338,3 @@ def _defining_modules(model: str, task: type, known: tuple[str, ...]) -> tuple[s
     return tuple(dict.fromkeys(m for m in modules if m.split(".")[0] not in ("cnnkit",
                                                                                "__main__")
                                and m not in known))
-
-
-def read_options_file(path: str) -> dict[str, Any]:
-    """The training options of a YAML file (``cnnkit train --config FILE``: any
-    :class:`TrainConfig` field; a run's ``config.yaml`` is one), read with
-    ``yaml.safe_load`` (no tag constructs anything). Values are checked when the config is
-    built from them.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not YAML, not a mapping, or an unknown key: one line naming the key, the
-            file and the valid keys.
-    """
-    import yaml  # lazy: cli start-up
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path!r} does not exist; give a YAML file of "
-                                "training options (`cnnkit train --print-config` writes "
-                                "one)") from None
-    except IsADirectoryError:
-        raise ValueError(f"config file {path!r} is a folder; give a YAML file (a run's "
-                         "config.yaml works)") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"config file {path!r} is not valid YAML ({' '.join(str(e).split())});"
-                         " fix it, or write one with `cnnkit train --print-config`") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} holds a {type(data).__name__}, not a mapping "
-                         "of training options (key: value lines); write one with `cnnkit "
-                         "train --print-config`")
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = sorted(str(k) for k in data if k not in names)
-    if unknown:
-        raise ValueError(f"unknown key {', '.join(map(repr, unknown))} in config file {path!r}; "
-                         f"valid keys: {', '.join(names)}")
-    return data
-
-
-def to_yaml(config: TrainConfig) -> str:
-    """The config as the YAML text ``config.yaml`` holds (``--print-config``); reading it
-    back with :func:`read_options_file` gives the same config."""
-    import yaml  # lazy: cli start-up
-
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)

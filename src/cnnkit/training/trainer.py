@@ -3,7 +3,8 @@
 The loop (one epoch: :mod:`cnnkit.training.epoch`) is a plain PyTorch loop with nothing on
 its hot path that a hand-written loop would not have; batches come from in-memory
 tensors (``cnnkit.data.TensorLoader``). ``bench/train_throughput.py`` measures it
-against a hand-written loop. Resuming: :mod:`cnnkit.training.resume`.
+against a hand-written loop. Resuming: :mod:`cnnkit.training.resume`; the end of a run
+(testing, ``summary.json``, the report): :mod:`cnnkit.training.finish`.
 
 The same loop runs data-parallel under torchrun (``cnnkit.training.distributed``): the
 training step calls the model through ``DistributedDataParallel``, each rank takes its
@@ -37,11 +38,9 @@ from cnnkit.run import (
     TrainConfig,
     claim_run_folder,
     open_run_folder,
-    write_json,
     write_yaml,
 )
-from cnnkit.run.checkpoint import load_weights, save_state, save_weights
-from cnnkit.run.report import write_report
+from cnnkit.run.checkpoint import save_state, save_weights
 from cnnkit.run.weights import build_model, check_belongs, check_meta, check_rebuildable, run_meta
 from cnnkit.tasks import create_task
 from cnnkit.tasks.classify import evaluate_classify
@@ -52,6 +51,7 @@ from .device import resolve_amp
 from .epoch import NonFiniteLossError, train_epoch
 from .estimate import RunEstimate
 from .fast import try_compile
+from .finish import finish_run
 from .loggers import check_loggers, open_loggers
 from .optim import ModelEma, build_optimizer, build_scheduler
 from .resume import (
@@ -341,8 +341,8 @@ class Trainer:
                 train_key = next(k for k in metrics if k.startswith("train_") and
                                  k != "train_loss")
                 log(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
-                          f"{train_key[6:]} {metrics[train_key]:.4f}  val_{key} {val[key]:.4f}  "
-                          f"{metrics['samples_per_s']:.0f} samples/s", file=sys.stderr)
+                    f"{train_key[6:]} {metrics[train_key]:.4f}  val_{key} {val[key]:.4f}  "
+                    f"{metrics['samples_per_s']:.0f} samples/s", file=sys.stderr)
                 for cb in self.callbacks:
                     cb(self, self.epoch, metrics)
                 if cfg.early_stopping and self.bad_epochs >= cfg.early_stopping:
@@ -350,36 +350,4 @@ class Trainer:
                         file=sys.stderr)
                     break
             bar.close()
-            return self._finish()
-
-    def _finish(self) -> dict[str, Any]:
-        if self.dist.is_main:
-            best, _ = load_weights(self.paths.weights)
-            self.model.load_state_dict(best)
-        ddp.broadcast_(self.model.state_dict().values())  # the other ranks: from rank 0
-        # The reference number is full precision, as `cnnkit eval` and users compute it.
-        test = self.task.evaluate(self.model, self.test_loader, self.device)
-        summary = {
-            "model": self.config.model, "data": self.config.data, "task": self.task.name,
-            **self.task.summary(test),
-            f"best_val_{self.task.metric}": self.best_score, "best_epoch": self.best_epoch,
-            "epochs_run": self.epoch, "stopped_early": self.epoch < self.config.epochs,
-            "input_size": list(self.preprocess.input_size),
-            "num_classes": len(self.preprocess.classes),
-            "classes": self.preprocess.classes,
-            "num_samples": {"train": len(self.split[0]), "val": len(self.split[1]),
-                            "test": len(self.split[2])},
-            "skipped_files": self.data.skipped,
-            "params": sum(p.numel() for p in self.model.parameters()),
-            "train_time_s": sum(m["epoch_time_s"] for m in self.history),
-            "device": str(self.device), "processes": self.dist.world_size,
-        }
-        if self.resumes:
-            summary["resumes"] = self.resumes
-        if self.dist.is_main:
-            write_json(self.paths.summary, summary)
-            write_report(self.paths, self.task, summary, self.history, test, self.data,
-                         self.split[2])
-        ddp.barrier()  # every rank returns with the run folder complete
-        return summary
-
+            return finish_run(self)

@@ -61,6 +61,16 @@ def evaluate_run(run: str | os.PathLike | Run, data: str | None = None,
             "run": str(run.path)}
 
 
+def check_prediction_inputs(files: list[str], topk: int) -> None:
+    """Raise before anything is read: a file that does not exist, or ``topk`` below 1."""
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image file {missing[0]!r} does not exist"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if topk < 1:
+        raise ValueError(f"--topk must be at least 1, got {topk}")
+
+
 def predict_files(run: str | os.PathLike | Run, files: list[str],
                   topk: int = 3) -> list[dict[str, Any]]:
     """What the run's model says of each input file: the top-k classes and probabilities
@@ -69,12 +79,7 @@ def predict_files(run: str | os.PathLike | Run, files: list[str],
     task = create_task(run.config.task, run.config)
     if task.writes_predictions:
         raise ValueError(f"a {task.name} run's predictions are files; use predict_dense_files")
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"image file {missing[0]!r} does not exist"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if topk < 1:
-        raise ValueError(f"--topk must be at least 1, got {topk}")
+    check_prediction_inputs(files, topk)
     x = torch.stack([run.preprocess(f) for f in files])
     with torch.no_grad():
         out = run.model(x.to(model_device(run.model))).float().cpu()

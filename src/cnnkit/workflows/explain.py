@@ -26,7 +26,9 @@ from torch import nn
 from cnnkit._files import refuse_existing
 from cnnkit.data.volumes import file_stem
 from cnnkit.explain import create, list_methods
-from cnnkit.explain._base import check_input, explained_task, resolve_layer, split_options
+from cnnkit.explain._base import explained_task, resolve_layer
+from cnnkit.explain.checks import check_input
+from cnnkit.explain.options import split_options
 from cnnkit.explain.render import save_grid, save_overlay
 from cnnkit.models._dense import pad_to_multiple
 from cnnkit.run import load_run
@@ -115,7 +117,7 @@ def explain_files(run: Any, files: list[str], methods: list[str], out: str | os.
         overwrite: replace files of those names already in ``out``; without it, any such
             file stops the call before anything is computed.
         options: method options (``{"window": 3}``), each handed to the methods that take
-            it (:func:`cnnkit.explain._base.split_options`).
+            it (:func:`cnnkit.explain.options.split_options`).
 
     Returns:
         The paths written.

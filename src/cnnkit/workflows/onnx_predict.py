@@ -25,6 +25,8 @@ from cnnkit import __version__
 from cnnkit.run import Preprocess, Run
 from cnnkit.tasks import create_task
 
+from .evaluate import check_prediction_inputs
+
 __all__ = ["OnnxModel", "export_metadata", "load_onnx", "predict_onnx", "METADATA_KEYS"]
 
 # The metadata_props cnnkit writes (all strings; lists as JSON); "opset" is added by the
@@ -150,12 +152,7 @@ def predict_onnx(model: str | os.PathLike | OnnxModel, files: list[str],
         raise ValueError(f"{model.path} holds a {task.name} model, whose predictions are files "
                          "made from sliding windows; predict with its run folder: `cnnkit "
                          "predict RUN FILES... --out DIR`")
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"image file {missing[0]!r} does not exist"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if topk < 1:
-        raise ValueError(f"--topk must be at least 1, got {topk}")
+    check_prediction_inputs(files, topk)
     x = torch.stack([model.preprocess(f) for f in files])
     out = model(x).float()
     classes = model.preprocess.classes

@@ -25,15 +25,14 @@ from cnnkit.tasks import create_task
 
 from .compress import (
     DATA_CRITERIA,
-    NOISE_SPREAD,
     _calibration,
     _check_criterion,
     _criterion_data,
     _finetune,
     _measure,
     _test_tensors,
-    load_average,
 )
+from .latency import NOISE_SPREAD, load_average
 
 __all__ = ["pareto_front", "sweep_run"]
 
@@ -45,7 +44,7 @@ def pareto_front(rows: dict[str, dict[str, Any]], cost: str = "latency_b32",
     equal-or-better ``gain`` with one of them strictly better. Sorted by ``cost``.
 
     Rows whose ``noisy`` field is set (a latency the machine was too busy to measure, see
-    :func:`cnnkit.workflows.compress.latency_stats`) take no part: they are neither on
+    :func:`cnnkit.workflows.latency.latency_stats`) take no part: they are neither on
     the front nor allowed to push others off it.
 
     Example:

@@ -6,7 +6,7 @@ on CUDA), compiled with ``torch.compile(dynamic=False)`` (one static graph per b
 unless compilation is off or fails; a failure falls back to eager with a warning, and the
 result says so. Both run under ``torch.inference_mode``; the compile happens in an untimed
 first call. Each repeat calls both models back to back and the median is kept
-(:func:`cnnkit.workflows.compress.measure_latency`, the timer of ``cnnkit compress``);
+(:func:`cnnkit.workflows.latency.measure_latency`, the timer of ``cnnkit compress``);
 on CUDA every call ends with a synchronisation, so a call is timed to its completion.
 """
 
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from cnnkit.models import create_model
 from cnnkit.training.device import autocast
 from cnnkit.training.fast import first_step_with_fallback, try_compile
-from cnnkit.workflows.compress import measure_latency
+from cnnkit.workflows.latency import measure_latency
 
 from .config import BenchConfig
 from .peak import synchronize
