@@ -3,7 +3,7 @@ source, function-level imports included (a lazy import that dodges a cycle is a 
 A function-level import of cnnkit (or an ``importlib.import_module`` call) says why it is
 lazy in a trailing ``# lazy: <reason>``, one of LAZY_REASONS; never ``cycle``.
 
-    _files, _limits, _lazy, plugins  <-  layers  <-  {models, data}  <-  tasks  <-  run
+    _files, _limits, _lazy, _download, plugins  <-  layers  <-  {models, data}  <-  tasks  <-  run
         <-  {training, explain, compress, analysis}  <-  workflows  <-  web  <-  cli
 
 A package may import its own modules and any layer below it; the packages of one layer do
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import cnnkit
 
-RANK = {"_files": 0, "_limits": 0, "_lazy": 0, "plugins": 0, "layers": 1, "models": 2,
-        "data": 2, "tasks": 3, "run": 4,
+RANK = {"_files": 0, "_limits": 0, "_lazy": 0, "_download": 0, "plugins": 0, "layers": 1,
+        "models": 2, "data": 2, "tasks": 3, "run": 4,
         "training": 5, "explain": 5, "compress": 5, "analysis": 5, "workflows": 6, "web": 7,
         "cli": 8}
 PEERS_APART = {"models", "data", "training", "explain", "compress", "analysis"}
