@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from torch import nn
 
 from cnnkit.layers.binary import binarize
 from cnnkit.layers.lowrank import factorize_model
+
+from ._pretrained import load_pretrained, read_state_dict
 
 __all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info",
            "suggest"]
@@ -120,7 +123,7 @@ def list_models(pattern: str | None = None, task: str | None = None) -> list[str
 
 def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None,
                  conv: str = "standard", conv_rank: float = 0.25, binary: str | None = None,
-                 **kwargs) -> nn.Module:
+                 weights: str | os.PathLike | None = None, **kwargs) -> nn.Module:
     """Create a registered model.
 
     Args:
@@ -137,6 +140,9 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
             Rastegari et al. 2016) for a network whose convolutions, all but the first and
             the classifier, are binary from the start; see
             :func:`cnnkit.layers.binary.binarize`.
+        weights: a torchvision ``.pth`` state dict or a ``.safetensors`` file to start from
+            (read without unpickling code; the classifier and the first convolution
+            adapted to ``num_classes`` and ``in_chans``: :mod:`cnnkit.models._pretrained`).
         **kwargs: passed to the builder (``img_size``, ``stem``, ``attn``, widths ...).
 
     Raises:
@@ -165,6 +171,8 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
     if binary not in (None, "bwn", "xnor"):
         raise ValueError(f"unknown binary {binary!r}; choose 'bwn' or 'xnor'")
     model = info.builder(**kwargs)
+    if weights is not None:
+        load_pretrained(model, read_state_dict(weights), str(weights))
     # Compressed layer types from the start (a-priori compression): layers of cnnkit.layers.
     if conv != "standard":
         model = factorize_model(model, kind=conv, rank_ratio=conv_rank, inplace=True)

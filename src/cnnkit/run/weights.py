@@ -107,6 +107,9 @@ def _build(meta: dict[str, Any], history: bool = True) -> nn.Module:
     pruning and low-rank factorisation it went through."""
 
     kwargs = dict(meta.get("model_kwargs", {}))
+    # The starting weights (`--model-opt weights=FILE`) are a training input: the run's own
+    # file replaces them, so rebuilding never reads (or needs) that file again.
+    kwargs.pop("weights", None)
     task = create_task(meta.get("task", "classify"), SimpleNamespace(**kwargs))
     # what the task derives from the data (classes, channels, size), as at training time
     like = SimpleNamespace(input_size=tuple(meta["input_size"]), classes=meta["classes"],
