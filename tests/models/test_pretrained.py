@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import cnnkit
 from cnnkit.models import create_model
 from cnnkit.workflows.evaluate import evaluate_run
 
@@ -81,8 +82,6 @@ def test_pickled_code_is_never_run(tmp_path, capsys):
 def test_a_run_started_from_a_weights_file_reloads_without_it(tmp_path):
     """`cnnkit train --model-opt weights=FILE`: the run starts from the file, and its own
     weights are all that loading the run needs afterwards."""
-    import cnnkit
-
     start = tmp_path / "start.safetensors"
     save_file(create_model("tinyvgg", num_classes=10, in_chans=1, img_size=8).state_dict(),
               str(start))

@@ -24,7 +24,7 @@ import torch
 from cnnkit.analysis import summary
 from cnnkit.data import dataset_targets, list_datasets, load_data
 from cnnkit.models import create_model, list_models
-from cnnkit.tasks import create_task, list_tasks, task_class
+from cnnkit.tasks import Task, list_tasks, task_class
 
 __all__ = ["MAX_PARAMS", "MAX_MACS", "small_models", "learning_pairs", "learned"]
 
@@ -69,9 +69,9 @@ def learning_pairs(data: str | None = None, task: str | None = None,
     pairs = []
     for d in list_datasets() if data is None else [data]:
         for t in list_tasks() if task is None else [task]:
-            if task_class(t).data_targets not in dataset_targets(d) or \
-                    create_task(t).chance(torch.zeros(1), 1) is None:
-                continue
+            cls = task_class(t)
+            if cls.data_targets not in dataset_targets(d) or cls.chance is Task.chance:
+                continue  # no targets here, or no chance level (the base's None) to beat
             pairs += [(d, t, m) for m in small_models(t, _input_size(d))
                       if models is None or m in models]
     return pairs
